@@ -1,0 +1,353 @@
+"""Putting adapters into a model and steering them: free functions over any `nn.Module`.
+
+`inject` wraps the matched layers in place (a `LoraLayer` where the base layer was) and freezes
+everything but the new adapter. The configs of the adapters a model carries live in
+`model.lorakit_configs` (name -> LoraConfig); everything else is found by walking the modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from lorakit.config import DEFAULT_TARGETS, LoraConfig
+from lorakit.errors import UserError
+from lorakit.layers import LoraLayer, SavedModule, base_kind
+
+ALL_LINEAR = "all-linear"
+
+
+# -- finding things -------------------------------------------------------------------------------
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """name -> LoraConfig of every adapter the model carries (empty for a plain model)."""
+    return model.__dict__.setdefault("lorakit_configs", {})
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(module path, layer) for every LoRA layer; the path is the base layer's original name."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def _wrappers(model: nn.Module) -> Iterator[LoraLayer | SavedModule]:
+    for module in model.modules():
+        if isinstance(module, (LoraLayer, SavedModule)):
+            yield module
+
+
+def _base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules as the user's model had them: wrappers stand for their base, internals hidden."""
+    inside: str | None = None
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        inside = None
+        if isinstance(module, (LoraLayer, SavedModule)):
+            inside = name + "."
+            yield name, module.base
+        else:
+            yield name, module
+
+
+# -- matching -------------------------------------------------------------------------------------
+
+
+def _matches(names: list[str] | str, key: str) -> bool:
+    """PEFT's rule: a string is a regex over the full name; a list matches exactly or as a '.'-suffix."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return key in names or any(key.endswith("." + n) for n in names)
+
+
+def _layer_index_ok(config: LoraConfig, key: str) -> bool:
+    wanted = config.layers_to_transform
+    if wanted is None or wanted == []:
+        return True
+    patterns = config.layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules `config` adapts in `model`; a clear error if there are none."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise UserError("target_modules is not set and there is no default for this model; "
+                            "pass target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+        targets = DEFAULT_TARGETS[model_type]
+    modules = list(_base_modules(model))
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        found = [n for n, m in modules if base_kind(m) in ("linear", "conv1d") and m is not head]
+    else:
+        found = [n for n, m in modules if n and _matches(targets, n)]
+        if not isinstance(targets, str):
+            found = [n for n in found if _layer_index_ok(config, n)]
+    if config.exclude_modules:
+        found = [n for n in found if not _matches(config.exclude_modules, n)]
+    if config.modules_to_save:
+        found = [n for n in found if not any(re.match(rf"(^|.*\.){m}($|\..*)", n) for m in config.modules_to_save)]
+    kinds = dict(modules)
+    unsupported = [n for n in found if base_kind(kinds[n]) is None]
+    if unsupported:
+        raise UserError(f"module {unsupported[0]!r} is a {type(kinds[unsupported[0]]).__name__}; "
+                        "LoRA supports Linear, Conv1D and Embedding layers, so change target_modules")
+    if not found:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules if base_kind(m) is not None})
+        raise UserError(f"target_modules={targets!r} matches no module; adaptable names here: {', '.join(leaves)}")
+    return found
+
+
+# -- inject / delete ------------------------------------------------------------------------------
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn.Module:
+    """Wrap the layers `config` targets with a new adapter, freeze the rest, and make it the active one.
+
+    Afterwards only the new adapter's parameters (plus biases per `config.bias` and copies of
+    `modules_to_save`) have requires_grad. Returns the same model, changed in place.
+    """
+    configs = adapter_configs(model)
+    if adapter in configs:
+        raise UserError(f"the model already has an adapter named {adapter!r}; pick another name or delete it")
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise UserError("the model has merged adapters; unmerge(model) before adding another")
+    targets = resolve_targets(model, config)
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+        # Record what "all-linear" meant here, as PEFT does, so the file says which layers it holds.
+        config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in targets})
+
+    for name in targets:
+        layer = _wrap(model, name, LoraLayer)
+        if layer.kind == "conv1d":
+            config.fan_in_fan_out = True  # GPT-2's Conv1D stores (in, out); PEFT sets this too
+        layer.add_adapter(adapter, r=config.rank_for(name), scaling=config.scaling_for(name),
+                          dropout=config.lora_dropout, init=config.init_lora_weights)
+    for pattern in config.modules_to_save or []:
+        hits = [n for n, _ in _base_modules(model) if n and _matches([pattern], n)]
+        if not hits:
+            raise UserError(f"modules_to_save entry {pattern!r} matches no module in the model")
+        for name in hits:
+            _wrap(model, name, SavedModule).add_adapter(adapter)
+    configs[adapter] = config
+    set_adapters(model, adapter)
+    mark_trainable(model, adapter)
+    return model
+
+
+def _wrap(model: nn.Module, name: str, kind: type) -> LoraLayer | SavedModule:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    module = getattr(parent, child)
+    if isinstance(module, kind):
+        return module
+    if isinstance(module, (LoraLayer, SavedModule)):
+        raise UserError(f"module {name!r} is both a LoRA target and in modules_to_save; choose one")
+    wrapper = kind(module)
+    setattr(parent, child, wrapper)
+    return wrapper
+
+
+def mark_trainable(model: nn.Module, adapter: str | None) -> None:
+    """requires_grad only on `adapter`'s parameters (and biases per its config); None freezes all."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if adapter is None:
+        return
+    config = adapter_configs(model)[adapter]
+    for module in _wrappers(model):
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            module.lora_A[adapter].requires_grad_(True)
+            module.lora_B[adapter].requires_grad_(True)
+            if config.bias == "lora_only" and getattr(module.base, "bias", None) is not None:
+                module.base.bias.requires_grad_(True)
+        elif isinstance(module, SavedModule) and adapter in module.copies:
+            module.copies[adapter].requires_grad_(True)
+    if config.bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and ".lora_" not in name:
+                p.requires_grad_(True)
+
+
+def delete_adapter(model: nn.Module, adapter: str) -> None:
+    """Remove an adapter's weights from every layer; layers left without adapters become plain again."""
+    configs = adapter_configs(model)
+    if adapter not in configs:
+        raise UserError(f"no adapter named {adapter!r}; the model has {sorted(configs) or 'none'}")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            if adapter in module.merged:
+                raise UserError(f"adapter {adapter!r} is merged; unmerge(model) before deleting it")
+            module.delete_adapter(adapter)
+            if not module.lora_A:
+                _replace(model, name, module.base)
+        elif isinstance(module, SavedModule) and adapter in module.copies:
+            module.delete_adapter(adapter)
+            if not module.copies:
+                _replace(model, name, module.base)
+    del configs[adapter]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+# -- which adapters run ---------------------------------------------------------------------------
+
+
+def set_adapters(model: nn.Module, adapters: str | list[str] | dict[str, float]) -> None:
+    """Choose the active adapters: a name, a list (weight 1 each) or {name: weight}."""
+    if isinstance(adapters, str):
+        adapters = {adapters: 1.0}
+    elif not isinstance(adapters, dict):
+        adapters = {name: 1.0 for name in adapters}
+    known = adapter_configs(model)
+    for name, weight in adapters.items():
+        if name not in known:
+            raise UserError(f"no adapter named {name!r}; the model has {sorted(known) or 'none'}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight != weight:
+            raise UserError(f"weight for adapter {name!r} must be a number, got {weight!r}")
+    for module in _wrappers(model):
+        if isinstance(module, LoraLayer) and module.merged and dict(module.active) != adapters:
+            raise UserError("adapters are merged into the base; unmerge(model) before changing the active set")
+    for module in _wrappers(model):
+        module.active = {n: float(w) for n, w in adapters.items()}
+
+
+def active_adapters(model: nn.Module) -> dict[str, float]:
+    for module in _wrappers(model):
+        return dict(module.active)
+    return {}
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model is exactly its base (merged adapters are taken out, then put back)."""
+    was_merged = any(layer.merged for _, layer in lora_layers(model))
+    if was_merged:
+        unmerge(model)
+    wrappers = list(_wrappers(model))
+    for module in wrappers:
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for module in wrappers:
+            module.disabled = False
+        if was_merged:
+            merge(model)
+
+
+@contextlib.contextmanager
+def per_row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, batch row i uses adapter names[i] at weight 1 (None: the base alone).
+
+    For a mixed batch of requests for different adapters in one forward pass.
+    """
+    known = adapter_configs(model)
+    for name in names:
+        if name is not None and name not in known:
+            raise UserError(f"no adapter named {name!r}; the model has {sorted(known) or 'none'}")
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise UserError("per-row adapters need unmerged weights; unmerge(model) first")
+    for layer in layers:
+        layer.row_adapters = list(names)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_adapters = None
+
+
+# -- merge / unload -------------------------------------------------------------------------------
+
+
+def merge(model: nn.Module) -> None:
+    """Fold the active adapters (at their weights) into the base weights: zero-overhead inference."""
+    _merge(model)
+
+
+def _merge(model: nn.Module) -> None:
+    shared = _tied_lora_weights(model)
+    if shared:
+        raise UserError(f"cannot merge into {shared[0]!r}: its weight is tied to another module "
+                        "(e.g. embeddings tied to the output head); untie the weights first")
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take merged adapters out of the base weights again."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def _tied_lora_weights(model: nn.Module) -> list[str]:
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [name for name, layer in lora_layers(model)
+            if layer.active and not layer.merged and owners.get(id(layer.base.weight), 0) > 1]
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Remove every lorakit module; with merge=True the active adapters are folded in first.
+
+    The result is the plain model (e.g. a transformers model ready for `save_pretrained`).
+    """
+    if merge:
+        _merge(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            if module.merged and not merge:
+                module.unmerge()
+            _replace(model, name, module.base)
+        elif isinstance(module, SavedModule):
+            _replace(model, name, module.current() if merge else module.base)
+    model.__dict__.pop("lorakit_configs", None)
+    return model
+
+
+# -- counting -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} "
+                f"|| trainable%: {self.percent:.4f}")
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """How many parameters train (requires_grad) out of all of them, each tensor counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))

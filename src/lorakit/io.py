@@ -1,0 +1,209 @@
+"""Adapters on disk, in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+Keys are PEFT's: `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (Linear, Conv1D),
+`...lora_embedding_A` / `...lora_embedding_B` (Embedding), `<path>.base_layer.bias` for biases of
+adapted layers and `<path>.<param>` for the rest (`bias="all"`, `modules_to_save`). Files are written
+atomically (temp file + rename) and read without pickle; `adapter_model.bin` is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from lorakit.config import CONFIG_NAME, LoraConfig
+from lorakit.errors import UserError
+from lorakit.inject import active_adapters, adapter_configs, delete_adapter, inject, set_adapters
+from lorakit.layers import LoraLayer, SavedModule
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+# -- atomic files ---------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename over it: readers see old or new, never half."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise UserError(f"cannot write to {path.parent} ({err.strerror}); choose a writable directory") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata={"format": "pt", **(metadata or {})}))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
+        raise UserError(f"{path} is not a readable safetensors file ({err}); re-save or re-download it") from None
+
+
+# -- model <-> PEFT keys --------------------------------------------------------------------------
+
+
+def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors PEFT would save for `adapter`, under PEFT's key names (views, not copies)."""
+    configs = adapter_configs(model)
+    if adapter not in configs:
+        raise UserError(f"no adapter named {adapter!r}; the model has {sorted(configs) or 'none'}")
+    return {key: param for key, param in _peft_params(model, adapter, configs[adapter])}
+
+
+def _peft_params(model: nn.Module, adapter: str, config: LoraConfig):
+    """(PEFT key, live parameter) pairs for everything that belongs to `adapter` in the file."""
+    inside: str | None = None
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        inside = None
+        if isinstance(module, LoraLayer):
+            inside = name + "."
+            if adapter in module.lora_A:
+                a, b = ("lora_embedding_A", "lora_embedding_B") if module.kind == "embedding" else (
+                    "lora_A.weight", "lora_B.weight")
+                yield f"{PREFIX}{name}.{a}", module.lora_A[adapter]
+                yield f"{PREFIX}{name}.{b}", module.lora_B[adapter]
+            bias = getattr(module.base, "bias", None)
+            if bias is not None and (config.bias == "all" or (config.bias == "lora_only" and adapter in module.lora_A)):
+                yield f"{PREFIX}{name}.base_layer.bias", bias
+        elif isinstance(module, SavedModule):
+            inside = name + "."
+            if adapter in module.copies:
+                for key, tensor in module.copies[adapter].state_dict(keep_vars=True).items():
+                    yield f"{PREFIX}{name}.{key}", tensor
+        elif config.bias == "all":
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                yield f"{PREFIX}{name}.bias" if name else f"{PREFIX}bias", bias
+
+
+# -- save / load ----------------------------------------------------------------------------------
+
+
+def save_adapter(model: nn.Module, directory: str | Path, adapter: str = "default") -> Path:
+    """Write `adapter` as `adapter_config.json` + `adapter_model.safetensors` (PEFT layout).
+
+    Each file is replaced atomically; an interrupted save leaves the previous files intact.
+    """
+    tensors = adapter_state_dict(model, adapter)
+    config = adapter_configs(model)[adapter]
+    return write_adapter(directory, config, tensors)
+
+
+def write_adapter(directory: str | Path, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an adapter from a config and PEFT-keyed tensors (also for adapters made by algebra)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} exists and is not a directory; choose another output path")
+    save_tensors(directory / WEIGHTS_NAME, tensors)
+    saved = LoraConfig.from_dict({**config.to_dict(), "inference_mode": True})
+    saved.save(directory)
+    return directory
+
+
+def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Config and PEFT-keyed tensors of an adapter directory, validated (no pickle, finite values)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"adapter directory {directory} not found; pass a folder holding {CONFIG_NAME}")
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        if (directory / PICKLE_NAME).is_file():
+            raise UserError(f"{directory} holds only {PICKLE_NAME} (a pickle, which lorakit never loads); "
+                            "re-save it with PEFT's save_pretrained(safe_serialization=True)")
+        raise UserError(f"{weights} not found; an adapter directory needs {WEIGHTS_NAME}")
+    config = LoraConfig.load(directory)
+    tensors = load_tensors(weights)
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{weights}: tensor {key} contains NaN or Inf; the adapter is corrupt")
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, directory: str | Path, adapter: str | None = None,
+                 trainable: bool = False) -> str:
+    """Add the adapter saved in `directory` (by lorakit or PEFT) to `model` and make it the active one.
+
+    Works on a plain model (injects first). `trainable=True` leaves its weights trainable (to
+    continue training it). Returns the adapter's name. On any mismatch the model is left unchanged.
+    """
+    config, tensors = read_adapter(directory)
+    name = adapter or "default"
+    previous = active_adapters(model)
+    inject(model, config, adapter=name)
+    try:
+        _copy_into(model, name, config, tensors, source=Path(directory))
+    except BaseException:
+        delete_adapter(model, name)
+        if previous:
+            set_adapters(model, previous)
+        raise
+    if not trainable:
+        for p in adapter_state_dict(model, name).values():
+            p.requires_grad_(False)
+    return name
+
+
+@torch.no_grad()
+def _copy_into(model: nn.Module, adapter: str, config: LoraConfig, tensors: dict[str, torch.Tensor],
+               source: Path) -> None:
+    targets = dict(_peft_params(model, adapter, config))
+    extra = [k for k in tensors if k not in targets]
+    for key in extra:
+        if key.endswith(".base_layer.weight"):  # PEFT saves whole embedding matrices "in case they were resized"
+            base = model.get_submodule(key[len(PREFIX):-len(".base_layer.weight")]).base.weight
+            if base.shape == tensors[key].shape and torch.equal(base.float(), tensors[key].float()):
+                continue
+            raise UserError(f"{source}: {key} replaces the base's embedding matrix (resized vocabulary?); "
+                            "lorakit does not support that, load this adapter with PEFT")
+        raise UserError(f"{source}: adapter has weights for {_module_of(key)!r}, which this base model lacks; "
+                        "is it the adapter for a different base?")
+    missing = [k for k in targets if k not in tensors]
+    if missing:
+        raise UserError(f"{source}: {WEIGHTS_NAME} lacks {missing[0]} that its config implies; the adapter is incomplete")
+    for key, param in targets.items():
+        value = tensors[key]
+        if value.shape != param.shape:
+            module = _module_of(key)
+            raise UserError(f"{source}: module {module!r} does not fit: {key[len(PREFIX) + len(module) + 1:]} is "
+                            f"{tuple(value.shape)} in the adapter but this base needs {tuple(param.shape)}; "
+                            "is it the adapter for a different base?")
+        param.copy_(value)
+
+
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".base_layer.bias",
+             ".base_layer.weight", ".bias", ".weight")
+
+
+def _module_of(key: str) -> str:
+    """The module path inside a PEFT key: 'base_model.model.x.q_proj.lora_A.weight' -> 'x.q_proj'."""
+    key = key.removeprefix(PREFIX)
+    for suffix in _SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key.rsplit(".", 1)[0]

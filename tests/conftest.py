@@ -1,0 +1,87 @@
+"""Tiny models built from configs (no downloads), shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 97
+
+
+class MLP(nn.Module):
+    """A plain PyTorch model: LoRA must work without transformers too."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 24)
+        self.up = nn.Linear(24, 48)
+        self.down = nn.Linear(48, 24)
+        self.head = nn.Linear(24, VOCAB, bias=False)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        return self.head(h + self.down(torch.relu(self.up(h))))
+
+
+def _llama():
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=False))
+
+
+def _qwen2():
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=False))
+
+
+def _gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+# family -> (builder, targets that exist in it, an embedding name)
+FAMILIES = {
+    "llama": (_llama, ["q_proj", "v_proj"], "embed_tokens"),
+    "qwen2": (_qwen2, ["q_proj", "k_proj", "v_proj", "o_proj"], "embed_tokens"),
+    "gpt2": (_gpt2, ["c_attn", "c_proj"], "wte"),
+    "mlp": (MLP, ["up", "down"], "embed"),
+}
+
+
+def build(family: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = FAMILIES[family][0]()
+    model.eval()
+    return model
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
+
+
+def randomize_adapters(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """Make every adapter's update non-zero (B starts at zero), so tests see a real effect."""
+    import lorakit
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            for table in (layer.lora_A, layer.lora_B):
+                for p in table.values():
+                    p.copy_(torch.randn(p.shape, generator=g) * scale)

@@ -1,0 +1,238 @@
+"""Invariants of injected models, table-driven over tiny models of several families."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, build, logits, randomize_adapters
+from torch import nn
+
+import lorakit
+from lorakit.layers import LoraLayer
+
+FAMILY_NAMES = list(FAMILIES)
+
+
+def _config(family: str, **kw) -> lorakit.LoraConfig:
+    return lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=FAMILIES[family][1], **kw)
+
+
+def _injected(family: str, **kw) -> tuple[nn.Module, nn.Module]:
+    base = build(family)
+    model = lorakit.inject(copy.deepcopy(base), _config(family, **kw))
+    return base, model
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_injected_model_equals_base_at_init(family, ids):
+    base, model = _injected(family)
+    assert torch.equal(logits(model, ids), logits(base, ids))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_disabled_adapter_is_base_bit_exactly(family, ids):
+    base, model = _injected(family)
+    randomize_adapters(model)
+    assert not torch.allclose(logits(model, ids), logits(base, ids))
+    with lorakit.disable_adapters(model):
+        assert torch.equal(logits(model, ids), logits(base, ids))
+    assert not torch.allclose(logits(model, ids), logits(base, ids))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_only_adapter_parameters_get_gradients(family, ids):
+    _, model = _injected(family)
+    model.train()
+    randomize_adapters(model)
+    logits(model, ids).float().pow(2).mean().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(".lora_A." in n or ".lora_B." in n for n in with_grad)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_merged_equals_unmerged_and_unmerge_restores(family, ids):
+    _, model = _injected(family)
+    randomize_adapters(model)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    unmerged = logits(model, ids)
+    lorakit.merge(model)
+    assert all(layer.merged for _, layer in lorakit.lora_layers(model))
+    assert torch.allclose(logits(model, ids), unmerged, atol=1e-5, rtol=0)
+    lorakit.unmerge(model)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, before[n], atol=1e-6, rtol=0), n
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_unload_without_merge_gives_base_back_exactly(family, ids):
+    base, model = _injected(family)
+    randomize_adapters(model)
+    plain = lorakit.unload(model, merge=False)
+    assert not any(isinstance(m, LoraLayer) for m in plain.modules())
+    assert plain.state_dict().keys() == base.state_dict().keys()
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in base.state_dict().items())
+    assert torch.equal(logits(plain, ids), logits(base, ids))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_unload_with_merge_keeps_outputs(family, ids):
+    _, model = _injected(family)
+    randomize_adapters(model)
+    adapted = logits(model, ids)
+    plain = lorakit.unload(model, merge=True)
+    assert not any(isinstance(m, LoraLayer) for m in plain.modules())
+    assert torch.allclose(logits(plain, ids), adapted, atol=1e-5, rtol=0)
+
+
+# -- the math against an explicit oracle ----------------------------------------------------------
+
+
+def _oracle_weight(layer: LoraLayer, name: str, weight: float = 1.0) -> torch.Tensor:
+    """W + w·s·B·A written out by hand, in the (out, in) layout."""
+    W = layer.base.weight.detach()
+    if layer.kind != "linear":
+        W = W.t()
+    return W + weight * layer.scaling[name] * layer.lora_B[name].detach() @ layer.lora_A[name].detach()
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("family,module", [("mlp", "up"), ("gpt2", "c_attn"), ("mlp", "embed")])
+def test_layer_matches_explicit_formula(family, module, use_rslora, ids):
+    model = build(family)
+    config = lorakit.LoraConfig(r=3, lora_alpha=5, target_modules=[module], use_rslora=use_rslora)
+    lorakit.inject(model, config)
+    randomize_adapters(model)
+    _, layer = next(lorakit.lora_layers(model))
+    expected_scale = 5 / 3 ** 0.5 if use_rslora else 5 / 3
+    assert layer.scaling["default"] == pytest.approx(expected_scale)
+    W = _oracle_weight(layer, "default")
+    if layer.kind == "embedding":
+        x = ids
+        expected = W.t()[x]
+    else:
+        x = torch.randn(4, layer.in_features)
+        expected = x @ W.t() + layer.base.bias.detach()
+    assert torch.allclose(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_several_adapters_sum_with_their_weights(ids):
+    model = build("mlp")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["up"]), adapter="a")
+    lorakit.inject(model, lorakit.LoraConfig(r=5, lora_alpha=3, target_modules=["up", "down"]), adapter="b")
+    randomize_adapters(model)
+    lorakit.set_adapters(model, {"a": 1.0, "b": 0.5})
+    up = model.up
+    x = torch.randn(7, 24)
+    W = _oracle_weight(up, "a", 1.0) + _oracle_weight(up, "b", 0.5) - up.base.weight.detach()
+    assert torch.allclose(up(x), x @ W.t() + up.base.bias, atol=1e-5)
+    assert lorakit.active_adapters(model) == {"a": 1.0, "b": 0.5}
+    # scale 0 for every adapter is the base
+    lorakit.set_adapters(model, {"a": 0.0, "b": 0.0})
+    with lorakit.disable_adapters(model):
+        base_out = logits(model, ids)
+    assert torch.allclose(logits(model, ids), base_out, atol=1e-6)
+
+
+def test_per_row_adapters_equal_each_row_alone(ids):
+    model = build("llama")
+    for name, seed in (("a", 1), ("b", 2)):
+        lorakit.inject(model, lorakit.LoraConfig(r=2 + seed, target_modules=["q_proj", "v_proj"]), adapter=name)
+    randomize_adapters(model)
+    names = ["a", None, "b"]
+    with lorakit.per_row_adapters(model, names):
+        mixed = logits(model, ids)
+    for row, name in enumerate(names):
+        if name is None:
+            with lorakit.disable_adapters(model):
+                alone = logits(model, ids[row:row + 1])
+        else:
+            lorakit.set_adapters(model, name)
+            alone = logits(model, ids[row:row + 1])
+        assert torch.allclose(mixed[row], alone[0], atol=1e-5), row
+
+
+def test_delete_adapter_returns_plain_layers(ids):
+    base = build("llama")
+    model = lorakit.inject(copy.deepcopy(base), _config("llama"))
+    randomize_adapters(model)
+    lorakit.delete_adapter(model, "default")
+    assert not list(lorakit.lora_layers(model))
+    assert torch.equal(logits(model, ids), logits(base, ids))
+
+
+def test_modules_to_save_trains_a_copy_and_disable_uses_original(ids):
+    base = build("llama")
+    model = lorakit.inject(copy.deepcopy(base), _config("llama", modules_to_save=["lm_head"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "lm_head.copies.default.weight" in trainable
+    with torch.no_grad():
+        model.lm_head.copies["default"].weight.add_(0.5)
+    assert not torch.allclose(logits(model, ids), logits(base, ids))
+    with lorakit.disable_adapters(model):
+        assert torch.equal(logits(model, ids), logits(base, ids))
+
+
+def test_bias_modes_choose_trainable_biases():
+    counts = {}
+    for bias in ("none", "lora_only", "all"):
+        model = build("gpt2")
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["c_attn"], bias=bias))
+        counts[bias] = sorted(n for n, p in model.named_parameters() if p.requires_grad and "bias" in n)
+    assert counts["none"] == []
+    assert counts["lora_only"] == ["transformer.h.0.attn.c_attn.base.bias", "transformer.h.1.attn.c_attn.base.bias"]
+    assert set(counts["lora_only"]) < set(counts["all"]) and "transformer.ln_f.bias" in counts["all"]
+
+
+def test_target_matching_rules():
+    model = build("llama")
+    cases = {
+        "suffix list": (["q_proj"], 2),
+        "regex": (r"model\.layers\.1\.self_attn\.(q|k)_proj", 2),
+        "all-linear skips the head": ("all-linear", 14),
+    }
+    for label, (targets, n) in cases.items():
+        m = copy.deepcopy(model)
+        lorakit.inject(m, lorakit.LoraConfig(target_modules=targets))
+        names = [name for name, _ in lorakit.lora_layers(m)]
+        assert len(names) == n, label
+        assert "lm_head" not in names
+    m = copy.deepcopy(model)
+    lorakit.inject(m, lorakit.LoraConfig(target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                                          layers_pattern="layers", exclude_modules=["v_proj"]))
+    assert [n for n, _ in lorakit.lora_layers(m)] == ["model.layers.1.self_attn.q_proj"]
+
+
+def test_rank_and_alpha_patterns():
+    model = build("llama")
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3})
+    lorakit.inject(model, config)
+    layers = dict(lorakit.lora_layers(model))
+    assert layers["model.layers.1.self_attn.q_proj"].rank("default") == 2
+    assert layers["model.layers.0.self_attn.q_proj"].rank("default") == 4
+    assert layers["model.layers.0.self_attn.v_proj"].scaling["default"] == pytest.approx(3 / 4)
+    assert layers["model.layers.1.self_attn.q_proj"].scaling["default"] == pytest.approx(8 / 2)
+
+
+def test_trainable_parameter_count():
+    model = build("mlp")
+    total = sum(p.numel() for p in model.parameters())
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["up"]))
+    count = lorakit.trainable_parameters(model)
+    assert count.trainable == 2 * 24 + 48 * 2
+    assert count.total == total + count.trainable
+    assert f"{count.trainable:,}" in str(count) and count.percent == pytest.approx(100 * count.trainable / count.total)
+
+
+def test_bf16_base_keeps_fp32_adapter_and_trains(ids):
+    model = build("llama").to(torch.bfloat16)
+    lorakit.inject(model, _config("llama"))
+    layer = next(layer for _, layer in lorakit.lora_layers(model))
+    assert layer.lora_A["default"].dtype == torch.float32 and layer.base.weight.dtype == torch.bfloat16
+    model.train()
+    logits(model, ids).float().mean().backward()
+    assert layer.lora_B["default"].grad is not None
