@@ -162,7 +162,7 @@ def _wrap(model: nn.Module, name: str, kind: type) -> LoraLayer | SavedModule:
         return module
     if isinstance(module, (LoraLayer, SavedModule)):
         raise UserError(f"module {name!r} is both a LoRA target and in modules_to_save; choose one")
-    wrapper = kind(module)
+    wrapper = kind(module).train(module.training)
     setattr(parent, child, wrapper)
     return wrapper
 

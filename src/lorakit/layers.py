@@ -73,6 +73,7 @@ class LoraLayer(nn.Module):
         self.scaling[name] = scaling
         # p = 0 needs no dropout module at all: Identity makes no copy of x.
         self.dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout[name].train(self.training)  # a new module defaults to training mode; follow the model
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
