@@ -85,3 +85,41 @@ def randomize_adapters(model: nn.Module, seed: int = 0, scale: float = 0.1) -> N
             for table in (layer.lora_A, layer.lora_B):
                 for p in table.values():
                     p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+TOKENIZER_TEXT = (
+    "The ship sailed at dawn. The captain saw the red sky and said: we sail north.\n"
+    "In the beginning was the word, and the word was with the crew.\n"
+    "A computer program reads input, computes, and writes output. Hackers say foo and bar.\n"
+) * 20
+
+
+def make_tiny_base(directory, vocab_size: int = 300, hidden: int = 32, layers: int = 2, seed: int = 0):
+    """A random tiny Llama + byte-level BPE tokenizer saved as a transformers directory.
+
+    Same special tokens as the embedded base (<s>, </s>, <pad>), so code paths are the same.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TOKENIZER_TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, bos_token_id=fast.bos_token_id,
+                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """Path of a tiny random causal LM directory with its own tokenizer (built once per session)."""
+    return make_tiny_base(tmp_path_factory.mktemp("tiny_base"))

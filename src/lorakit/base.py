@@ -1,0 +1,120 @@
+"""Loading a base model (the embedded one by default) and putting adapters on it at chosen scales.
+
+`--base` is a local transformers model directory or a hub id (for users who are online); without
+it, the small Llama that ships inside the package is used. Precision: "auto" runs bf16 where the
+hardware has fast bf16 matmuls (AMX / AVX-512 BF16 CPUs, CUDA GPUs with bf16), else fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.errors import UserError
+
+EMBEDDED_BASE = Path(__file__).parent / "assets" / "base"
+CORPORA = Path(__file__).parent / "assets" / "corpora"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 where bf16 matmuls are fast on this device, else fp32; or an explicit name."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for a low-precision compute dtype (fp32 adapter weights are cast per matmul)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def base_name(base: str | Path | None) -> str:
+    """What to record as base_model_name_or_path: 'lorakit/embedded' for the shipped base."""
+    return "lorakit/embedded" if base is None else str(base)
+
+
+def load_base(base: str | Path | None = None, dtype: torch.dtype = torch.float32,
+              device: torch.device | None = None):
+    """(model, tokenizer) for a causal LM: a directory, a hub id, or None for the embedded base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = EMBEDDED_BASE if base is None or str(base) == "lorakit/embedded" else base
+    if base is not None and Path(base).expanduser().exists():
+        source = Path(base).expanduser()
+        if not (source / "config.json").is_file():
+            raise UserError(f"{source} has no config.json; --base must be a transformers model directory")
+    elif base is not None and str(base).startswith((".", "/", "~")):
+        raise UserError(f"base model directory {base} not found; pass an existing directory or a hub id")
+    device = device or default_device()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' load reports and bars are noise for a CLI user
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except ValueError as err:
+        raise UserError(f"{base} is not a causal language model ({str(err).splitlines()[0]}); "
+                        "--base needs a model AutoModelForCausalLM can load") from None
+    except OSError as err:
+        raise UserError(f"cannot load base model {base!r}: {str(err).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def parse_adapter_spec(spec: str) -> tuple[Path, float]:
+    """'adapters/a:0.5' -> (Path('adapters/a'), 0.5); a bare path has scale 1."""
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def attach_adapters(model: nn.Module, specs: list[str]) -> dict[str, float]:
+    """Load each 'PATH[:SCALE]' adapter onto `model` and activate them together at their scales."""
+    import lorakit
+
+    weights: dict[str, float] = {}
+    for spec in specs:
+        path, scale = parse_adapter_spec(spec)
+        name = path.name or "adapter"
+        while name in weights:
+            name += "_"
+        lorakit.load_adapter(model, path, adapter=name)
+        weights[name] = scale
+    if weights:
+        lorakit.set_adapters(model, weights)
+    return weights
