@@ -15,6 +15,9 @@ from lorakit.errors import UserError
 
 # command name -> module with `register(subparsers)`; imported lazily so `lorakit --help` is fast.
 COMMANDS: dict[str, str] = {
+    "train": "lorakit.train",
+    "generate": "lorakit.generate",
+    "eval": "lorakit.evaluate",
     "bigram": "lorakit.bigram.cli",
 }
 

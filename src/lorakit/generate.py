@@ -1,0 +1,163 @@
+"""`lorakit generate`: sample text with one or several adapters at chosen scales, streamed.
+
+    lorakit generate --adapter adapters/mine --prompt "The ship" --compare     # base vs adapted
+    lorakit generate --adapter adapters/a:1.0 --adapter adapters/b:0.5 --prompt "..."
+
+With --compare the base and the adapted model sample with the same seed, so the random draws are
+the same and every difference in the text comes from the adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorakit.base import attach_adapters, autocast, default_device, load_base, resolve_dtype
+from lorakit.data import render_chat_prompt
+from lorakit.errors import UserError
+from lorakit.inject import disable_adapters
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 80
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    seed: int = 0
+    greedy: bool = False
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise UserError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        if not self.greedy and self.temperature <= 0:
+            raise UserError(f"--temperature must be positive (or use --greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """Pick a token from the last position's logits (V,) by greedy or temperature/top-k/top-p sampling."""
+    logits = logits.float()
+    if sampling.greedy:
+        return int(logits.argmax())
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest set whose mass reaches top_p (always at least the top token)
+        drop = sorted_probs.cumsum(0) - sorted_probs >= sampling.top_p
+        probs = probs.scatter(0, order[drop], 0.0)
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def stream_tokens(model: nn.Module, input_ids: list[int], sampling: Sampling, eos_id: int | None,
+                  base: bool = False) -> Iterator[int]:
+    """Yield new token ids one by one (KV cache; `base=True` runs with adapters disabled)."""
+    device = next(model.parameters()).device
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    generator = torch.Generator().manual_seed(sampling.seed)
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    ids = torch.tensor([input_ids], device=device)
+    past = None
+    for i in range(sampling.max_new_tokens):
+        if max_len is not None and len(input_ids) + i >= max_len:
+            return
+        with torch.no_grad(), autocast(device, dtype), (disable_adapters(model) if base else nullcontext()):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        token = next_token(out.logits[0, -1], sampling, generator)
+        if sampling.stop_at_eos and token == eos_id:
+            return
+        yield token
+        ids = torch.tensor([[token]], device=device)
+
+
+def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
+    """Decode a token stream into text pieces, holding back incomplete UTF-8 characters."""
+    ids: list[int] = []
+    shown = ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        yield text[len(shown):]
+        shown = text
+
+
+def generate(prompt: str, adapters: list[str], base: str | None = None, sampling: Sampling | None = None,
+             compare: bool = False, chat: bool = False, dtype: str = "auto", out=sys.stdout) -> dict[str, str]:
+    """Generate from `prompt` with the adapters at their scales; stream to `out`; return the texts."""
+    sampling = sampling or Sampling()
+    if not prompt:
+        raise UserError("--prompt is empty; give the model some text to continue")
+    device = default_device()
+    model, tokenizer = load_base(base, dtype=resolve_dtype(dtype, device), device=device)
+    weights = attach_adapters(model, adapters) if adapters else {}
+    if compare and not weights:
+        raise UserError("--compare needs at least one --adapter to compare against the base")
+    text = render_chat_prompt([{"role": "user", "content": prompt}], tokenizer) if chat else prompt
+    input_ids = tokenizer(text, add_special_tokens=False).input_ids
+    label = " + ".join(f"{n}:{w:g}" for n, w in weights.items()) or "base"
+    runs = {"base": True, label: False} if compare else {label: not weights}
+    results = {}
+    for name, use_base in runs.items():
+        if compare:
+            print(f"── {name} " + "─" * max(0, 60 - len(name)), file=out)
+        print(prompt if not chat else f"[user] {prompt}\n[assistant] ", end="", file=out, flush=True)
+        pieces = []
+        for piece in stream_text(tokenizer, stream_tokens(model, input_ids, sampling, tokenizer.eos_token_id,
+                                                          base=use_base)):
+            pieces.append(piece)
+            print(piece, end="", file=out, flush=True)
+        print("\n", file=out, flush=True)
+        results[name] = "".join(pieces)
+    return results
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="sample text with adapters at chosen scales (streamed)",
+        description=__doc__.split("\n\n")[0] + "\n\nexamples:\n"
+                    '  lorakit generate --adapter adapters/mine --prompt "The ship" --compare\n'
+                    '  lorakit generate --adapter adapters/a:1.0 --adapter adapters/b:0.5 --prompt "..."',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="adapter directory, optionally with a scale; repeat to mix several")
+    p.add_argument("--base", help="base model directory or hub id (default: the embedded base)")
+    p.add_argument("--compare", action="store_true", help="also show the base's output, same seed")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of a chat")
+    p.add_argument("--max-new-tokens", type=int, default=80, help="tokens to generate at most (default 80)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0: off (default 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--greedy", action="store_true", help="always take the likeliest token")
+    p.add_argument("--no-stop-at-eos", action="store_true", help="keep going past the end-of-text token")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (default auto)")
+
+    def run(args) -> int:
+        sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, greedy=args.greedy,
+                            stop_at_eos=not args.no_stop_at_eos)
+        generate(args.prompt, args.adapter, base=args.base, sampling=sampling, compare=args.compare,
+                 chat=args.chat, dtype=args.dtype)
+        return 0
+
+    p.set_defaults(func=run)
+
