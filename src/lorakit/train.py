@@ -53,7 +53,8 @@ class TrainConfig:
     epochs: float = _help("passes over the data when --steps is not given", default=1.0)
     batch_size: int = _help("rows per micro-batch", default=8)
     grad_accum: int = _help("micro-batches per optimizer step", default=1)
-    seq_len: int = _help("tokens per row (text is packed to exactly this)", default=256)
+    seq_len: int | None = _help("tokens per row; text is packed to exactly this (default: 256, or the "
+                                "model's maximum if smaller)", default=None)
     eval_data: Path | None = _help("held-out data for perplexity at intervals", default=None)
     eval_every: int = _help("evaluate every N steps (and at the end)", default=50)
     eval_batches: int = _help("evaluate on at most N batches", default=20)
@@ -70,8 +71,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.data, self.out = Path(self.data), Path(self.out)
+        for name in ("data", "eval_data", "init_from"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise UserError(f"--{name.replace('_', '-')} {path} not found")
         for name in ("r", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "checkpoint_every"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.steps is not None and self.steps <= 0:
             raise UserError(f"--steps must be positive, got {self.steps}")
@@ -106,11 +111,12 @@ def train(config: TrainConfig, should_stop: Callable[[int], bool] | None = None)
     device = default_device()
     dtype = resolve_dtype(config.dtype, device)
     model, tokenizer = load_base(config.base, dtype=dtype, device=device)
-    max_len = getattr(model.config, "max_position_embeddings", None)
-    if max_len is not None and config.seq_len > max_len:
+    max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    if config.seq_len is not None and config.seq_len > max_len:
         raise UserError(f"--seq-len {config.seq_len} is over this model's maximum of {max_len}; lower it")
-    examples, stats = load_examples(config.data, tokenizer, config.seq_len, config.labels)
-    eval_examples = load_examples(config.eval_data, tokenizer, config.seq_len, "all")[0] if config.eval_data else None
+    seq_len = config.seq_len or min(256, max_len)
+    examples, stats = load_examples(config.data, tokenizer, seq_len, config.labels)
+    eval_examples = load_examples(config.eval_data, tokenizer, seq_len, "all")[0] if config.eval_data else None
     if config.init_from is not None:
         load_adapter(model, config.init_from, adapter="default", trainable=True)
     else:

@@ -1,0 +1,120 @@
+"""End-to-end training on a tiny base: outputs, resume equivalence, formats, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.cli import main
+from lorakit.errors import UserError
+from lorakit.train import TrainConfig, train
+
+TEXT = "And God said, Let there be light: and there was light. And God saw the light, that it was good.\n" * 30
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def _config(tiny_base, data, out, **kw) -> TrainConfig:
+    values = dict(data=data, out=out, base=str(tiny_base), steps=6, batch_size=2, seq_len=16, r=4,
+                  dtype="fp32", quiet=True, checkpoint_every=2)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def test_train_writes_adapter_metrics_plot_and_summary(tiny_base, text_file, tmp_path):
+    out = tmp_path / "run"
+    summary = train(_config(tiny_base, text_file, out, eval_data=text_file, eval_every=3, steps=8, lr=5e-3))
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png",
+                 "training_summary.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoint").exists()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [3, 6, 8]
+    on_disk = json.loads((out / "training_summary.json").read_text())
+    assert on_disk["trainable_params"] == summary["trainable_params"] > 0
+    assert on_disk["tokens_seen"] == 8 * 2 * 16
+    assert summary["eval_perplexity_adapted"] < summary["eval_perplexity_base"]  # it learned something
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny_base, text_file, tmp_path, dropout):
+    straight = tmp_path / "straight"
+    train(_config(tiny_base, text_file, straight, dropout=dropout))
+    resumed = tmp_path / "resumed"
+    result = train(_config(tiny_base, text_file, resumed, dropout=dropout), should_stop=lambda step: step == 3)
+    assert result == {"interrupted": True, "step": 3, "total_steps": 6}
+    assert (resumed / "checkpoint" / "state.json").is_file()
+    train(_config(tiny_base, text_file, resumed, dropout=dropout, resume=True))
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_resume_refuses_changed_settings(tiny_base, text_file, tmp_path):
+    out = tmp_path / "run"
+    train(_config(tiny_base, text_file, out), should_stop=lambda step: step == 2)
+    with pytest.raises(UserError, match="--resume needs the original settings.*lr"):
+        train(_config(tiny_base, text_file, out, resume=True, lr=0.5))
+
+
+@pytest.mark.parametrize("records", [
+    [{"prompt": "Q: light? A:", "completion": " yes, light."}] * 6,
+    [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "let there be light"}]}] * 6,
+    [{"text": "there was light", "label": "good"}, {"text": "darkness", "label": "bad"}] * 6,
+])
+def test_jsonl_formats_train(tiny_base, tmp_path, records):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = train(_config(tiny_base, data, tmp_path / "run", steps=2, seq_len=32))
+    assert summary["tokens_seen"] > 0
+
+
+def test_init_from_continues_an_adapter(tiny_base, text_file, tmp_path):
+    first = tmp_path / "first"
+    train(_config(tiny_base, text_file, first, steps=2))
+    second = tmp_path / "second"
+    train(_config(tiny_base, text_file, second, steps=2, init_from=first, r=99))
+    config = json.loads((second / "adapter_config.json").read_text())
+    assert config["r"] == 4  # the continued adapter keeps its shape
+    a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_errors_are_one_line(tiny_base, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "something").write_text("x")
+    cases = [
+        (["--data", str(text_file), "--out", str(out)], "already exists; pass --overwrite"),
+        (["--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o1")], "not found"),
+        (["--data", str(text_file), "--out", str(tmp_path / "o2"), "--seq-len", "4096"], "maximum of 128"),
+        (["--data", str(text_file), "--out", str(text_file / "sub")], "cannot write"),
+        (["--data", str(text_file), "--out", str(tmp_path / "o3"), "--r", "0"], "--r must be positive"),
+        (["--data", str(text_file), "--out", str(tmp_path / "o4"), "--resume"], "nothing to resume"),
+    ]
+    for args, message in cases:
+        code = main(["train", "--base", str(tiny_base), "--quiet", *args])
+        err = capsys.readouterr().err
+        assert code == 2, args
+        assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_base_that_is_not_a_causal_lm_is_refused(tmp_path, text_file, capsys):
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path / "vit")
+    code = main(["train", "--base", str(tmp_path / "vit"), "--data", str(text_file), "--out", str(tmp_path / "o")])
+    assert code == 2 and "not a causal language model" in capsys.readouterr().err
