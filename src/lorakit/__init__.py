@@ -5,48 +5,51 @@
     lorakit.save_adapter(model, "adapters/legal")          # PEFT layout
     lorakit.load_adapter(model, "adapters/poetry", adapter="poetry")
     lorakit.set_adapters(model, {"default": 1.0, "poetry": 0.5})
+
+Names are imported on first use, so `lorakit bigram ...` and `lorakit --help` do not pay for
+importing torch and transformers.
 """
 
-from lorakit.config import LoraConfig
-from lorakit.errors import UserError
-from lorakit.inject import (
-    active_adapters,
-    adapter_configs,
-    delete_adapter,
-    disable_adapters,
-    inject,
-    lora_layers,
-    merge,
-    per_row_adapters,
-    set_adapters,
-    trainable_parameters,
-    unload,
-    unmerge,
-)
-from lorakit.io import adapter_state_dict, load_adapter, read_adapter, save_adapter, write_adapter
-from lorakit.layers import LoraLayer
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LoraConfig",
-    "LoraLayer",
-    "UserError",
-    "active_adapters",
-    "adapter_configs",
-    "adapter_state_dict",
-    "delete_adapter",
-    "disable_adapters",
-    "inject",
-    "load_adapter",
-    "lora_layers",
-    "merge",
-    "per_row_adapters",
-    "read_adapter",
-    "save_adapter",
-    "set_adapters",
-    "trainable_parameters",
-    "unload",
-    "unmerge",
-    "write_adapter",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    "LoraConfig": "lorakit.config",
+    "UserError": "lorakit.errors",
+    "LoraLayer": "lorakit.layers",
+    "active_adapters": "lorakit.inject",
+    "adapter_configs": "lorakit.inject",
+    "delete_adapter": "lorakit.inject",
+    "disable_adapters": "lorakit.inject",
+    "inject": "lorakit.inject",
+    "lora_layers": "lorakit.inject",
+    "merge": "lorakit.inject",
+    "per_row_adapters": "lorakit.inject",
+    "set_adapters": "lorakit.inject",
+    "trainable_parameters": "lorakit.inject",
+    "unload": "lorakit.inject",
+    "unmerge": "lorakit.inject",
+    "adapter_state_dict": "lorakit.io",
+    "load_adapter": "lorakit.io",
+    "read_adapter": "lorakit.io",
+    "save_adapter": "lorakit.io",
+    "write_adapter": "lorakit.io",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,8 +1,10 @@
-"""The `lorakit` command: a table from command name to a module that registers it.
+"""The `lorakit` command: a table from command name to the module that implements it.
 
 Each command module exposes `register(subparsers)`, which adds its argparse parser and sets
-`func` to a plain typed function that Python users can call too. `main` turns `UserError` into a
-one-line message and exit code 2, so user mistakes never print a traceback.
+`func` to a small adapter around a plain typed function that Python users can call too. Only the
+module of the command being run is imported, so `lorakit --help` and `lorakit bigram` stay fast.
+`main` turns `UserError` into a one-line message and exit code 2: user mistakes never print a
+traceback.
 """
 
 from __future__ import annotations
@@ -13,28 +15,34 @@ import sys
 
 from lorakit.errors import UserError
 
-# command name -> module with `register(subparsers)`; imported lazily so `lorakit --help` is fast.
-COMMANDS: dict[str, str] = {
-    "train": "lorakit.train",
-    "generate": "lorakit.generate",
-    "eval": "lorakit.evaluate",
-    "bigram": "lorakit.bigram.cli",
+# command name -> (module with `register(subparsers)`, one-line summary for `lorakit --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("lorakit.train", "train an adapter on a frozen base"),
+    "generate": ("lorakit.generate", "sample text with adapters at chosen scales (streamed)"),
+    "eval": ("lorakit.evaluate", "perplexity of base vs adapted model on some data"),
+    "bigram": ("lorakit.bigram.cli", "the count-based bigram model and its LoRA grids"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with `command` fully registered and the others listed by name and summary."""
     parser = argparse.ArgumentParser(
         prog="lorakit",
         description="Low-Rank Adaptation for language models: train, use, combine and serve adapters.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in COMMANDS.values():
-        importlib.import_module(module_name).register(subparsers)
+    for name, (module_name, summary) in COMMANDS.items():
+        if name == command:
+            importlib.import_module(module_name).register(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         result = args.func(args)

@@ -132,7 +132,7 @@ def generate(prompt: str, adapters: list[str], base: str | None = None, sampling
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="sample text with adapters at chosen scales (streamed)",
-        description=__doc__.split("\n\n")[0] + "\n\nexamples:\n"
+        description="Sample text with one or several adapters at chosen scales, streamed.\n\nexamples:\n"
                     '  lorakit generate --adapter adapters/mine --prompt "The ship" --compare\n'
                     '  lorakit generate --adapter adapters/a:1.0 --adapter adapters/b:0.5 --prompt "..."',
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -305,20 +305,20 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "train", help="train an adapter on a frozen base",
-        description=__doc__.split("\n\n")[0] + "\n\nexamples:\n"
+        description="Train one LoRA adapter on a frozen base model; saves it in PEFT's format.\n\nexamples:\n"
                     "  lorakit train --data my_domain.txt --out adapters/mine\n"
                     "  lorakit train --base ~/models/llama --data chats.jsonl --r 16 --targets all-linear --out adapters/x",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+            p.add_argument(flag, action="store_true", help=f.metadata["help"].replace("%", "%%"))
             continue
         kind = {"int": int, "int | None": int, "float": float, "Path": Path, "Path | None": Path}.get(str(f.type), str)
         required = f.default is dataclasses.MISSING
         default_text = "" if required or f.default is None else f" (default {f.default})"
         p.add_argument(flag, type=kind, required=required, default=None if required else f.default,
-                       help=f.metadata["help"] + default_text)
+                       help=(f.metadata["help"] + default_text).replace("%", "%%"))
 
     def run(args) -> int:
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
