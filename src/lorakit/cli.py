@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lorakit.train", "train an adapter on a frozen base"),
     "generate": ("lorakit.generate", "sample text with adapters at chosen scales (streamed)"),
     "eval": ("lorakit.evaluate", "perplexity of base vs adapted model on some data"),
+    "demo": ("lorakit.demo", "train and compare an adapter on a shipped corpus in ~3 minutes"),
     "bigram": ("lorakit.bigram.cli", "the count-based bigram model and its LoRA grids"),
 }
 
