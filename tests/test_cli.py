@@ -30,3 +30,10 @@ def test_top_level_help_lists_commands_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert all(name in out for name in COMMANDS)
     assert out.strip().endswith("False")
+
+
+def test_public_names_are_the_functions_whatever_was_imported_first():
+    code = ("import lorakit.io, lorakit.train, lorakit\n"
+            "print(all(callable(getattr(lorakit, n)) or isinstance(getattr(lorakit, n), type) for n in lorakit.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
