@@ -18,7 +18,7 @@ from lorakit.data import load_examples
 from lorakit.errors import UserError
 from lorakit.evaluate import mean_nll, perplexity
 from lorakit.generate import Sampling, stream_text, stream_tokens
-from lorakit.inject import disable_adapters
+from lorakit.adapters import disable_adapters
 from lorakit.train import TrainConfig, train
 
 DEFAULT_CORPUS = "scripture"

@@ -20,7 +20,7 @@ from torch import nn
 from lorakit.base import attach_adapters, autocast, default_device, load_base, resolve_dtype
 from lorakit.data import IGNORE, Example, collate, load_examples
 from lorakit.errors import UserError
-from lorakit.inject import disable_adapters, set_adapters
+from lorakit.adapters import disable_adapters, set_adapters
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from torch import nn
 from lorakit.base import attach_adapters, autocast, default_device, load_base, resolve_dtype
 from lorakit.data import render_chat_prompt
 from lorakit.errors import UserError
-from lorakit.inject import disable_adapters
+from lorakit.adapters import disable_adapters
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import nn
 
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import UserError
-from lorakit.inject import active_adapters, adapter_configs, delete_adapter, inject, set_adapters
+from lorakit.adapters import active_adapters, adapter_configs, delete_adapter, inject, set_adapters
 from lorakit.layers import LoraLayer, SavedModule
 
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -27,7 +27,7 @@ from lorakit.config import LoraConfig
 from lorakit.data import batch_at, collate, load_examples
 from lorakit.errors import UserError
 from lorakit.evaluate import mean_nll, perplexity
-from lorakit.inject import disable_adapters, inject, trainable_parameters
+from lorakit.adapters import disable_adapters, inject, trainable_parameters
 from lorakit.io import atomic_write_bytes, load_adapter, save_adapter
 from lorakit.plots import plot_loss
 
