@@ -88,6 +88,7 @@ def test_non_utf8_text_lines_are_skipped_and_counted(tok, tmp_path):
 
 BAD = {
     "missing": (None, "not found"),
+    "a directory": (("dir.txt", None), "cannot read"),
     "empty txt": (("d.txt", b"   \n"), "empty"),
     "broken json": (("d.jsonl", b'{"text": "a"}\n{"text": \n'), r"d\.jsonl:2: broken JSON"),
     "non-utf8 jsonl": (("d.jsonl", b'{"text": "a"}\n\xff\n'), r":2: line is not valid UTF-8"),
@@ -107,7 +108,10 @@ def test_bad_data_fails_with_a_clear_message(case, tok, tmp_path):
     path = tmp_path / "nothing.txt"
     if spec:
         path = tmp_path / spec[0]
-        path.write_bytes(spec[1])
+        if spec[1] is None:
+            path.mkdir()
+        else:
+            path.write_bytes(spec[1])
     with pytest.raises(UserError, match=message):
         load_examples(path, tok, seq_len=16)
 

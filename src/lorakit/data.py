@@ -70,19 +70,22 @@ class DataStats:
 def load_examples(path: str | Path, tokenizer, seq_len: int, labels: str = "good") -> tuple[list[Example], DataStats]:
     """Read a .txt or .jsonl file into training rows. Raises UserError for anything unusable."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"data file {path} not found")
     if labels not in ("good", "all"):
         raise UserError(f"labels must be 'good' or 'all', got {labels!r}")
     stats = DataStats()
-    if path.suffix == ".jsonl":
-        texts, rows = _read_jsonl(path, tokenizer, labels, stats)
-    elif path.suffix in (".txt", ".text", ".md", ""):
-        texts, rows = [_read_text(path, stats)], []
-        stats.records = 1
-        stats.formats["text"] = 1
-    else:
+    if path.suffix not in (".jsonl", ".txt", ".text", ".md", ""):
         raise UserError(f"{path}: unsupported data format {path.suffix!r}; use .txt or .jsonl")
+    try:
+        if path.suffix == ".jsonl":
+            texts, rows = _read_jsonl(path, tokenizer, labels, stats)
+        else:
+            texts, rows = [_read_text(path, stats)], []
+            stats.records = 1
+            stats.formats["text"] = 1
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror}); check the path and its permissions") from None
     examples = _pack(texts, tokenizer, seq_len) + [_fit(r, seq_len, stats) for r in rows]
     if not examples:
         raise UserError(f"{path}: no training rows (the data is empty or too short); add text")
