@@ -38,6 +38,11 @@ _EXPORTS = {
     "read_adapter": "lorakit.io",
     "save_adapter": "lorakit.io",
     "write_adapter": "lorakit.io",
+    "Adapter": "lorakit.algebra",
+    "combine": "lorakit.algebra",
+    "merge_export": "lorakit.export",
+    "inspect_adapter": "lorakit.inspection",
+    "diff_adapters": "lorakit.inspection",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lorakit.generate", "sample text with adapters at chosen scales (streamed)"),
     "eval": ("lorakit.evaluate", "perplexity of base vs adapted model on some data"),
     "demo": ("lorakit.demo", "train and compare an adapter on a shipped corpus in ~3 minutes"),
+    "merge": ("lorakit.export", "fold adapters into the base weights and write a plain transformers model"),
+    "combine": ("lorakit.algebra", "mix adapters into one new adapter: exact weighted sum, TIES, DARE, SVD"),
+    "inspect": ("lorakit.inspection", "what an adapter holds: config, size, per-module rank, norm, spectrum"),
+    "diff": ("lorakit.inspection", "which next-token predictions an adapter changes most"),
     "bigram": ("lorakit.bigram.cli", "the count-based bigram model and its LoRA grids"),
 }
 
@@ -32,10 +36,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Low-Rank Adaptation for language models: train, use, combine and serve adapters.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    running = COMMANDS[command][0] if command in COMMANDS else None
     for name, (module_name, summary) in COMMANDS.items():
         if name == command:
             importlib.import_module(module_name).register(subparsers)
-        else:
+        elif module_name != running:  # a module may register several commands (inspection: inspect, diff)
             subparsers.add_parser(name, help=summary, add_help=False)
     return parser
 

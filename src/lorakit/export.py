@@ -1,0 +1,128 @@
+"""Merged export: a base model with adapters folded into its weights, as a plain transformers directory.
+
+The result has no LoRA modules and no lorakit dependency: `AutoModelForCausalLM.from_pretrained`
+loads it, and vLLM, TGI or llama.cpp's converters take it as they take any model. Merging happens in
+fp32 (one rounding to the output dtype at the end), and the directory appears all at once: it is
+written beside `--out` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lorakit.adapters import unload
+from lorakit.base import DTYPES, EMBEDDED_BASE, attach_adapters, load_base, parse_adapter_spec
+from lorakit.errors import UserError
+
+
+def merge_export(adapters: list[str], out: str | Path, base: str | Path | None = None, dtype: str = "fp32",
+                 overwrite: bool = False) -> Path:
+    """Write `base` + Σ scale·adapter, merged, to `out` (safetensors, config, tokenizer).
+
+    `adapters` are 'PATH[:SCALE]' specs; `base` None is the embedded base. Returns `out`.
+    """
+    from transformers.utils import logging as hf_logging
+
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if not adapters:
+        raise UserError("nothing to merge: give at least one adapter, e.g. --adapter adapters/legal")
+    _check_out(out, overwrite)
+
+    model, _ = load_base(base, dtype=torch.float32, device=torch.device("cpu"))
+    attach_adapters(model, adapters)
+    model = unload(model, merge=True)
+    model.to(DTYPES[dtype])
+    tokenizer = _fresh_tokenizer(base)  # load_base may have set a pad token; ship the base's own files
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as err:
+        raise UserError(f"cannot write to {out.parent} ({err.strerror}); choose a writable --out") from None
+    hf_logging.disable_progress_bar()  # a bar for writing one shard is noise
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        hf_logging.enable_progress_bar()
+    return out
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    # --overwrite deletes the old directory: only ever one that looks like a model (or is empty).
+    if not out.is_dir() or not ((out / "config.json").is_file() or not any(out.iterdir())):
+        raise UserError(f"{out} is not a model directory (no config.json); refusing to replace it, "
+                        "choose another --out")
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Move `staging` to `out`; an existing `out` is kept until the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fresh_tokenizer(base: str | Path | None):
+    from transformers import AutoTokenizer
+
+    source = EMBEDDED_BASE if base is None or str(base) == "lorakit/embedded" else Path(base).expanduser()
+    return AutoTokenizer.from_pretrained(source if Path(source).exists() else str(base))
+
+
+def cmd_merge(adapters: list[str], out: Path, base: str | None = None, dtype: str = "fp32",
+              overwrite: bool = False) -> Path:
+    merge_export(adapters, out, base=base, dtype=dtype, overwrite=overwrite)
+    mixed = " + ".join(f"{scale:g}×{path}" for path, scale in map(parse_adapter_spec, adapters))
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    print(f"wrote {out}: {base or 'the embedded base'} + {mixed}, merged, {dtype}, {size / 1e6:.1f} MB")
+    return out
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "merge",
+        help="fold adapters into the base weights and write a plain transformers model",
+        description="Fold adapters (at their scales) into the base weights and write a complete "
+        "transformers model directory: safetensors, config and tokenizer. No LoRA at inference time; "
+        "AutoModelForCausalLM, vLLM or llama.cpp's converters load it like any model.\n\n"
+        "examples:\n"
+        "  lorakit merge --adapter adapters/legal --out models/legal\n"
+        "  lorakit merge --base models/base --adapter a:0.7 --adapter b:0.3 --out models/mix --dtype bf16",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--base", default=None, help="base model directory or hub id (default: the embedded base)")
+    p.add_argument("--adapter", action="append", default=[], required=True, metavar="PATH[:SCALE]",
+                   help="an adapter directory and its scale (default 1); repeat to merge several")
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--dtype", default="fp32", help="weights dtype of the written model: fp32 (default), bf16, fp16")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model directory at --out")
+    p.set_defaults(func=lambda a: _exit0(cmd_merge(a.adapter, a.out, a.base, a.dtype, a.overwrite)))
+
+
+def _exit0(result: object) -> int:
+    return 0
