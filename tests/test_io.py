@@ -213,7 +213,7 @@ def test_interrupted_save_keeps_previous_files(tmp_path, monkeypatch):
     def crash(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lorakit.io.os.replace", crash)
+    monkeypatch.setattr("lorakit.files.os.replace", crash)
     with pytest.raises(KeyboardInterrupt):
         lorakit.save_adapter(model, tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import UserError
-from lorakit.io import adapter_state_dict, atomic_write_bytes, load_tensors, save_adapter, save_tensors
+from lorakit.files import atomic_write_bytes
+from lorakit.io import adapter_state_dict, load_tensors, save_adapter, save_tensors
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -175,7 +175,7 @@ class LoraConfig:
         return cls(**kwargs, extra=extra)
 
     def save(self, directory: str | Path) -> Path:
-        from lorakit.io import atomic_write_bytes
+        from lorakit.files import atomic_write_bytes
 
         path = Path(directory) / CONFIG_NAME
         atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())

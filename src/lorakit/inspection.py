@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import math
 import os
@@ -26,7 +25,8 @@ from lorakit.base import EMBEDDED_BASE, attach_adapters, default_device, load_ba
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.data import load_examples
 from lorakit.errors import UserError
-from lorakit.io import WEIGHTS_NAME, atomic_write_bytes
+from lorakit.files import save_png
+from lorakit.io import WEIGHTS_NAME
 
 # -- inspect --------------------------------------------------------------------------------------
 
@@ -289,13 +289,6 @@ def _pyplot():
     return plt
 
 
-def _save_png(fig, path: str | Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def _plot_spectra(report: AdapterReport, path: str | Path) -> None:
     """Left: singular values of each module's ΔW; right: ‖ΔW‖ per module."""
     plt = _pyplot()
@@ -317,7 +310,7 @@ def _plot_spectra(report: AdapterReport, path: str | Path) -> None:
     right.set_title("update size per module")
     fig.suptitle(f"{report.path}: r={report.config.r}, {len(names)} modules")
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _plot_shifts(report: DiffReport, path: str | Path, title: str) -> None:
@@ -332,7 +325,7 @@ def _plot_shifts(report: DiffReport, path: str | Path, title: str) -> None:
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel(f"mean P(adapted) − P(base) over {report.contexts:,} contexts")
     ax.set_title(title, fontsize=9)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _short_names(names: list[str]) -> list[str]:

@@ -8,8 +8,6 @@ atomically (temp file + rename) and read without pickle; `adapter_model.bin` is 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from torch import nn
 
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import UserError
+from lorakit.files import atomic_write_bytes
 from lorakit.adapters import active_adapters, adapter_configs, delete_adapter, inject, set_adapters
 from lorakit.layers import LoraLayer, SavedModule
 
@@ -27,26 +26,7 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
-# -- atomic files ---------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename over it: readers see old or new, never half."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise UserError(f"cannot write to {path.parent} ({err.strerror}); choose a writable directory") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# -- tensors on disk ------------------------------------------------------------------------------
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

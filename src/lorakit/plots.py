@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 
@@ -15,7 +14,7 @@ def plot_loss(history: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lorakit.io import atomic_write_bytes
+    from lorakit.files import save_png
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     steps = [r["step"] for r in history]
@@ -33,8 +32,5 @@ def plot_loss(history: list[dict], path: Path) -> Path | None:
     ax.set_title("lorakit train")
     ax.grid(alpha=0.3)
     ax.legend()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)
     return path

@@ -28,7 +28,8 @@ from lorakit.data import batch_at, collate, load_examples
 from lorakit.errors import UserError
 from lorakit.evaluate import mean_nll, perplexity
 from lorakit.adapters import disable_adapters, inject, trainable_parameters
-from lorakit.io import atomic_write_bytes, load_adapter, save_adapter
+from lorakit.files import atomic_write_bytes
+from lorakit.io import load_adapter, save_adapter
 from lorakit.plots import plot_loss
 
 

@@ -11,8 +11,6 @@ No pickle anywhere: safetensors is plain bytes plus a JSON header any language c
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from safetensors.numpy import save
 
 from lorakit.bigram.model import Grid, LoraGrid, vocab_fingerprint
 from lorakit.bigram.tokens import TOKENIZER_VERSION
+from lorakit import files
 from lorakit.errors import UserError
 
 FORMAT = "lorakit.bigram"
@@ -32,23 +31,8 @@ _REQUIRED = {
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and os.replace: readers never see half a file."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"{path}: directory {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode of a new file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically; the output directory must exist (bigram files never create directories)."""
+    files.atomic_write_bytes(path, data, make_parents=False)
 
 
 def _tensors(rows: np.ndarray, cols: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:

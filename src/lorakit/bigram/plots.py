@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,14 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lorakit.bigram.evaluate import CurvePoint  # noqa: E402
-from lorakit.bigram.io import atomic_write_bytes  # noqa: E402
+from lorakit.files import save_png  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str | Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path, make_parents=False)
 
 
 def heatmap(
