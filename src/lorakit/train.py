@@ -13,23 +13,29 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from lorakit.base import autocast, base_name, default_device, load_base, resolve_dtype
+from lorakit import distributed
+from lorakit.base import autocast, base_name, load_base, resolve_dtype
 from lorakit.checkpoint import load_checkpoint, save_checkpoint
 from lorakit.config import LoraConfig
-from lorakit.data import batch_at, collate, load_examples
+from lorakit.data import IGNORE, batch_at, collate, load_examples
 from lorakit.errors import UserError
 from lorakit.evaluate import mean_nll, perplexity
 from lorakit.adapters import disable_adapters, inject, trainable_parameters
 from lorakit.files import atomic_write_bytes
 from lorakit.io import load_adapter, save_adapter
+from lorakit.losses import causal_lm_loss
 from lorakit.plots import plot_loss
 
 
@@ -104,12 +110,22 @@ def train(config: TrainConfig, should_stop: Callable[[int], bool] | None = None)
     """Train an adapter as `config` says. Returns the training summary (also written to --out).
 
     `should_stop(step)` is asked after every optimizer step; True checkpoints and returns early
-    (the CLI wires Ctrl-C to it).
+    (the CLI wires Ctrl-C to it). Under torchrun each process is one data-parallel rank.
     """
+    world = distributed.setup()
+    try:
+        return _train(config, should_stop, world)
+    finally:
+        distributed.teardown(world)
+
+
+def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world: distributed.World) -> dict:
     # ---- setup --------------------------------------------------------------------------------
-    out = _prepare_out(config)
+    say = _say if world.main and not config.quiet else (lambda text: None)
+    out = _prepare_out(config) if world.main else config.out
+    distributed.barrier(world)
     torch.manual_seed(config.seed)
-    device = default_device()
+    device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = resolve_dtype(config.dtype, device)
     model, tokenizer = load_base(config.base, dtype=dtype, device=device)
     max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
@@ -124,40 +140,54 @@ def train(config: TrainConfig, should_stop: Callable[[int], bool] | None = None)
         inject(model, config.lora_config())
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    step_loss = _StepLoss(model)
+    if world.active:  # DDP all-reduces the adapter gradients (the frozen base has none) and syncs the init
+        step_loss = torch.nn.parallel.DistributedDataParallel(
+            step_loss, device_ids=[world.local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    total_steps = config.steps or max(1, math.ceil(config.epochs * len(examples) / (config.batch_size * config.grad_accum)))
+    global_rows = config.batch_size * config.grad_accum * world.size
+    total_steps = config.steps or max(1, math.ceil(config.epochs * len(examples) / global_rows))
     warmup = int(config.warmup * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps))
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
     if config.resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler, _resume_view(config))
     counts = trainable_parameters(model)
-    _say(config, f"base {base_name(config.base)} ({dtype_name(dtype)} on {device.type}); data: {stats.summary()}")
-    _say(config, f"{counts}; {total_steps} steps of {config.batch_size}x{config.grad_accum} rows")
+    ranks = f" x {world.size} ranks" if world.active else ""
+    say(f"base {base_name(config.base)} ({dtype_name(dtype)} on {device.type}); data: {stats.summary()}")
+    say(f"{counts}; {total_steps} steps of {config.batch_size}x{config.grad_accum} rows{ranks}")
 
     base_eval = None
-    if eval_examples:
+    if eval_examples and world.main:
         with disable_adapters(model):
             base_eval = mean_nll(model, eval_examples, tokenizer.pad_token_id, config.batch_size, config.eval_batches)[0]
     metrics_path = out / "metrics.jsonl"
-    history = _read_metrics(metrics_path, upto=state["step"])
+    history = _read_metrics(metrics_path, upto=state["step"]) if world.main else []
 
     # ---- loop ---------------------------------------------------------------------------------
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=state["step"], disable=config.quiet, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state["step"], disable=config.quiet or not world.main, unit="step",
+               dynamic_ncols=True)
     stopped = False
-    start_step = state["step"]
-    for step in range(start_step, total_steps):
+    for step in range(state["step"], total_steps):
         t0 = time.perf_counter()
+        # This rank's slice of each global micro-batch: rank r takes rows [r*b, (r+1)*b).
+        batches = [collate(batch_at(examples, step * config.grad_accum + micro, config.batch_size * world.size,
+                                    config.seed)[world.rank * config.batch_size:(world.rank + 1) * config.batch_size],
+                           tokenizer.pad_token_id) for micro in range(config.grad_accum)]
+        # Weight every learned token of the whole step (all micro-batches, all ranks) equally, so
+        # N ranks with batch b train exactly like one process with batch N*b.
+        learned = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
+        step_tokens = distributed.all_sum(world, sum(learned))
         loss_sum, tokens = 0.0, 0
-        for micro in range(config.grad_accum):
-            rows = batch_at(examples, step * config.grad_accum + micro, config.batch_size, config.seed)
-            batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
-            with autocast(device, dtype):
-                loss = model(**batch).loss / config.grad_accum
+        for micro, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            sync = micro == len(batches) - 1 or not world.active
+            with autocast(device, dtype), (nullcontext() if sync else step_loss.no_sync()):
+                loss = step_loss(batch, learned[micro] * world.size / max(step_tokens, 1))
             loss.backward()
-            loss_sum += loss.item()
+            loss_sum += loss.item() / world.size
             tokens += int(batch["attention_mask"].sum())
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -165,44 +195,68 @@ def train(config: TrainConfig, should_stop: Callable[[int], bool] | None = None)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
+        loss_sum = distributed.all_sum(world, loss_sum)  # the step's mean loss over every learned token
+        tokens = distributed.all_sum(world, tokens)
         state = {"step": step + 1, "tokens": state["tokens"] + tokens, "train_seconds": state["train_seconds"] + seconds}
-        record = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
-                  "tokens_per_s": tokens / seconds}
-        if eval_examples and ((step + 1) % config.eval_every == 0 or step + 1 == total_steps):
-            model.eval()
-            record["eval_loss"] = mean_nll(model, eval_examples, tokenizer.pad_token_id, config.batch_size,
-                                           config.eval_batches)[0]
-            record["eval_perplexity"] = perplexity(record["eval_loss"])
-            model.train()
-        history.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / seconds:,.0f}", refresh=False)
-        bar.update(1)
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
-            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, _resume_view(config))
-        if should_stop is not None and should_stop(step + 1) and step + 1 < total_steps:
-            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, _resume_view(config))
+        last = step + 1 == total_steps
+        if world.main:
+            record = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
+                      "tokens_per_s": tokens / seconds}
+            if eval_examples and ((step + 1) % config.eval_every == 0 or last):
+                model.eval()
+                record["eval_loss"] = mean_nll(model, eval_examples, tokenizer.pad_token_id, config.batch_size,
+                                               config.eval_batches)[0]
+                record["eval_perplexity"] = perplexity(record["eval_loss"])
+                model.train()
+            history.append(record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / seconds:,.0f}", refresh=False)
+            bar.update(1)
+        stop = should_stop is not None and should_stop(step + 1)
+        stop = distributed.all_sum(world, int(stop)) > 0 and not last  # every rank stops at the same step
+        if ((step + 1) % config.checkpoint_every == 0 and not last) or stop:
+            if world.main:
+                save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, _resume_view(config))
+            distributed.barrier(world)
+        if stop:
             stopped = True
             break
     bar.close()
 
     # ---- save ---------------------------------------------------------------------------------
+    if not world.main:
+        distributed.barrier(world)
+        return {"rank": world.rank, "step": state["step"], "interrupted": stopped}
     plot_loss(history, out / "loss.png")
     if stopped:
-        _say(config, f"interrupted at step {state['step']}/{total_steps}; checkpoint saved. Resume with:\n"
-                     f"  lorakit train {_cli_args(config)} --resume")
+        distributed.barrier(world)
+        say(f"interrupted at step {state['step']}/{total_steps}; checkpoint saved. Resume with:\n"
+            f"  lorakit train {shlex.join(a for a in _cli_args(config) if a != '--overwrite')} --resume")
         return {"interrupted": True, "step": state["step"], "total_steps": total_steps}
     model.eval()
     save_adapter(model, out)
     summary = _summary(config, counts, stats, state, history, base_eval, total_steps)
+    summary["world_size"] = world.size
     atomic_write_bytes(out / "training_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    _say(config, f"adapter saved to {out} ({summary['adapter_bytes'] / 1e6:.2f} MB); "
-                 f"{summary['tokens_per_s']:,.0f} tokens/s; final train loss {summary['final_train_loss']:.3f}"
-                 + (f"; eval perplexity {summary['eval_perplexity_base']:.2f} -> {summary['eval_perplexity_adapted']:.2f}"
-                    if base_eval is not None else ""))
+    distributed.barrier(world)
+    say(f"adapter saved to {out} ({summary['adapter_bytes'] / 1e6:.2f} MB); "
+        f"{summary['tokens_per_s']:,.0f} tokens/s; final train loss {summary['final_train_loss']:.3f}"
+        + (f"; eval perplexity {summary['eval_perplexity_base']:.2f} -> {summary['eval_perplexity_adapted']:.2f}"
+           if base_eval is not None else ""))
     return summary
+
+
+class _StepLoss(nn.Module):
+    """The training objective as a module, so DDP can wrap it: the fused causal-LM loss, scaled."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        return causal_lm_loss(self.model, batch) * scale
 
 
 # ---- pieces ---------------------------------------------------------------------------------------
@@ -281,19 +335,20 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def _say(config: TrainConfig, text: str) -> None:
-    if not config.quiet:
-        print(text, flush=True)
+def _say(text: str) -> None:
+    print(text, flush=True)
 
 
-def _cli_args(config: TrainConfig) -> str:
-    """The command-line flags that reproduce `config` (those that differ from the defaults)."""
+def _cli_args(config: TrainConfig) -> list[str]:
+    """The command-line arguments that reproduce `config` (--data, --out and what differs from defaults)."""
     defaults = TrainConfig.__dataclass_fields__
-    parts = []
+    args: list[str] = []
     for key, value in asdict(config).items():
-        if key in ("data", "out") or (key not in ("resume", "overwrite", "quiet") and value != defaults[key].default):
-            parts.append(f"--{key.replace('_', '-')} {value}")
-    return " ".join(parts)
+        flag = f"--{key.replace('_', '-')}"
+        if key not in ("data", "out") and value == defaults[key].default:
+            continue
+        args += [flag] if value is True else [flag, str(value)]
+    return args
 
 
 # ---- CLI ------------------------------------------------------------------------------------------
@@ -321,9 +376,14 @@ def register(subparsers) -> None:
         p.add_argument(flag, type=kind, required=required, default=None if required else f.default,
                        help=(f.metadata["help"] + default_text).replace("%", "%%"))
 
+    p.add_argument("--nproc", type=int, default=None,
+                   help="train with N data-parallel processes on this machine (starts torchrun for you)")
+
     def run(args) -> int:
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
         config = TrainConfig(**values)
+        if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+            return distributed.launch(args.nproc, ["train", *_cli_args(config)])
         interrupted = []
 
         def on_sigint(signum, frame):

@@ -1,0 +1,79 @@
+"""Data-parallel training with 2 CPU processes on loopback (gloo): equivalence and failure."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.train import TrainConfig, train
+
+TEXT = "And God said, Let there be light: and there was light. And God saw the light, that it was good.\n" * 40
+pytestmark = pytest.mark.slow
+
+
+def _args(base, data, out, **kw):
+    values = {"--base": base, "--data": data, "--out": out, "--steps": 4, "--seq-len": 16, "--r": 4,
+              "--dtype": "fp32", "--lr": 5e-3, **kw}
+    return [str(x) for kv in values.items() for x in kv] + ["--quiet"]
+
+
+def test_two_ranks_equal_one_process_with_twice_the_batch(tiny_base, tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text(TEXT)
+    single = tmp_path / "single"
+    train(TrainConfig(data=data, out=single, base=str(tiny_base), steps=4, seq_len=16, r=4, dtype="fp32", lr=5e-3,
+                      batch_size=4, quiet=True))
+    double = tmp_path / "double"
+    subprocess.run([sys.executable, "-m", "lorakit", "train", "--nproc", "2",
+                    *_args(tiny_base, data, double, **{"--batch-size": 2})], check=True, timeout=300)
+    a = load_file(single / "adapter_model.safetensors")
+    b = load_file(double / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # it trained
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the worker process with LOCAL_RANK=rank below `parent`."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            status = open(f"/proc/{pid}/status").read()
+        except OSError:
+            continue
+        if f"LOCAL_RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b"".join(env) and "PPid" in status:
+            if int(pid) != parent:
+                return int(pid)
+    return None
+
+
+def test_a_crashed_rank_stops_the_whole_job_with_a_message(tiny_base, tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text(TEXT * 5)
+    out = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "lorakit", "train", "--nproc", "2",
+                            *_args(tiny_base, data, out, **{"--steps": 100000, "--batch-size": 2})],
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / "metrics.jsonl").is_file() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.5)
+        victim = _rank_pid(job.pid, 1)
+        assert victim is not None, "rank 1 not found"
+        os.kill(victim, signal.SIGKILL)
+        _, err = job.communicate(timeout=120)  # no hang: torchrun stops the surviving rank
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 2
+    assert "a training process failed" in err.splitlines()[-1]
