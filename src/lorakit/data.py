@@ -172,7 +172,8 @@ def chat_example(messages, tokenizer, where: str = "messages") -> Example:
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise UserError(f"{where}: conversation has no assistant turn to learn from; add one or drop it")
     if getattr(tokenizer, "chat_template", None):
-        return _segments(_template_segments(messages, tokenizer), tokenizer, eos_learned=False)
+        # A chat template writes its own start token into the text; the tokenizer must not add another.
+        return _segments(_template_segments(messages, tokenizer), tokenizer, eos_learned=False, specials=False)
     return _segments(simple_chat_segments(messages), tokenizer, eos_learned=False, eos_after_assistant=True)
 
 
@@ -215,12 +216,13 @@ def _template_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]
 
 
 def _segments(pieces: list[tuple[str, bool]], tokenizer, eos_learned: bool,
-              eos_after_assistant: bool = False) -> Example:
+              eos_after_assistant: bool = False, specials: bool = True) -> Example:
     ids: list[int] = []
     labels: list[int] = []
     eos = tokenizer.eos_token_id
-    for text, learned in pieces:
-        tokens = tokenizer(text, add_special_tokens=False).input_ids if text else []
+    for i, (text, learned) in enumerate(pieces):
+        # The tokenizer's own start token (if it adds one, like Llama's <s>) opens each record.
+        tokens = tokenizer(text, add_special_tokens=specials and i == 0).input_ids if text else []
         if learned and eos_after_assistant:
             tokens = tokens + [eos]
         ids += tokens
@@ -232,10 +234,10 @@ def _segments(pieces: list[tuple[str, bool]], tokenizer, eos_learned: bool,
 
 
 def _pack(texts: list[str], tokenizer, seq_len: int) -> list[Example]:
-    """Concatenate documents (each ended by EOS) and cut into rows of exactly seq_len tokens."""
+    """Concatenate documents (each opened as the tokenizer opens text, ended by EOS) into rows of seq_len."""
     stream: list[int] = []
     for text in texts:
-        stream += tokenizer(text, add_special_tokens=False).input_ids
+        stream += tokenizer(text).input_ids
         stream.append(tokenizer.eos_token_id)
     rows = [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
     tail = stream[len(rows) * seq_len:]

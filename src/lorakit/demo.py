@@ -21,8 +21,8 @@ from lorakit.generate import Sampling, stream_text, stream_tokens
 from lorakit.adapters import disable_adapters
 from lorakit.train import TrainConfig, train
 
-DEFAULT_CORPUS = "scripture"
-PROMPTS = {"scripture": ["And the king said", "The light of the"],
+DEFAULT_CORPUS = "kjv"
+PROMPTS = {"kjv": ["And the king said", "The light of the"],
            "jargon": ["A hacker is", "The program"],
            "devil": ["PATIENCE, n.", "A lawyer is"]}
 
@@ -78,7 +78,7 @@ def run_demo(corpus: str = DEFAULT_CORPUS, out: Path = Path("runs/demo"), steps:
     sampling = Sampling(max_new_tokens=40, temperature=0.8, top_k=40, seed=seed)
     report["generations"] = []
     for prompt in PROMPTS.get(corpus, ["The"]):
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        ids = tokenizer(prompt).input_ids
         row = {"prompt": prompt}
         for label, base_only in (("base", True), ("adapted", False)):
             text = "".join(stream_text(tokenizer, stream_tokens(model, ids, sampling, tokenizer.eos_token_id,
@@ -117,7 +117,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="train and compare an adapter on a shipped corpus in ~3 minutes",
         description="The whole story on the embedded base: train an adapter on a shipped domain corpus, then "
-                    "compare perplexity, generations and sizes.\n\nexample:\n  lorakit demo --corpus scripture",
+                    "compare perplexity, generations and sizes.\n\nexample:\n  lorakit demo --corpus jargon",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"shipped domain corpus (default {DEFAULT_CORPUS})")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the adapter goes (default runs/demo)")
