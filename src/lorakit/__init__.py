@@ -5,6 +5,7 @@
     lorakit.save_adapter(model, "adapters/legal")          # PEFT layout
     lorakit.load_adapter(model, "adapters/poetry", adapter="poetry")
     lorakit.set_adapters(model, {"default": 1.0, "poetry": 0.5})
+    lorakit.quantize(model, "nf4")                         # QLoRA: a 4-bit base (before inject)
 
 Names are imported on first use, so `lorakit bigram ...` and `lorakit --help` do not pay for
 importing torch and transformers.
@@ -43,7 +44,10 @@ _EXPORTS = {
     "merge_export": "lorakit.export",
     "inspect_adapter": "lorakit.inspection",
     "diff_adapters": "lorakit.inspection",
+    "quantize": "lorakit.nf4",
 }
+# submodules reachable as attributes (`lorakit.nf4.quantize(weight)`) without importing them by hand
+_SUBMODULES = ("nf4",)
 
 __all__ = sorted(_EXPORTS)
 
@@ -53,8 +57,10 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"lorakit.{name}")
     raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

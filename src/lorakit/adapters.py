@@ -17,6 +17,7 @@ from torch import nn
 from lorakit.config import DEFAULT_TARGETS, LoraConfig
 from lorakit.errors import UserError
 from lorakit.layers import LoraLayer, SavedModule, base_kind
+from lorakit.nf4 import NF4Linear
 
 ALL_LINEAR = "all-linear"
 
@@ -348,6 +349,11 @@ class ParameterCount:
 
 
 def trainable_parameters(model: nn.Module) -> ParameterCount:
-    """How many parameters train (requires_grad) out of all of them, each tensor counted once."""
+    """How many parameters train (requires_grad) out of all of them, each tensor counted once.
+
+    An NF4 weight (a buffer, not a parameter) counts its elements, as PEFT counts 4-bit weights.
+    """
     params = {id(p): p for p in model.parameters()}.values()
-    return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    frozen_nf4 = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    return ParameterCount(sum(p.numel() for p in params if p.requires_grad),
+                          sum(p.numel() for p in params) + frozen_nf4)

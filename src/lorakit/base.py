@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit import nf4
 from lorakit.errors import UserError
 
 EMBEDDED_BASE = Path(__file__).parent / "assets" / "base"
@@ -76,7 +77,10 @@ def load_base(base: str | Path | None = None, dtype: torch.dtype = torch.float32
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if nf4.is_quantized(source):  # written by `lorakit quantize` (or bitsandbytes): NF4 Linear layers
+            model = nf4.load_quantized(source, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except ValueError as err:
         raise UserError(f"{base} is not a causal language model ({str(err).splitlines()[0]}); "
                         "--base needs a model AutoModelForCausalLM can load") from None

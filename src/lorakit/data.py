@@ -237,7 +237,7 @@ def _pack(texts: list[str], tokenizer, seq_len: int) -> list[Example]:
     """Concatenate documents (each opened as the tokenizer opens text, ended by EOS) into rows of seq_len."""
     stream: list[int] = []
     for text in texts:
-        stream += tokenizer(text).input_ids
+        stream += tokenizer(text, verbose=False).input_ids  # long on purpose: it is cut into rows below
         stream.append(tokenizer.eos_token_id)
     rows = [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
     tail = stream[len(rows) * seq_len:]

@@ -4,6 +4,10 @@ The result has no LoRA modules and no lorakit dependency: `AutoModelForCausalLM.
 loads it, and vLLM, TGI or llama.cpp's converters take it as they take any model. Merging happens in
 fp32 (one rounding to the output dtype at the end), and the directory appears all at once: it is
 written beside `--out` and renamed into place.
+
+An NF4 base (from `lorakit quantize`) is dequantized first, so the export is full precision. With
+`stay_quantized` the adapters are merged into the NF4 weights instead (dequantize, add, quantize
+again) and the model is written in NF4; that last rounding is an error of its own, which is reported.
 """
 
 from __future__ import annotations
@@ -15,16 +19,19 @@ from pathlib import Path
 
 import torch
 
-from lorakit.adapters import unload
+from lorakit import nf4
+from lorakit.adapters import lora_layers, unload
 from lorakit.base import DTYPES, EMBEDDED_BASE, attach_adapters, load_base, parse_adapter_spec
 from lorakit.errors import UserError
 
 
 def merge_export(adapters: list[str], out: str | Path, base: str | Path | None = None, dtype: str = "fp32",
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, stay_quantized: bool = False) -> Path:
     """Write `base` + Σ scale·adapter, merged, to `out` (safetensors, config, tokenizer).
 
-    `adapters` are 'PATH[:SCALE]' specs; `base` None is the embedded base. Returns `out`.
+    `adapters` are 'PATH[:SCALE]' specs; `base` None is the embedded base. Returns `out`. With
+    `stay_quantized` the weights are written in NF4 (the base is quantized first if it is not) and the
+    error re-quantizing added is printed, as ‖NF4(W + ΔW) − (W + ΔW)‖ / ‖ΔW‖ over the merged layers.
     """
     from transformers.utils import logging as hf_logging
 
@@ -36,9 +43,19 @@ def merge_export(adapters: list[str], out: str | Path, base: str | Path | None =
     _check_out(out, overwrite)
 
     model, _ = load_base(base, dtype=torch.float32, device=torch.device("cpu"))
-    attach_adapters(model, adapters)
+    if stay_quantized:
+        if not any(isinstance(m, nf4.NF4Linear) for m in model.modules()):
+            nf4.quantize(model, "nf4")
+        attach_adapters(model, adapters)
+        error = _merge_into_nf4(model)
+        print(f"re-quantizing to NF4 moved the merged weights by {100 * error:.1f}% of the adapters' update "
+              "(‖NF4(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖); merge without --stay-quantized for an exact "
+              "full-precision model")
+    else:
+        nf4.dequantize(model)  # an NF4 base becomes plain Linear layers: the merge is exact
+        attach_adapters(model, adapters)
     model = unload(model, merge=True)
-    model.to(DTYPES[dtype])
+    model.to(DTYPES[dtype])  # NF4 layers keep their bytes and take dtype as their compute dtype
     tokenizer = _fresh_tokenizer(base)  # load_base may have set a pad token; ship the base's own files
 
     try:
@@ -48,7 +65,10 @@ def merge_export(adapters: list[str], out: str | Path, base: str | Path | None =
         raise UserError(f"cannot write to {out.parent} ({err.strerror}); choose a writable --out") from None
     hf_logging.disable_progress_bar()  # a bar for writing one shard is noise
     try:
-        model.save_pretrained(staging)
+        if stay_quantized:
+            nf4.save_quantized(model, staging)
+        else:
+            model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _replace_dir(staging, out)
     except BaseException:
@@ -57,6 +77,19 @@ def merge_export(adapters: list[str], out: str | Path, base: str | Path | None =
     finally:
         hf_logging.enable_progress_bar()
     return out
+
+
+def _merge_into_nf4(model) -> float:
+    """Merge the active adapters into the NF4 layers; ‖NF4(W + ΔW) − (W + ΔW)‖ / ‖ΔW‖ summed over them."""
+    error = update = 0.0
+    for _, layer in lora_layers(model):
+        if isinstance(layer.base, nf4.NF4Linear):
+            delta = sum(layer.delta_weight(n, w) for n, w in layer.active.items() if n in layer.lora_A)
+            exact = layer.base.weight.float() + delta  # (out, in): what a full-precision merge would hold
+            layer.merge()
+            error += float((layer.base.weight.float() - exact).square().sum())
+            update += float(torch.as_tensor(delta).square().sum())
+    return (error / update) ** 0.5 if update else 0.0
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -95,11 +128,12 @@ def _fresh_tokenizer(base: str | Path | None):
 
 
 def cmd_merge(adapters: list[str], out: Path, base: str | None = None, dtype: str = "fp32",
-              overwrite: bool = False) -> Path:
-    merge_export(adapters, out, base=base, dtype=dtype, overwrite=overwrite)
+              overwrite: bool = False, stay_quantized: bool = False) -> Path:
+    merge_export(adapters, out, base=base, dtype=dtype, overwrite=overwrite, stay_quantized=stay_quantized)
     mixed = " + ".join(f"{scale:g}×{path}" for path, scale in map(parse_adapter_spec, adapters))
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    print(f"wrote {out}: {base or 'the embedded base'} + {mixed}, merged, {dtype}, {size / 1e6:.1f} MB")
+    print(f"wrote {out}: {base or 'the embedded base'} + {mixed}, merged, "
+          f"{'nf4' if stay_quantized else dtype}, {size / 1e6:.1f} MB")
     return out
 
 
@@ -112,7 +146,8 @@ def register(subparsers) -> None:
         "AutoModelForCausalLM, vLLM or llama.cpp's converters load it like any model.\n\n"
         "examples:\n"
         "  lorakit merge --adapter adapters/legal --out models/legal\n"
-        "  lorakit merge --base models/base --adapter a:0.7 --adapter b:0.3 --out models/mix --dtype bf16",
+        "  lorakit merge --base models/base --adapter a:0.7 --adapter b:0.3 --out models/mix --dtype bf16\n"
+        "  lorakit merge --base big-nf4 --adapter adapters/q --out merged-nf4 --stay-quantized",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--base", default=None, help="base model directory or hub id (default: the embedded base)")
@@ -121,7 +156,11 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument("--dtype", default="fp32", help="weights dtype of the written model: fp32 (default), bf16, fp16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory at --out")
-    p.set_defaults(func=lambda a: _exit0(cmd_merge(a.adapter, a.out, a.base, a.dtype, a.overwrite)))
+    p.add_argument("--stay-quantized", action="store_true",
+                   help="write NF4 weights: merge into the 4-bit base and quantize again (lossy; the error is "
+                        "printed). Default: a full-precision model, also from an NF4 base")
+    p.set_defaults(func=lambda a: _exit0(cmd_merge(a.adapter, a.out, a.base, a.dtype, a.overwrite,
+                                                   a.stay_quantized)))
 
 
 def _exit0(result: object) -> int:

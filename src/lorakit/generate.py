@@ -100,9 +100,10 @@ def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
 
 
 def generate(prompt: str, adapters: list[str], base: str | None = None, sampling: Sampling | None = None,
-             compare: bool = False, chat: bool = False, dtype: str = "auto", out=sys.stdout) -> dict[str, str]:
+             compare: bool = False, chat: bool = False, dtype: str = "auto", out=None) -> dict[str, str]:
     """Generate from `prompt` with the adapters at their scales; stream to `out`; return the texts."""
     sampling = sampling or Sampling()
+    out = out or sys.stdout
     if not prompt:
         raise UserError("--prompt is empty; give the model some text to continue")
     device = default_device()

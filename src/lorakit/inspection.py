@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit import nf4
 from lorakit.adapters import disable_adapters
 from lorakit.algebra import Adapter, low_rank_svd
 from lorakit.base import EMBEDDED_BASE, attach_adapters, default_device, load_base
@@ -55,6 +56,9 @@ class AdapterReport:
     base_params: int | None
     """Parameters of the base named in the config, when it is a local directory; else None."""
     layers: list[LayerReport]
+    base_memory: dict | None = None
+    """Base bytes and bits per parameter and peak memory of the training run, from the
+    `training_summary.json` beside the adapter; else, for an NF4 base directory, from its files."""
 
 
 def inspect_adapter(adapter: str | Path, plot: str | Path | None = None) -> AdapterReport:
@@ -72,7 +76,8 @@ def inspect_adapter(adapter: str | Path, plot: str | Path | None = None) -> Adap
     trainable = sum(t.numel() for k, t in loaded.tensors.items() if not k.endswith(".base_layer.weight"))
     report = AdapterReport(path=str(adapter), config=config, trainable_params=trainable,
                            bytes_on_disk=sum((Path(adapter) / n).stat().st_size for n in (CONFIG_NAME, WEIGHTS_NAME)),
-                           base_params=base_parameter_count(config.base_model_name_or_path), layers=layers)
+                           base_params=base_parameter_count(config.base_model_name_or_path), layers=layers,
+                           base_memory=_base_memory(Path(adapter), config.base_model_name_or_path))
     if plot is not None:
         _plot_spectra(report, plot)
     return report
@@ -94,6 +99,8 @@ def base_parameter_count(name: str | None) -> int | None:
     if name is None:
         return None
     directory = EMBEDDED_BASE if name == "lorakit/embedded" else Path(name).expanduser()
+    if nf4.is_quantized(directory):  # packed 4-bit weights: count elements, not bytes
+        return nf4.saved_memory(directory).params
     files = sorted(directory.glob("*.safetensors")) if (directory / "config.json").is_file() else []
     if not files:
         return None
@@ -102,6 +109,17 @@ def base_parameter_count(name: str | None) -> int | None:
         with safe_open(str(file), framework="pt") as f:
             count += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
     return count
+
+
+def _base_memory(adapter: Path, base: str | None) -> dict | None:
+    summary = adapter / "training_summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text()).get("memory")
+    if base and nf4.is_quantized(Path(base).expanduser()):
+        memory = nf4.saved_memory(Path(base).expanduser())
+        return {"base_bytes": memory.bytes, "base_bits_per_param": memory.bits_per_param,
+                "nf4_params": memory.nf4_params, "nf4_bits_per_param": memory.nf4_bits_per_param}
+    return None
 
 
 def cmd_inspect(adapter: Path, plot: Path | None = None) -> AdapterReport:
@@ -121,6 +139,13 @@ def cmd_inspect(adapter: Path, plot: Path | None = None) -> AdapterReport:
              if r.base_params else "base size unknown")
     print(f"  {r.trainable_params:,} trainable params in {len(r.layers)} modules ({share}); "
           f"{r.bytes_on_disk / 1e3:,.1f} KB on disk")
+    if r.base_memory:
+        m = r.base_memory
+        nf4_part = (f", NF4 layers {m['nf4_bits_per_param']:.3f} bits/param with constants"
+                    if m.get("nf4_params") else "")
+        peak = f"; peak memory in training {m['peak_bytes'] / 1e6:,.0f} MB" if m.get("peak_bytes") else ""
+        print(f"  base weights {m['base_bytes'] / 1e6:,.2f} MB, {m['base_bits_per_param']:.2f} bits/param"
+              f"{nf4_part}{peak}")
     width = max([len("module"), *(len(layer.module) for layer in r.layers)])
     print(f"{'module':<{width}} {'rank':>4} {'alpha':>6} {'scale':>6} {'‖ΔW‖':>8} {'eff.rank':>8}  "
           "singular values of ΔW (largest first)")

@@ -2,6 +2,7 @@
 
     lorakit train --data my_domain.txt --out adapters/mine
     lorakit train --base ~/models/llama --data chats.jsonl --r 16 --targets all-linear --out adapters/x
+    lorakit train --base ~/models/big --quantize nf4 --data d.jsonl --out adapters/q     # QLoRA
 
 Writes into --out: the adapter (PEFT layout) at the end, `metrics.jsonl` as it goes, `loss.png`,
 `training_summary.json`, and `checkpoint/` every --checkpoint-every steps (adapter, optimizer,
@@ -14,8 +15,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shlex
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -36,6 +39,7 @@ from lorakit.adapters import disable_adapters, inject, trainable_parameters
 from lorakit.files import atomic_write_bytes
 from lorakit.io import load_adapter, save_adapter
 from lorakit.losses import causal_lm_loss
+from lorakit.nf4 import BaseMemory, base_memory, quantize
 from lorakit.plots import plot_loss
 
 
@@ -68,6 +72,8 @@ class TrainConfig:
     seed: int = _help("random seed (init, data order, dropout)", default=0)
     init_from: Path | None = _help("continue training this adapter on the new data", default=None)
     dtype: str = _help("compute precision: auto (bf16 where fast), bf16, fp16 or fp32", default="auto")
+    quantize: str | None = _help("store the frozen base in 4 bits: nf4 (QLoRA; the adapter still trains in "
+                                 "full precision and saves as usual)", default=None)
     checkpoint_every: int = _help("write a checkpoint every N steps", default=100)
     labels: str = _help("which labelled records to train on: good (skip 'bad') or all", default="good")
     weight_decay: float = _help("AdamW weight decay on adapter weights", default=0.0)
@@ -91,6 +97,8 @@ class TrainConfig:
             raise UserError("--epochs and --lr must be positive and --warmup in [0, 1)")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
+        if self.quantize not in (None, "nf4"):
+            raise UserError(f"--quantize {self.quantize} is not supported; use --quantize nf4 (or leave it out)")
 
     def lora_config(self) -> LoraConfig:
         targets: str | list[str] = self.targets
@@ -103,7 +111,7 @@ class TrainConfig:
 
 # Fields that must not change between a run and its --resume.
 RESUME_KEYS = ("data", "base", "r", "alpha", "dropout", "targets", "lr", "warmup", "batch_size", "grad_accum",
-               "seq_len", "seed", "init_from", "labels", "weight_decay", "max_grad_norm")
+               "seq_len", "seed", "init_from", "labels", "weight_decay", "max_grad_norm", "quantize")
 
 
 def train(config: TrainConfig, should_stop: Callable[[int], bool] | None = None) -> dict:
@@ -128,6 +136,9 @@ def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world
     device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = resolve_dtype(config.dtype, device)
     model, tokenizer = load_base(config.base, dtype=dtype, device=device)
+    if config.quantize:
+        quantize(model, config.quantize)  # before inject: the adapter's layers wrap the NF4 base
+    memory = base_memory(model)
     max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     if config.seq_len is not None and config.seq_len > max_len:
         raise UserError(f"--seq-len {config.seq_len} is over this model's maximum of {max_len}; lower it")
@@ -143,7 +154,8 @@ def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world
     step_loss = _StepLoss(model)
     if world.active:  # DDP all-reduces the adapter gradients (the frozen base has none) and syncs the init
         step_loss = torch.nn.parallel.DistributedDataParallel(
-            step_loss, device_ids=[world.local_rank] if device.type == "cuda" else None)
+            step_loss, device_ids=[world.local_rank] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # the frozen base (NF4 codes are buffers) is the same on every rank
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     global_rows = config.batch_size * config.grad_accum * world.size
     total_steps = config.steps or max(1, math.ceil(config.epochs * len(examples) / global_rows))
@@ -154,7 +166,9 @@ def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world
         state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler, _resume_view(config))
     counts = trainable_parameters(model)
     ranks = f" x {world.size} ranks" if world.active else ""
-    say(f"base {base_name(config.base)} ({dtype_name(dtype)} on {device.type}); data: {stats.summary()}")
+    nf4_note = f", NF4 at {memory.nf4_bits_per_param:.3f} bits/param" if memory.nf4_params else ""
+    say(f"base {base_name(config.base)} ({dtype_name(dtype)} on {device.type}{nf4_note}); "
+        f"data: {stats.summary()}")
     say(f"{counts}; {total_steps} steps of {config.batch_size}x{config.grad_accum} rows{ranks}")
 
     base_eval = None
@@ -236,7 +250,7 @@ def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world
         return {"interrupted": True, "step": state["step"], "total_steps": total_steps}
     model.eval()
     save_adapter(model, out)
-    summary = _summary(config, counts, stats, state, history, base_eval, total_steps)
+    summary = _summary(config, counts, stats, state, history, base_eval, total_steps, memory)
     summary["world_size"] = world.size
     atomic_write_bytes(out / "training_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
@@ -308,7 +322,7 @@ def _read_metrics(path: Path, upto: int) -> list[dict]:
     return rows
 
 
-def _summary(config, counts, stats, state, history, base_eval, total_steps) -> dict:
+def _summary(config, counts, stats, state, history, base_eval, total_steps, memory: BaseMemory) -> dict:
     last = history[-min(len(history), 10):]
     evals = [r for r in history if "eval_loss" in r]
     adapter_bytes = sum(f.stat().st_size for f in config.out.glob("adapter_*"))
@@ -326,9 +340,24 @@ def _summary(config, counts, stats, state, history, base_eval, total_steps) -> d
         "eval_perplexity_base": perplexity(base_eval) if base_eval is not None else None,
         "eval_perplexity_adapted": evals[-1]["eval_perplexity"] if evals else None,
         "adapter_bytes": adapter_bytes,
+        "memory": {
+            "base_bytes": memory.bytes,
+            "base_bits_per_param": memory.bits_per_param,  # all base weights, NF4 or not
+            "nf4_params": memory.nf4_params,
+            "nf4_bits_per_param": memory.nf4_bits_per_param,  # codes + constants; 4.127 with double quant
+            "peak_bytes": _peak_memory_bytes(),
+        },
         "data": asdict(stats),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
     }
+
+
+def _peak_memory_bytes() -> int:
+    """Peak memory of this process so far: the GPU's peak allocation on CUDA, else the peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -363,7 +392,8 @@ def register(subparsers) -> None:
         "train", help="train an adapter on a frozen base",
         description="Train one LoRA adapter on a frozen base model; saves it in PEFT's format.\n\nexamples:\n"
                     "  lorakit train --data my_domain.txt --out adapters/mine\n"
-                    "  lorakit train --base ~/models/llama --data chats.jsonl --r 16 --targets all-linear --out adapters/x",
+                    "  lorakit train --base ~/models/llama --data chats.jsonl --r 16 --targets all-linear --out adapters/x\n"
+                    "  lorakit train --base ~/models/big --quantize nf4 --data d.jsonl --out adapters/q   # QLoRA",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
