@@ -1,0 +1,435 @@
+"""`lorakit train`: train one adapter on a frozen base. Reads top to bottom: setup, loop, save.
+
+    lorakit train --data my_domain.txt --out adapters/mine
+    lorakit train --base ~/models/llama --data chats.jsonl --r 16 --targets all-linear --out adapters/x
+    lorakit train --base ~/models/big --quantize nf4 --data d.jsonl --out adapters/q     # QLoRA
+
+Writes into --out: the adapter (PEFT layout) at the end, `metrics.jsonl` as it goes, `loss.png`,
+`training_summary.json`, and `checkpoint/` every --checkpoint-every steps (adapter, optimizer,
+scheduler, RNG and data position). `--resume` continues from it and ends with the same adapter an
+uninterrupted run would give. Ctrl-C finishes the current step, checkpoints, and prints how to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shlex
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit import distributed
+from lorakit.base import autocast, base_name, load_base, resolve_dtype
+from lorakit.checkpoint import load_checkpoint, save_checkpoint
+from lorakit.config import LoraConfig
+from lorakit.data import IGNORE, batch_at, collate, load_examples
+from lorakit.errors import UserError
+from lorakit.evaluate import mean_nll, perplexity
+from lorakit.adapters import disable_adapters, inject, trainable_parameters
+from lorakit.files import atomic_write_bytes
+from lorakit.io import load_adapter, save_adapter
+from lorakit.losses import causal_lm_loss
+from lorakit.nf4 import BaseMemory, base_memory, quantize
+from lorakit.plots import plot_loss
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `lorakit train` takes; each field's help is the CLI's --help."""
+
+    data: Path = _help("training data: .txt, or .jsonl with text / prompt+completion / messages records")
+    out: Path = _help("output directory for the adapter, metrics, plot and checkpoints")
+    base: str | None = _help("base model directory or hub id (default: the embedded base)", default=None)
+    r: int = _help("LoRA rank", default=16)
+    alpha: float = _help("LoRA alpha; the update is scaled by alpha / r", default=32.0)
+    dropout: float = _help("dropout on the adapter input", default=0.0)
+    targets: str = _help("modules to adapt: comma-separated names, a regex, or all-linear", default="all-linear")
+    lr: float = _help("peak learning rate (linear warmup, then cosine decay to 10%)", default=1e-3)
+    warmup: float = _help("warmup length as a fraction of all steps", default=0.05)
+    steps: int | None = _help("optimizer steps (default: from --epochs)", default=None)
+    epochs: float = _help("passes over the data when --steps is not given", default=1.0)
+    batch_size: int = _help("rows per micro-batch", default=8)
+    grad_accum: int = _help("micro-batches per optimizer step", default=1)
+    seq_len: int | None = _help("tokens per row; text is packed to exactly this (default: 256, or the "
+                                "model's maximum if smaller)", default=None)
+    eval_data: Path | None = _help("held-out data for perplexity at intervals", default=None)
+    eval_every: int = _help("evaluate every N steps (and at the end)", default=50)
+    eval_batches: int = _help("evaluate on at most N batches", default=20)
+    seed: int = _help("random seed (init, data order, dropout)", default=0)
+    init_from: Path | None = _help("continue training this adapter on the new data", default=None)
+    dtype: str = _help("compute precision: auto (bf16 where fast), bf16, fp16 or fp32", default="auto")
+    quantize: str | None = _help("store the frozen base in 4 bits: nf4 (QLoRA; the adapter still trains in "
+                                 "full precision and saves as usual)", default=None)
+    checkpoint_every: int = _help("write a checkpoint every N steps", default=100)
+    labels: str = _help("which labelled records to train on: good (skip 'bad') or all", default="good")
+    weight_decay: float = _help("AdamW weight decay on adapter weights", default=0.0)
+    max_grad_norm: float = _help("clip the gradient norm to this (0: no clipping)", default=1.0)
+    resume: bool = _help("continue an interrupted run in --out from its checkpoint", default=False)
+    overwrite: bool = _help("replace an existing --out", default=False)
+    quiet: bool = _help("no progress bar", default=False)
+
+    def __post_init__(self) -> None:
+        self.data, self.out = Path(self.data), Path(self.out)
+        for name in ("data", "eval_data", "init_from"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise UserError(f"--{name.replace('_', '-')} {path} not found")
+        for name in ("r", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "checkpoint_every"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.steps is not None and self.steps <= 0:
+            raise UserError(f"--steps must be positive, got {self.steps}")
+        if self.epochs <= 0 or self.lr <= 0 or not 0 <= self.warmup < 1:
+            raise UserError("--epochs and --lr must be positive and --warmup in [0, 1)")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pick one")
+        if self.quantize not in (None, "nf4"):
+            raise UserError(f"--quantize {self.quantize} is not supported; use --quantize nf4 (or leave it out)")
+
+    def lora_config(self) -> LoraConfig:
+        targets: str | list[str] = self.targets
+        names = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if self.targets != "all-linear" and names and all(n.replace(".", "_").isidentifier() for n in names):
+            targets = names  # a list of module names; anything else is a regex over full names
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                          base_model_name_or_path=base_name(self.base))
+
+
+# Fields that must not change between a run and its --resume.
+RESUME_KEYS = ("data", "base", "r", "alpha", "dropout", "targets", "lr", "warmup", "batch_size", "grad_accum",
+               "seq_len", "seed", "init_from", "labels", "weight_decay", "max_grad_norm", "quantize")
+
+
+def train(config: TrainConfig, should_stop: Callable[[int], bool] | None = None) -> dict:
+    """Train an adapter as `config` says. Returns the training summary (also written to --out).
+
+    `should_stop(step)` is asked after every optimizer step; True checkpoints and returns early
+    (the CLI wires Ctrl-C to it). Under torchrun each process is one data-parallel rank.
+    """
+    world = distributed.setup()
+    try:
+        return _train(config, should_stop, world)
+    finally:
+        distributed.teardown(world)
+
+
+def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world: distributed.World) -> dict:
+    # ---- setup --------------------------------------------------------------------------------
+    say = _say if world.main and not config.quiet else (lambda text: None)
+    out = _prepare_out(config) if world.main else config.out
+    distributed.barrier(world)
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = resolve_dtype(config.dtype, device)
+    model, tokenizer = load_base(config.base, dtype=dtype, device=device)
+    if config.quantize:
+        quantize(model, config.quantize)  # before inject: the adapter's layers wrap the NF4 base
+    memory = base_memory(model)
+    max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    if config.seq_len is not None and config.seq_len > max_len:
+        raise UserError(f"--seq-len {config.seq_len} is over this model's maximum of {max_len}; lower it")
+    seq_len = config.seq_len or min(256, max_len)
+    examples, stats = load_examples(config.data, tokenizer, seq_len, config.labels)
+    eval_examples = load_examples(config.eval_data, tokenizer, seq_len, "all")[0] if config.eval_data else None
+    if config.init_from is not None:
+        load_adapter(model, config.init_from, adapter="default", trainable=True)
+    else:
+        inject(model, config.lora_config())
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    step_loss = _StepLoss(model)
+    if world.active:  # DDP all-reduces the adapter gradients (the frozen base has none) and syncs the init
+        with warnings.catch_warnings():  # newer torch renames the flag; its meaning here is unchanged
+            warnings.simplefilter("ignore", FutureWarning)
+            step_loss = torch.nn.parallel.DistributedDataParallel(
+                step_loss, device_ids=[world.local_rank] if device.type == "cuda" else None,
+                broadcast_buffers=False)  # the frozen base (NF4 codes are buffers) is the same on every rank
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    global_rows = config.batch_size * config.grad_accum * world.size
+    total_steps = config.steps or max(1, math.ceil(config.epochs * len(examples) / global_rows))
+    warmup = int(config.warmup * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps))
+    state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
+    if config.resume:
+        state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler, _resume_view(config))
+    counts = trainable_parameters(model)
+    ranks = f" x {world.size} ranks" if world.active else ""
+    nf4_note = f", NF4 at {memory.nf4_bits_per_param:.3f} bits/param" if memory.nf4_params else ""
+    say(f"base {base_name(config.base)} ({dtype_name(dtype)} on {device.type}{nf4_note}); "
+        f"data: {stats.summary()}")
+    say(f"{counts}; {total_steps} steps of {config.batch_size}x{config.grad_accum} rows{ranks}")
+
+    base_eval = None
+    if eval_examples and world.main:
+        with disable_adapters(model):
+            base_eval = mean_nll(model, eval_examples, tokenizer.pad_token_id, config.batch_size, config.eval_batches)[0]
+    metrics_path = out / "metrics.jsonl"
+    history = _read_metrics(metrics_path, upto=state["step"]) if world.main else []
+
+    # ---- loop ---------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=state["step"], disable=config.quiet or not world.main, unit="step",
+               dynamic_ncols=True)
+    stopped = False
+    for step in range(state["step"], total_steps):
+        t0 = time.perf_counter()
+        # This rank's slice of each global micro-batch: rank r takes rows [r*b, (r+1)*b).
+        batches = [collate(batch_at(examples, step * config.grad_accum + micro, config.batch_size * world.size,
+                                    config.seed)[world.rank * config.batch_size:(world.rank + 1) * config.batch_size],
+                           tokenizer.pad_token_id) for micro in range(config.grad_accum)]
+        # Weight every learned token of the whole step (all micro-batches, all ranks) equally, so
+        # N ranks with batch b train exactly like one process with batch N*b.
+        learned = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
+        step_tokens = distributed.all_sum(world, sum(learned))
+        loss_sum, tokens = 0.0, 0
+        for micro, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            sync = micro == len(batches) - 1 or not world.active
+            with autocast(device, dtype), (nullcontext() if sync else step_loss.no_sync()):
+                loss = step_loss(batch, learned[micro] * world.size / max(step_tokens, 1))
+            loss.backward()
+            loss_sum += loss.item() / world.size
+            tokens += int(batch["attention_mask"].sum())
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        loss_sum = distributed.all_sum(world, loss_sum)  # the step's mean loss over every learned token
+        tokens = distributed.all_sum(world, tokens)
+        state = {"step": step + 1, "tokens": state["tokens"] + tokens, "train_seconds": state["train_seconds"] + seconds}
+        last = step + 1 == total_steps
+        if world.main:
+            record = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
+                      "tokens_per_s": tokens / seconds}
+            if eval_examples and ((step + 1) % config.eval_every == 0 or last):
+                model.eval()
+                record["eval_loss"] = mean_nll(model, eval_examples, tokenizer.pad_token_id, config.batch_size,
+                                               config.eval_batches)[0]
+                record["eval_perplexity"] = perplexity(record["eval_loss"])
+                model.train()
+            history.append(record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / seconds:,.0f}", refresh=False)
+            bar.update(1)
+        stop = should_stop is not None and should_stop(step + 1)
+        stop = distributed.all_sum(world, int(stop)) > 0 and not last  # every rank stops at the same step
+        if ((step + 1) % config.checkpoint_every == 0 and not last) or stop:
+            if world.main:
+                save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, _resume_view(config))
+            distributed.barrier(world)
+        if stop:
+            stopped = True
+            break
+    bar.close()
+
+    # ---- save ---------------------------------------------------------------------------------
+    if not world.main:
+        distributed.barrier(world)
+        return {"rank": world.rank, "step": state["step"], "interrupted": stopped}
+    plot_loss(history, out / "loss.png")
+    if stopped:
+        distributed.barrier(world)
+        say(f"interrupted at step {state['step']}/{total_steps}; checkpoint saved. Resume with:\n"
+            f"  lorakit train {shlex.join(a for a in _cli_args(config) if a != '--overwrite')} --resume")
+        return {"interrupted": True, "step": state["step"], "total_steps": total_steps}
+    model.eval()
+    save_adapter(model, out)
+    summary = _summary(config, counts, stats, state, history, base_eval, total_steps, memory)
+    summary["world_size"] = world.size
+    atomic_write_bytes(out / "training_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    distributed.barrier(world)
+    say(f"adapter saved to {out} ({summary['adapter_bytes'] / 1e6:.2f} MB); "
+        f"{summary['tokens_per_s']:,.0f} tokens/s; final train loss {summary['final_train_loss']:.3f}"
+        + (f"; eval perplexity {summary['eval_perplexity_base']:.2f} -> {summary['eval_perplexity_adapted']:.2f}"
+           if base_eval is not None else ""))
+    return summary
+
+
+class _StepLoss(nn.Module):
+    """The training objective as a module, so DDP can wrap it: the fused causal-LM loss, scaled."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        return causal_lm_loss(self.model, batch) * scale
+
+
+# ---- pieces ---------------------------------------------------------------------------------------
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0.1 at the last step."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _prepare_out(config: TrainConfig) -> Path:
+    out = config.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a directory path")
+    if config.resume:
+        if not (out / "checkpoint" / "state.json").is_file():
+            raise UserError(f"nothing to resume in {out}: no checkpoint/ there (it is removed when a run finishes)")
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not config.overwrite:
+            raise UserError(f"--out {out} already exists; pass --overwrite to replace it or --resume to continue it")
+        for name in ("metrics.jsonl", "loss.png", "training_summary.json"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to --out {out} ({err.strerror}); choose a writable directory") from None
+    return out
+
+
+def _resume_view(config: TrainConfig) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items() if k in RESUME_KEYS}
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict]:
+    """Metrics of steps up to `upto` (a resumed run drops what came after its checkpoint)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["step"] <= upto]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return rows
+
+
+def _summary(config, counts, stats, state, history, base_eval, total_steps, memory: BaseMemory) -> dict:
+    last = history[-min(len(history), 10):]
+    evals = [r for r in history if "eval_loss" in r]
+    adapter_bytes = sum(f.stat().st_size for f in config.out.glob("adapter_*"))
+    return {
+        "base": base_name(config.base),
+        "trainable_params": counts.trainable,
+        "total_params": counts.total,
+        "trainable_percent": counts.percent,
+        "steps": total_steps,
+        "tokens_seen": state["tokens"],
+        "tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
+        "train_seconds": state["train_seconds"],
+        "final_train_loss": sum(r["loss"] for r in last) / max(1, len(last)),
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "eval_perplexity_base": perplexity(base_eval) if base_eval is not None else None,
+        "eval_perplexity_adapted": evals[-1]["eval_perplexity"] if evals else None,
+        "adapter_bytes": adapter_bytes,
+        "memory": {
+            "base_bytes": memory.bytes,
+            "base_bits_per_param": memory.bits_per_param,  # all base weights, NF4 or not
+            "nf4_params": memory.nf4_params,
+            "nf4_bits_per_param": memory.nf4_bits_per_param,  # codes + constants; 4.127 with double quant
+            "peak_bytes": _peak_memory_bytes(),
+        },
+        "data": asdict(stats),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+    }
+
+
+def _peak_memory_bytes() -> int:
+    """Peak memory of this process so far: the GPU's peak allocation on CUDA, else the peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _cli_args(config: TrainConfig) -> list[str]:
+    """The command-line arguments that reproduce `config` (--data, --out and what differs from defaults)."""
+    defaults = TrainConfig.__dataclass_fields__
+    args: list[str] = []
+    for key, value in asdict(config).items():
+        flag = f"--{key.replace('_', '-')}"
+        if key not in ("data", "out") and value == defaults[key].default:
+            continue
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    import argparse
+    import dataclasses
+    import signal
+
+    p = subparsers.add_parser(
+        "train", help="train an adapter on a frozen base",
+        description="Train one LoRA adapter on a frozen base model; saves it in PEFT's format.\n\nexamples:\n"
+                    "  lorakit train --data my_domain.txt --out adapters/mine\n"
+                    "  lorakit train --base ~/models/llama --data chats.jsonl --r 16 --targets all-linear --out adapters/x\n"
+                    "  lorakit train --base ~/models/big --quantize nf4 --data d.jsonl --out adapters/q   # QLoRA",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", help=f.metadata["help"].replace("%", "%%"))
+            continue
+        kind = {"int": int, "int | None": int, "float": float, "Path": Path, "Path | None": Path}.get(str(f.type), str)
+        required = f.default is dataclasses.MISSING
+        default_text = "" if required or f.default is None else f" (default {f.default})"
+        p.add_argument(flag, type=kind, required=required, default=None if required else f.default,
+                       help=(f.metadata["help"] + default_text).replace("%", "%%"))
+
+    p.add_argument("--nproc", type=int, default=None,
+                   help="train with N data-parallel processes on this machine (starts torchrun for you)")
+
+    def run(args) -> int:
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+        config = TrainConfig(**values)
+        if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+            return distributed.launch(args.nproc, ["train", *_cli_args(config)])
+        interrupted = []
+
+        def on_sigint(signum, frame):
+            if interrupted:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            interrupted.append(True)
+            print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort)", flush=True)
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            result = train(config, should_stop=lambda step: bool(interrupted))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return 130 if result.get("interrupted") else 0
+
+    p.set_defaults(func=run)
