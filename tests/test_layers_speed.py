@@ -222,3 +222,44 @@ def test_gathered_per_row_under_autograd_gives_adapter_gradients():
     for (_, got), (_, want) in zip(lorakit.lora_layers(model), lorakit.lora_layers(reference)):
         for name in ("a", "b"):
             assert torch.allclose(got.lora_A[name].grad, want.lora_A[name].grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "embedding"])
+def test_per_row_mixes_equal_each_mix_alone(family):
+    """A row may mix adapters at weights ({name: w}); it gets what set_adapters gives that mix alone."""
+    model = build("llama" if family == "embedding" else family)
+    targets = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "embedding": ["embed_tokens", "q_proj"]}[family]
+    for name, r in zip("abc", (2, 6, 3)):
+        lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets), adapter=name)
+    randomize_adapters(model)
+    ids = torch.randint(0, 97, (4, 7), generator=torch.Generator().manual_seed(5))
+    rows = [{"a": 0.5, "b": 1.5}, None, "c", {"c": 0.25, "a": 1.0, "b": -1.0}]
+    with torch.no_grad(), lorakit.per_row_adapters(model, rows):
+        mixed = logits(model, ids)
+    for row, spec in enumerate(rows):
+        with torch.no_grad():
+            if spec is None:
+                with lorakit.disable_adapters(model):
+                    alone = logits(model, ids[row:row + 1])
+            else:
+                lorakit.set_adapters(model, spec)
+                alone = logits(model, ids[row:row + 1])
+        assert torch.allclose(mixed[row], alone[0], atol=1e-5), (row, spec)
+
+
+def test_per_row_stack_is_rebuilt_when_adapters_change():
+    model = build("llama")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="a")
+    randomize_adapters(model)
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), lorakit.per_row_adapters(model, ["a"]):
+        before = logits(model, ids)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_B["a"].mul_(3)  # in place: the cached stack must notice
+        with lorakit.per_row_adapters(model, ["a"]):
+            after = logits(model, ids)
+        lorakit.set_adapters(model, "a")
+        expected = logits(model, ids)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, expected, atol=1e-5)

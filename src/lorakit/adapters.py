@@ -260,20 +260,22 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def per_row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
-    """Inside the block, batch row i uses adapter names[i] at weight 1 (None: the base alone).
+def per_row_adapters(model: nn.Module, rows: list[str | dict[str, float] | None]) -> Iterator[nn.Module]:
+    """Inside the block, batch row i uses its own adapters: rows[i] is a name (weight 1), a
+    {name: weight} mix, or None (the base alone).
 
     For a mixed batch of requests for different adapters in one forward pass.
     """
     known = adapter_configs(model)
-    for name in names:
-        if name is not None and name not in known:
-            raise UserError(f"no adapter named {name!r}; the model has {sorted(known) or 'none'}")
+    for spec in rows:
+        for name in ([spec] if isinstance(spec, str) else spec or ()):
+            if name not in known:
+                raise UserError(f"no adapter named {name!r}; the model has {sorted(known) or 'none'}")
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged for layer in layers):
         raise UserError("per-row adapters need unmerged weights; unmerge(model) first")
     for layer in layers:
-        layer.row_adapters = list(names)
+        layer.row_adapters = list(rows)
     try:
         yield model
     finally:

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "combine": ("lorakit.algebra", "mix adapters into one new adapter: exact weighted sum, TIES, DARE, SVD"),
     "inspect": ("lorakit.inspection", "what an adapter holds: config, size, per-module rank, norm, spectrum"),
     "diff": ("lorakit.inspection", "which next-token predictions an adapter changes most"),
+    "serve": ("lorakit.serve.app", "serve many adapters on one base: OpenAI-compatible API, batching, playground"),
     "bigram": ("lorakit.bigram.cli", "the count-based bigram model and its LoRA grids"),
 }
 

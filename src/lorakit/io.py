@@ -133,20 +133,26 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter: str | None = 
     continue training it). Returns the adapter's name. On any mismatch the model is left unchanged.
     """
     config, tensors = read_adapter(directory)
-    name = adapter or "default"
+    return install_adapter(model, config, tensors, adapter or "default", source=directory, trainable=trainable)
+
+
+def install_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], adapter: str,
+                    source: str | Path = "adapter", trainable: bool = False) -> str:
+    """Add an adapter already read by `read_adapter` (the file I/O can happen elsewhere, e.g. off a
+    server's inference thread); the model is left unchanged if it does not fit."""
     previous = active_adapters(model)
-    inject(model, config, adapter=name)
+    inject(model, config, adapter=adapter)
     try:
-        _copy_into(model, name, config, tensors, source=Path(directory))
+        _copy_into(model, adapter, config, tensors, source=Path(source))
     except BaseException:
-        delete_adapter(model, name)
+        delete_adapter(model, adapter)
         if previous:
             set_adapters(model, previous)
         raise
     if not trainable:
-        for p in adapter_state_dict(model, name).values():
+        for p in adapter_state_dict(model, adapter).values():
             p.requires_grad_(False)
-    return name
+    return adapter
 
 
 @torch.no_grad()

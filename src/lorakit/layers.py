@@ -59,7 +59,8 @@ class LoraLayer(nn.Module):
         self.active: dict[str, float] = {}  # adapters in use -> user weight
         self.merged: dict[str, float] = {}  # adapters folded into base.weight -> weight used
         self.disabled = False
-        self.row_adapters: list[str | None] | None = None  # per-row routing for a mixed batch
+        # per-row routing for a mixed batch: row i uses a name, a {name: weight} mix, or None (base)
+        self.row_adapters: list[str | dict[str, float] | None] | None = None
 
     # -- adapters -----------------------------------------------------------------------------
 
@@ -158,56 +159,85 @@ class LoraLayer(nn.Module):
         return out.view_as(result)
 
     def _add_per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Row i of the batch gets adapter row_adapters[i] at weight 1 (None: base only)."""
+        """Row i of the batch gets its own mix: row_adapters[i] is a name (weight 1), {name: weight}, or None."""
         if len(self.row_adapters) != x.shape[0]:
             raise ValueError(f"per-row adapters name {len(self.row_adapters)} rows but the batch has {x.shape[0]}")
-        names = list(dict.fromkeys(n for n in self.row_adapters if n is not None and n in self.lora_A))
+        mixes = [row_mix(spec, self.lora_A) for spec in self.row_adapters]
+        names = list(dict.fromkeys(n for mix in mixes for n in mix))
         if not names:
             return result
         dropping = any(isinstance(self.dropout[n], nn.Dropout) and self.dropout[n].training for n in names)
         if self.kind == "embedding" or dropping:
-            return self._add_per_row_loop(x, result, names)
-        return self._add_per_row_gathered(x, result, names)
+            return self._add_per_row_loop(x, result, mixes, names)
+        return self._add_per_row_gathered(x, result, mixes)
 
-    def _add_per_row_gathered(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
+    def _add_per_row_gathered(self, x: torch.Tensor, result: torch.Tensor, mixes: list[dict[str, float]]) -> torch.Tensor:
         """BGMV-style: gather each row's A and B and do two batched matmuls, whatever the adapter count.
 
         The work is that of a single adapter (plus gathering a few rank-r matrices), where a loop
-        over adapters would pay per adapter for its own small matmuls and a copy of the output.
+        over adapters would pay per adapter for its own small matmuls and a copy of the output. A
+        row mixing k adapters gathers k slots, i.e. one adapter of the summed rank.
         """
+        names, As, Bts = self._stacked()  # (n, r, in), (n, r, out); ranks padded with zeros to the largest
         slot = {n: i for i, n in enumerate(names)}
-        rows = [slot.get(n, 0) for n in self.row_adapters]
-        ranks = [self.rank(n) for n in names]
-        A = self.lora_A[names[0]]
-        if len(set(ranks)) == 1:
-            As = torch.stack([self.lora_A[n] for n in names])  # (adapters, r, in)
-            Bs = torch.stack([self.lora_B[n] for n in names])  # (adapters, out, r)
-        else:  # pad to the largest rank with zeros, which add nothing
-            As = A.new_zeros(len(names), max(ranks), self.in_features)
-            Bs = A.new_zeros(len(names), self.out_features, max(ranks))
-            for i, (n, r) in enumerate(zip(names, ranks)):
-                As[i, :r] = self.lora_A[n]
-                Bs[i, :, :r] = self.lora_B[n]
-        # Rows for the base alone get scale 0 (their gathered adapter is arbitrary and adds nothing).
-        scale = torch.tensor([self.scaling[n] if n in slot else 0.0 for n in self.row_adapters],
-                             dtype=A.dtype, device=x.device)  # (batch,)
-        index = torch.tensor(rows, device=x.device)
-        batch, out = x.shape[0], self.out_features
-        xb = x.reshape(batch, -1, self.in_features).to(A.dtype)  # (batch, L, in)
-        h = torch.bmm(xb, As[index].transpose(1, 2)) * scale.view(-1, 1, 1)  # (batch, L, r)
-        Bt = Bs[index].transpose(1, 2).to(result.dtype)  # (batch, r, out)
+        batch, k = len(mixes), max(1, max(len(m) for m in mixes))
+        index = [[0] * k for _ in mixes]
+        scale = [[0.0] * k for _ in mixes]  # empty slots (and base-only rows) get scale 0: they add exact zeros
+        for row, mix in enumerate(mixes):
+            for j, (name, weight) in enumerate(mix.items()):
+                index[row][j], scale[row][j] = slot[name], self.scaling[name] * weight
+        index_t = torch.tensor(index, device=x.device)  # (batch, k)
+        scale_t = torch.tensor(scale, dtype=As.dtype, device=x.device)  # (batch, k)
+        r, out = As.shape[1], self.out_features
+        xb = x.reshape(batch, -1, self.in_features).to(As.dtype)  # (batch, L, in)
+        A = As[index_t].reshape(batch, k * r, self.in_features)  # (batch, k·r, in)
+        h = torch.bmm(xb, A.transpose(1, 2))  # (batch, L, k·r)
+        h = (h.view(batch, -1, k, r) * scale_t.view(batch, 1, k, 1)).view(batch, -1, k * r)  # scaled at rank r
+        Bt = Bts[index_t].reshape(batch, k * r, out).to(result.dtype)  # (batch, k·r, out)
         flat = result.reshape(batch, -1, out)  # (batch, L, out)
         if torch.is_grad_enabled():
             return torch.baddbmm(flat, h.to(result.dtype), Bt).view_as(result)
         return flat.baddbmm_(h.to(result.dtype), Bt).view_as(result)  # in place: inference makes no copy
 
-    def _add_per_row_loop(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
+    def _stacked(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Every adapter of this layer stacked as (names, A (n, r, in), Bᵀ (n, r, out)), zero-padded to one rank.
+
+        Inference reuses the stack until an adapter is added, removed or changed in place (a server
+        swapping adapters rebuilds it once per swap, not once per token); under autograd it is
+        rebuilt so that gradients reach the parameters.
+        """
+        names = sorted(self.lora_A)
+        key = tuple((n, self.lora_A[n].data_ptr(), self.lora_A[n]._version,
+                     self.lora_B[n].data_ptr(), self.lora_B[n]._version) for n in names)
+        cached = self.__dict__.get("_stack")
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return names, cached[1], cached[2]
+        ranks = [self.rank(n) for n in names]
+        if len(set(ranks)) == 1:
+            As = torch.stack([self.lora_A[n] for n in names])  # (n, r, in)
+            Bts = torch.stack([self.lora_B[n].t() for n in names])  # (n, r, out)
+        else:
+            first = self.lora_A[names[0]]
+            As = first.new_zeros(len(names), max(ranks), self.in_features)
+            Bts = first.new_zeros(len(names), max(ranks), self.out_features)
+            for i, (n, r) in enumerate(zip(names, ranks)):
+                As[i, :r] = self.lora_A[n]
+                Bts[i, :r] = self.lora_B[n].t()
+        if not torch.is_grad_enabled():
+            self.__dict__["_stack"] = (key, As, Bts)  # not a buffer: never saved, moved or counted
+        return names, As, Bts
+
+    def _add_per_row_loop(self, x: torch.Tensor, result: torch.Tensor, mixes: list[dict[str, float]],
+                          names: list[str]) -> torch.Tensor:
         """One adapter at a time (Embedding bases, or dropout in training mode)."""
         for name in names:
-            rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
-            h = self._down(x.index_select(0, rows), name, 1.0).to(result.dtype)  # (n, ..., r)
+            rows = [i for i, mix in enumerate(mixes) if name in mix]
+            weights = torch.tensor([mixes[i][name] for i in rows], device=x.device)  # (n,)
+            index = torch.tensor(rows, device=x.device)
+            h = self._down(x.index_select(0, index), name, 1.0).to(result.dtype)  # (n, ..., r)
+            h = h * weights.to(h.dtype).view(-1, *[1] * (h.dim() - 1))
             delta = h @ self.lora_B[name].to(result.dtype).t()  # (n, ..., out)
-            result = result.index_add(0, rows, delta)
+            result = result.index_add(0, index, delta)
         return result
 
     # -- merge --------------------------------------------------------------------------------
@@ -328,6 +358,15 @@ class SavedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.current()(*args, **kwargs)
+
+
+def row_mix(spec: str | dict[str, float] | None, known) -> dict[str, float]:
+    """A row's adapters as {name: weight}, keeping only those this layer holds ('a' means {'a': 1.0})."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        return {spec: 1.0} if spec in known else {}
+    return {n: float(w) for n, w in spec.items() if n in known and w != 0}
 
 
 def _init_lora(A: torch.Tensor, B: torch.Tensor, init: bool | str, embedding: bool, r: int) -> None:

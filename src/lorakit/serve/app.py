@@ -1,0 +1,444 @@
+"""`lorakit serve`: many adapters on one base behind an OpenAI-compatible HTTP API, plus a playground.
+
+    lorakit serve --adapter legal=adapters/legal --adapter poetry=adapters/poetry --api-key $KEY
+    lorakit serve --adapter-dir adapters/          # POST /v1/load_lora_adapter may load from there
+
+Routes (vLLM's names, so existing clients work):
+    GET  /                          the playground page
+    GET  /health                    liveness and queue depth (no key needed)
+    GET  /v1/models                 the base and every loaded adapter
+    POST /v1/completions            `model` picks the adapter; the base's name means no adapter
+    POST /v1/chat/completions       both with "stream": true as server-sent events
+    POST /v1/load_lora_adapter      {"lora_name", "lora_path"}: path inside --adapter-dir
+    POST /v1/unload_lora_adapter    {"lora_name"}: requests in flight on it finish first
+
+lorakit's one extension: a request may carry "adapters": {"name": scale, ...} to mix adapters at
+scales (with the OpenAI client: `extra_body={"adapters": {...}}`); then `model` may be the base's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import ipaddress
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lorakit.errors import UserError
+from lorakit.serve.engine import Engine, GenerationRequest, Overloaded, Stopped
+from lorakit.serve.protocol import (ApiError, GenerationParams, TextStream, chunk_body, completion_body, new_id,
+                                    parse_request, usage)
+
+PLAYGROUND = Path(__file__).with_name("playground.html")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass
+class ServeConfig:
+    base: str | None = None  # model directory or hub id; None: the embedded base
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> directory, loaded at start
+    adapter_dir: Path | None = None  # where the load endpoint may load from; None: loading is off
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 16  # rows in one decode step
+    max_waiting: int = 64  # queued requests beyond the batch before answering 429
+    max_tokens: int = 512  # the most tokens one request may generate
+    max_body_bytes: int = 1 << 20
+    dtype: str = "auto"
+    served_model_name: str | None = None  # the base's name in the API
+
+    def __post_init__(self) -> None:
+        for name in self.adapters:
+            check_name(name, UserError)
+        for key in ("max_batch", "max_waiting", "max_tokens", "max_body_bytes"):
+            if getattr(self, key) < 1:
+                raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        if self.adapter_dir is not None and not Path(self.adapter_dir).is_dir():
+            raise UserError(f"--adapter-dir {self.adapter_dir} is not a directory")
+
+
+def check_name(name: str, error=ApiError) -> None:
+    if not isinstance(name, str) or not NAME.match(name):
+        message = (f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+                   "starting with a letter or digit")
+        raise error(400, message, param="lora_name") if error is ApiError else error(message)
+
+
+@dataclass
+class Adapter:
+    name: str  # public name (the request's `model`)
+    key: str  # name inside the model: unique for every load, so a name can be reloaded while the old one drains
+    path: str
+    rank: int
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class Registry:
+    """Public adapter names -> adapters in the model. Touched only on the event loop's thread."""
+
+    def __init__(self, base_name: str):
+        self.base_name = base_name
+        self.adapters: dict[str, Adapter] = {}
+        self.pending: set[str] = set()  # names being loaded
+        self._serial = 0
+        self.created = int(time.time())
+
+    def new_key(self, name: str) -> str:
+        self._serial += 1
+        return f"{name}#{self._serial}"
+
+    def mix(self, params: GenerationParams) -> dict[str, float]:
+        """The request's adapter mix as {internal key: scale}; 404 for a name that is not loaded."""
+        if params.model != self.base_name and params.model not in self.adapters:
+            raise ApiError(404, f"The model '{params.model}' does not exist; loaded: "
+                                f"{', '.join([self.base_name, *self.adapters])}", param="model", code="model_not_found")
+        if params.adapters is not None:
+            mix = params.adapters
+        else:
+            mix = {} if params.model == self.base_name else {params.model: 1.0}
+        for name in mix:
+            if name not in self.adapters:
+                raise ApiError(404, f"adapter '{name}' in 'adapters' is not loaded; loaded: "
+                                    f"{', '.join(self.adapters) or 'none'}", param="adapters", code="model_not_found")
+        return {self.adapters[n].key: s for n, s in mix.items() if s != 0}
+
+
+def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfig):
+    """The FastAPI application over a running engine."""
+    from lorakit.data import SIMPLE_CHAT_TEMPLATE, render_chat_prompt
+    from lorakit.io import install_adapter, read_adapter
+
+    app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, openapi_url=None)
+    context = engine.context
+    # Without a chat template of its own the base sees "### Role:" headers; it must not write the next turn.
+    chat_stops = [] if getattr(tokenizer, "chat_template", None) else ["\n" + SIMPLE_CHAT_TEMPLATE.split("{")[0]]
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, err: HTTPException):
+        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, err):
+        return JSONResponse(ApiError(400, str(err)).body(), status_code=400)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if config.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+                err = ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+                return JSONResponse(err.body(), status_code=401)
+        return await call_next(request)
+
+    async def read_json(request: Request) -> dict:
+        """The body as a JSON object, at most `max_body_bytes` long."""
+        cap = config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cap:
+            raise ApiError(413, f"request body is {declared} bytes; this server takes at most {cap}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > cap:
+                raise ApiError(413, f"request body is over {cap} bytes, the most this server takes")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ApiError(400, f"request body is not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return data
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return PlainTextResponse("", status_code=204)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **engine.load()}
+
+    @app.get("/v1/models")
+    async def models():
+        base = {"id": registry.base_name, "object": "model", "created": registry.created, "owned_by": "lorakit",
+                "root": registry.base_name, "parent": None, "max_model_len": context}
+        data = [base] + [{"id": a.name, "object": "model", "created": a.created, "owned_by": "lorakit",
+                          "root": a.path, "parent": registry.base_name, "max_model_len": context, "rank": a.rank}
+                         for a in registry.adapters.values()]
+        return {"object": "list", "data": data}
+
+    def prompt_ids(params: GenerationParams, chat: bool) -> list[int]:
+        if chat:
+            text = render_chat_prompt(params.messages, tokenizer)
+            return tokenizer(text).input_ids
+        if isinstance(params.prompt, list):
+            bad = [t for t in params.prompt if not 0 <= t < len(tokenizer)]
+            if bad:
+                raise ApiError(400, f"'prompt' token id {bad[0]} is outside the vocabulary (0..{len(tokenizer) - 1})",
+                               param="prompt")
+            return list(params.prompt)
+        ids = tokenizer(params.prompt).input_ids
+        if not ids:
+            raise ApiError(400, "'prompt' is empty", param="prompt")
+        return ids
+
+    def budget(params: GenerationParams, n_prompt: int) -> int:
+        """max_tokens checked against the context and the server's cap (400 naming the limit)."""
+        room = context - n_prompt if context else config.max_tokens
+        if context and room < 1:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens; the prompt alone is "
+                                f"{n_prompt} tokens. Shorten the prompt.", param="prompt", code="context_length_exceeded")
+        if params.max_tokens is None:
+            return min(room, config.max_tokens)
+        if params.max_tokens > config.max_tokens:
+            raise ApiError(400, f"'max_tokens' is {params.max_tokens}; this server generates at most "
+                                f"{config.max_tokens} tokens per request", param="max_tokens")
+        if context and n_prompt + params.max_tokens > context:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the prompt, {params.max_tokens} "
+                                "in the completion). Reduce the prompt or 'max_tokens'.",
+                           param="max_tokens", code="context_length_exceeded")
+        return params.max_tokens
+
+    async def generate(request: Request, chat: bool):
+        params = parse_request(await read_json(request), chat)
+        mix = registry.mix(params)
+        ids = prompt_ids(params, chat)
+        max_tokens = budget(params, len(ids))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(token, finish):  # called on the engine thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (token, finish))
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                pass
+
+        job = GenerationRequest(ids, mix, max_tokens, emit, temperature=params.temperature, top_p=params.top_p,
+                                seed=params.seed)
+        try:
+            engine.submit(job)
+        except Overloaded as err:
+            raise ApiError(429, f"server is busy ({err}); retry shortly", code="server_busy") from None
+        except Stopped:
+            raise ApiError(503, "server is shutting down", code="unavailable") from None
+        stream = TextStream(tokenizer, params.stop + (chat_stops if chat else []))
+
+        async def pieces():
+            """(text, finish reason) pairs until the end; cancels the job if the consumer stops early."""
+            try:
+                while True:
+                    token, finish = await queue.get()
+                    if token is not None:
+                        text = stream.add(token)
+                        if stream.stopped:
+                            engine.cancel(job)
+                            yield text, "stop"
+                            return
+                        if text:
+                            yield text, None
+                        continue
+                    if finish == "error":
+                        raise ApiError(500, "generation failed inside the server; see its log", code="internal_error")
+                    yield stream.flush(), finish
+                    return
+            finally:
+                engine.cancel(job)  # a no-op after a normal end; frees the row when the client disconnects
+
+        rid, model = new_id(chat), params.model
+        if not params.stream:
+            texts, finish = [], None
+            async for text, finish in pieces():
+                texts.append(text)
+            use = usage(len(ids), job.generated)
+            return completion_body(rid, model, "".join(texts), finish, chat, use)
+
+        async def events():
+            try:
+                if chat:
+                    yield _sse(chunk_body(rid, model, "", None, chat, first=True))
+                async for text, finish in pieces():
+                    if text or finish:
+                        yield _sse(chunk_body(rid, model, text, finish, chat))
+                if params.include_usage:
+                    yield _sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                                "created": int(time.time()), "model": model, "choices": [],
+                                "usage": usage(len(ids), job.generated)})
+            except ApiError as err:  # the status line is sent already: report in the stream, as vLLM does
+                yield _sse(err.body())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, chat=True)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        body = await read_json(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        check_name(name)
+        if not isinstance(path, str) or not path:
+            raise ApiError(400, "'lora_path' is required: an adapter directory inside the server's --adapter-dir",
+                           param="lora_path")
+        if config.adapter_dir is None:
+            raise ApiError(403, "loading adapters is off: start the server with --adapter-dir DIR", param="lora_path")
+        root = Path(config.adapter_dir).resolve()
+        where = (root / path).resolve()  # follows symlinks: a link inside that points out is refused too
+        if not where.is_relative_to(root):
+            raise ApiError(403, "'lora_path' must resolve inside the server's --adapter-dir", param="lora_path")
+        if name == registry.base_name or name in registry.adapters or name in registry.pending:
+            raise ApiError(400, f"The lora adapter '{name}' has already been loaded; unload it first",
+                           param="lora_name")
+        registry.pending.add(name)
+        try:
+            try:  # file reading and checks happen off the engine thread: generation goes on meanwhile
+                lora_config, tensors = await asyncio.to_thread(read_adapter, where)
+            except UserError as err:
+                raise ApiError(400, str(err).replace(str(root), "<adapter-dir>"), param="lora_path") from None
+            key = registry.new_key(name)
+            try:  # the model itself changes between two decode steps, on the engine thread
+                await asyncio.wrap_future(engine.call(
+                    lambda model: install_adapter(model, lora_config, tensors, key, source=where)))
+            except UserError as err:
+                raise ApiError(400, str(err).replace(str(root), "<adapter-dir>"), param="lora_path") from None
+            except Stopped:
+                raise ApiError(503, "server is shutting down", code="unavailable") from None
+            registry.adapters[name] = Adapter(name, key, path, lora_config.r)
+        finally:
+            registry.pending.discard(name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        body = await read_json(request)
+        name = body.get("lora_name")
+        if not isinstance(name, str) or name not in registry.adapters:
+            raise ApiError(404, f"The lora adapter '{name}' is not loaded; loaded: "
+                                f"{', '.join(registry.adapters) or 'none'}", param="lora_name", code="model_not_found")
+        adapter = registry.adapters.pop(name)  # new requests no longer reach it ...
+        engine.retire(adapter.key)  # ... and it leaves the model once the ones in flight are done
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    return app
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# -- building and running a server ----------------------------------------------------------------
+
+
+def build(config: ServeConfig):
+    """Load the base and the startup adapters; return (app, engine, registry)."""
+    from lorakit.adapters import adapter_configs
+    from lorakit.base import base_name, default_device, load_base, resolve_dtype
+    from lorakit.io import load_adapter
+
+    device = default_device()
+    dtype = resolve_dtype(config.dtype, device)
+    model, tokenizer = load_base(config.base, dtype=dtype, device=device)
+    registry = Registry(config.served_model_name or base_name(config.base))
+    for name, path in config.adapters.items():
+        key = load_adapter(model, path, adapter=registry.new_key(name))
+        registry.adapters[name] = Adapter(name, key, str(path), adapter_configs(model)[key].r)
+    engine = Engine(model, tokenizer.eos_token_id, max_batch=config.max_batch, max_waiting=config.max_waiting,
+                    dtype=dtype).start()
+    return create_app(engine, tokenizer, registry, config), engine, registry
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the server until Ctrl-C."""
+    import uvicorn
+
+    if not _is_loopback(config.host) and not config.api_key:
+        print(f"lorakit serve: warning: listening on {config.host} with no --api-key; anyone who can reach it "
+              "can use it", file=sys.stderr)
+    app, engine, registry = build(config)
+    names = ", ".join([registry.base_name, *registry.adapters])
+    print(f"lorakit serve: http://{config.host}:{config.port}/ (playground), OpenAI API at /v1; models: {names}",
+          flush=True)
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    finally:
+        engine.stop()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def parse_adapter_arg(spec: str) -> tuple[str, str]:
+    """'name=path' -> (name, path); a bare path is named after its directory."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        path, name = spec, Path(spec).resolve().name
+    if not Path(path).is_dir():
+        raise UserError(f"--adapter {spec}: {path} is not a directory; use NAME=PATH to an adapter directory")
+    return name, path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve many adapters on one base: OpenAI-compatible API + playground",
+        description="Serve one base with many adapters behind an OpenAI-compatible API, batching requests for "
+                    "different adapters into one forward pass; a playground page is at /.\n\nexamples:\n"
+                    "  lorakit serve --adapter legal=adapters/legal --adapter poetry=adapters/poetry --api-key $KEY\n"
+                    "  lorakit serve --adapter-dir adapters/   # then POST /v1/load_lora_adapter",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="an adapter to serve under NAME (the request's model); repeat for several")
+    p.add_argument("--base", help="base model directory or hub id (default: the embedded base)")
+    p.add_argument("--adapter-dir", type=Path,
+                   help="directory that POST /v1/load_lora_adapter may load from (without it, loading is off)")
+    p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LORAKIT_API_KEY; unset: no key)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one step (default 16)")
+    p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429 (default 64)")
+    p.add_argument("--max-tokens", type=int, default=512, help="most tokens one request may generate (default 512)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (default auto)")
+    p.add_argument("--served-model-name", help="the base's name in the API (default: --base, or lorakit/embedded)")
+
+    def run(args) -> int:
+        adapters = dict(parse_adapter_arg(spec) for spec in args.adapter)
+        serve(ServeConfig(base=args.base, adapters=adapters, adapter_dir=args.adapter_dir, api_key=args.api_key,
+                          host=args.host, port=args.port, max_batch=args.max_batch, max_waiting=args.max_waiting,
+                          max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, dtype=args.dtype,
+                          served_model_name=args.served_model_name))
+        return 0
+
+    p.set_defaults(func=run)

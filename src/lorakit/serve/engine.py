@@ -1,0 +1,360 @@
+"""The inference engine: one frozen base, many adapters, one batched forward per step.
+
+A single thread owns the model. It loops:
+
+    1. run queued jobs (install or delete an adapter): between steps, so no forward sees a half-made model
+    2. admit waiting requests (continuous batching): prefill each new prompt alone, sample its first
+       token, and join its KV cache to the running batch's
+    3. one decode step for every running row: row i applies its own adapter mix (the gathered per-row
+       low-rank product of `LoraLayer`, S-LoRA/Punica style), then each row samples its next token
+    4. drop finished or cancelled rows from the batch and its cache
+
+The batch's KV cache is left-padded: rows that joined later have zeros in front, masked out by the
+attention mask, and each row's position ids count only its own tokens. A request therefore computes
+the same function alone or in a batch; only the floating-point summation order of the matmuls
+can differ, far below what changes a greedy choice in practice (tests check the outputs are equal).
+
+Requests talk to the engine through `submit` (from any thread) and a callback `emit(token, finish)`
+that the engine thread calls for every token and once with a finish reason ("stop", "length").
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import inspect
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorakit.adapters import delete_adapter, lora_layers
+from lorakit.base import autocast
+from lorakit.generate import Sampling, next_token
+
+Emit = Callable[[int | None, str | None], None]
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full: the caller should answer 429 and the client retry later."""
+
+
+class Stopped(RuntimeError):
+    """The engine is shutting down."""
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """One generation: prompt token ids, an adapter mix ({internal adapter name: scale}; {} = the base)."""
+
+    prompt_ids: list[int]
+    adapters: dict[str, float]
+    max_tokens: int
+    emit: Emit
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    cancelled: bool = False
+    generated: int = 0
+    finished: bool = False
+
+    def sampling(self) -> Sampling:
+        return Sampling(max_new_tokens=self.max_tokens, temperature=self.temperature or 1.0, top_k=0,
+                        top_p=self.top_p, seed=0, greedy=self.temperature == 0)
+
+
+@dataclass(eq=False)
+class _Row:
+    request: GenerationRequest
+    sampling: Sampling
+    generator: torch.Generator
+    last: int  # the token to feed at the next step
+    length: int  # real tokens in the cache so far (= the next position id)
+    done: str | None = None  # finish reason once finished
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefills: int = 0
+    tokens: int = 0
+    max_batch_seen: int = 0
+    row_steps: int = 0  # sum over decode steps of the batch size
+
+    def mean_batch(self) -> float:
+        return self.row_steps / self.steps if self.steps else 0.0
+
+
+@dataclass
+class Engine:
+    """Continuous batching over `model` (a causal LM with LoRA adapters injected by name)."""
+
+    model: nn.Module
+    eos_id: int | None
+    max_batch: int = 16
+    max_waiting: int = 64
+    dtype: torch.dtype = torch.float32
+    stats: EngineStats = field(default_factory=EngineStats)
+
+    def __post_init__(self) -> None:
+        self.device = next(self.model.parameters()).device
+        self.context = getattr(self.model.config, "max_position_embeddings", None)
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._jobs: collections.deque[tuple[Callable, concurrent.futures.Future]] = collections.deque()
+        self._rows: list[_Row] = []
+        self._cache = None  # DynamicCache of the running batch, (rows, heads, L, head_dim) per layer
+        self._mask: torch.Tensor | None = None  # (rows, L): 1 where the cache holds a real token
+        self._users: collections.Counter[str] = collections.Counter()  # adapter -> requests holding it
+        self._retiring: set[str] = set()
+        self._layers = [layer for _, layer in lora_layers(self.model)]
+        self._thread: threading.Thread | None = None
+        # Only the last position's logits are needed: skip the (P, vocab) projection where the model allows.
+        accepts = inspect.signature(self.model.forward).parameters
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        self.last_error: BaseException | None = None
+        self._running = False
+
+    # -- any thread ----------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._running = False
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; raises Overloaded when `max_waiting` requests already wait."""
+        with self._lock:
+            if not self._running:
+                raise Stopped("the engine is not running")
+            if len(self._waiting) >= self.max_waiting:
+                raise Overloaded(f"{len(self._waiting)} requests are already waiting")
+            self._users.update(request.adapters.keys())
+            self._waiting.append(request)
+            self._lock.notify_all()
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """Stop generating for `request` (a stop string matched, or the client went away)."""
+        request.cancelled = True  # read by the engine thread at the next step boundary
+
+    def call(self, job: Callable[[nn.Module], object]) -> concurrent.futures.Future:
+        """Run `job(model)` on the engine thread between two steps; the future holds its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if not self._running:
+                raise Stopped("the engine is not running")
+            self._jobs.append((job, future))
+            self._lock.notify_all()
+        return future
+
+    def retire(self, adapter: str) -> None:
+        """Delete `adapter` from the model (on the engine thread) once no request uses it any more.
+
+        Requests already running or waiting on it finish normally; the caller stops routing new ones to it.
+        """
+        with self._lock:
+            self._retiring.add(adapter)
+            self._lock.notify_all()
+
+    def load(self) -> dict[str, int]:
+        with self._lock:
+            return {"running": len(self._rows), "waiting": len(self._waiting)}
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not (self._waiting or self._jobs or self._rows or self._retired()):
+                    self._lock.wait()
+                if not self._running:
+                    break
+                jobs = list(self._jobs)
+                self._jobs.clear()
+                retired = self._retired()
+                self._retiring -= set(retired)
+                room = self.max_batch - len(self._rows)
+                admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            for job, future in jobs:
+                self._run_job(job, future)
+            for adapter in retired:
+                self._run_job(lambda model, a=adapter: delete_adapter(model, a), concurrent.futures.Future())
+            for request in admitted:
+                self._guard(self._admit, request)
+            if self._rows:
+                self._guard(self._step)
+        self._fail_all("the server is shutting down")
+
+    def _retired(self) -> list[str]:
+        return [a for a in self._retiring if self._users[a] == 0]
+
+    def _run_job(self, job: Callable, future: concurrent.futures.Future) -> None:
+        try:
+            future.set_result(job(self.model))
+        except BaseException as err:  # handed to the caller, who reports it
+            future.set_exception(err)
+        self._layers = [layer for _, layer in lora_layers(self.model)]
+
+    def _guard(self, step: Callable, *args) -> None:
+        """An unexpected failure ends the requests involved with finish reason 'error', not the engine."""
+        try:
+            step(*args)
+        except Exception as err:  # noqa: BLE001 - the engine must outlive one bad batch
+            requests = list(args) if args else [row.request for row in self._rows]
+            for request in requests:
+                self._finish(request, "error")
+            if not args:
+                self._rows, self._cache, self._mask = [], None, None
+            self.last_error = err
+
+    @torch.no_grad()
+    def _forward(self, rows: list[dict[str, float]], **inputs):
+        for layer in self._layers:
+            layer.row_adapters = rows
+        try:
+            with autocast(self.device, self.dtype):
+                return self.model(**inputs, use_cache=True, **self._last_logits_only)
+        finally:
+            for layer in self._layers:
+                layer.row_adapters = None
+
+    def _admit(self, request: GenerationRequest) -> None:
+        """Prefill the prompt alone (no padding inside it), sample the first token, join the batch."""
+        from transformers import DynamicCache
+
+        if request.cancelled:
+            self._finish(request, "stop")
+            return
+        ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, P)
+        out = self._forward([request.adapters], input_ids=ids, past_key_values=DynamicCache())
+        self.stats.prefills += 1
+        sampling = request.sampling()
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        generator = torch.Generator().manual_seed(seed)
+        row = _Row(request, sampling, generator, last=-1, length=len(request.prompt_ids))
+        self._accept(row, next_token(out.logits[0, -1], sampling, generator))
+        if row.done:
+            return
+        self._join(row, out.past_key_values)
+
+    def _join(self, row: _Row, cache) -> None:
+        """Append a prefilled row to the batch: left-pad whichever cache is shorter, concatenate rows."""
+        from transformers import DynamicCache
+
+        mask = torch.ones(1, row.length, dtype=torch.long, device=self.device)  # (1, P)
+        if self._cache is None:
+            self._cache, self._mask, self._rows = cache, mask, [row]
+            return
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        layers = []
+        for old, new in zip(self._cache.layers, cache.layers):
+            layers.append((torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
+                           torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])))
+        self._cache = DynamicCache(layers)
+        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])  # (rows, L)
+        self._rows.append(row)
+
+    def _step(self) -> None:
+        """One token for every running row, in one forward pass."""
+        rows = self._rows
+        ids = torch.tensor([[row.last] for row in rows], device=self.device)  # (n, 1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)  # (n, L+1)
+        positions = torch.tensor([[row.length] for row in rows], device=self.device)  # (n, 1)
+        out = self._forward([row.request.adapters for row in rows], input_ids=ids, attention_mask=self._mask,
+                            position_ids=positions, past_key_values=self._cache)
+        self._cache = out.past_key_values
+        self.stats.steps += 1
+        self.stats.row_steps += len(rows)
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
+        logits = out.logits[:, -1].float()  # (n, V)
+        greedy = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
+            row.length += 1
+            token = greedy[i] if row.sampling.greedy else next_token(logits[i], row.sampling, row.generator)
+            self._accept(row, token)
+        self._drop_finished()
+
+    def _accept(self, row: _Row, token: int) -> None:
+        """Deliver one sampled token, or finish the row (end of text, length, cancelled)."""
+        request = row.request
+        if request.cancelled:
+            row.done = "stop"
+        elif token == self.eos_id:
+            row.done = "stop"
+        else:
+            request.generated += 1
+            self.stats.tokens += 1
+            request.emit(token, None)
+            row.last = token
+            if request.generated >= request.max_tokens:
+                row.done = "length"
+            elif self.context is not None and row.length >= self.context:  # no position left to feed it at
+                row.done = "length"
+        if row.done:
+            self._finish(request, row.done)
+
+    def _finish(self, request: GenerationRequest, reason: str) -> None:
+        if request.finished:
+            return
+        request.finished = True
+        request.emit(None, reason)
+        with self._lock:
+            self._users.subtract(request.adapters.keys())
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, row in enumerate(self._rows) if not row.done and not row.request.cancelled]
+        for row in self._rows:
+            if not row.done and row.request.cancelled:
+                self._finish(row.request, "stop")
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        from transformers import DynamicCache
+
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, index)
+        start = int((mask.sum(0) > 0).long().argmax())  # columns before it are padding in every kept row
+        layers = [(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
+                  for layer in self._cache.layers]
+        self._cache = DynamicCache(layers)
+        self._mask = mask[:, start:]
+        self._rows = [self._rows[i] for i in keep]
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            jobs = list(self._jobs)
+            self._jobs.clear()
+        for row in self._rows:
+            self._finish(row.request, "error")
+        for request in waiting:
+            self._finish(request, "error")
+        for _, future in jobs:
+            future.set_exception(Stopped(reason))
+        self._rows, self._cache, self._mask = [], None, None
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros in front along the sequence axis (dim 2 of a (B, H, L, D) cache tensor, dim 1 of a (B, L) mask)."""
+    axis = 2 if t.dim() == 4 else 1
+    missing = width - t.shape[axis]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=axis)

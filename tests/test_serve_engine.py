@@ -1,0 +1,174 @@
+"""The batching engine: a request's greedy output is the same alone, in a mixed batch, and by the plain path."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.generate import Sampling, stream_tokens
+from lorakit.serve.engine import Engine, GenerationRequest, Overloaded
+from tests.conftest import VOCAB, build, randomize_adapters
+
+RANKS = {"a": 2, "b": 6, "c": 3}  # adapters of different ranks share the batch
+TARGETS = {"llama": ["q_proj", "v_proj", "o_proj", "down_proj"], "qwen2": ["q_proj", "k_proj", "v_proj"],
+           "gpt2": ["c_attn", "c_proj", "c_fc"]}
+MIXES = [{"a": 1.0}, {}, {"b": 1.0}, {"c": 1.0}, {"a": 0.5, "b": 1.5}, {"b": 1.0}, {}, {"c": -1.0, "a": 1.0}]
+
+
+def adapted(family: str):
+    model = build(family)
+    for name, r in RANKS.items():
+        lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS[family]), adapter=name)
+    randomize_adapters(model, scale=0.3)
+    return model
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+class Collect:
+    """emit() target: the tokens and the finish reason of one request."""
+
+    def __init__(self):
+        self.tokens, self.finish, self.done = [], None, threading.Event()
+
+    def __call__(self, token, finish):
+        if token is not None:
+            self.tokens.append(token)
+        else:
+            self.finish = finish
+            self.done.set()
+
+
+def run(engine: Engine, ids, mix, max_tokens=12, **kw) -> tuple[GenerationRequest, Collect]:
+    out = Collect()
+    request = GenerationRequest(ids, mix, max_tokens, out, temperature=kw.pop("temperature", 0), **kw)
+    engine.submit(request)
+    return request, out
+
+
+def reference(model, ids, mix, max_tokens=12) -> list[int]:
+    """The plain single-sequence path (fused LoRA layer, set_adapters) as the oracle."""
+    sampling = Sampling(max_new_tokens=max_tokens, greedy=True)
+    if not mix:
+        return list(stream_tokens(model, ids, sampling, eos_id=None, base=True))
+    lorakit.set_adapters(model, mix)
+    return list(stream_tokens(model, ids, sampling, eos_id=None))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_mixed_batch_equals_alone_and_the_plain_path(family):
+    model = adapted(family)
+    batch = list(zip(prompts(len(MIXES)), MIXES))
+    expected = [reference(model, ids, mix) for ids, mix in batch]
+    engine = Engine(model, eos_id=None, max_batch=8).start()
+    try:
+        alone = []
+        for ids, mix in batch:
+            _, out = run(engine, ids, mix)
+            assert out.done.wait(30)
+            alone.append(out.tokens)
+        together = [run(engine, ids, mix)[1] for ids, mix in batch]
+        for out in together:
+            assert out.done.wait(30)
+    finally:
+        engine.stop()
+    assert alone == expected
+    assert [out.tokens for out in together] == expected
+    assert all(out.finish == "length" for out in together)
+    assert engine.stats.max_batch_seen > 1  # they really ran together
+    assert len({tuple(t) for t in expected}) > 4  # and the adapters really differ
+
+
+def test_requests_join_a_running_batch_at_step_boundaries():
+    model = adapted("llama")
+    batch = list(zip(prompts(6, seed=1), MIXES))
+    expected = [reference(model, ids, mix, max_tokens=30) for ids, mix in batch]
+    engine = Engine(model, eos_id=None, max_batch=8).start()
+    outs = []
+    try:
+        for ids, mix in batch:  # each arrives while the earlier ones are mid-generation
+            outs.append(run(engine, ids, mix, max_tokens=30)[1])
+            while len(outs[-1].tokens) < 3 and not outs[-1].done.is_set():
+                outs[-1].done.wait(0.001)
+        for out in outs:
+            assert out.done.wait(30)
+    finally:
+        engine.stop()
+    assert [out.tokens for out in outs] == expected
+    assert engine.stats.prefills == len(batch) and engine.stats.max_batch_seen > 2
+
+
+def test_sampling_with_a_seed_is_the_same_alone_and_in_a_batch():
+    model = adapted("llama")
+    batch = list(zip(prompts(4, seed=2), MIXES))
+    engine = Engine(model, eos_id=None).start()
+    try:
+        alone = []
+        for ids, mix in batch:
+            _, out = run(engine, ids, mix, temperature=0.9, top_p=0.9, seed=7)
+            out.done.wait(30)
+            alone.append(out.tokens)
+        together = [run(engine, ids, mix, temperature=0.9, top_p=0.9, seed=7)[1] for ids, mix in batch]
+        for out in together:
+            out.done.wait(30)
+    finally:
+        engine.stop()
+    assert [out.tokens for out in together] == alone
+
+
+def test_finish_reasons_cancel_and_context_limit():
+    model = adapted("llama")
+    ids = prompts(1)[0]
+    first = reference(model, ids, {"a": 1.0}, max_tokens=5)
+    engine = Engine(model, eos_id=first[2]).start()  # the third token is "end of text"
+    try:
+        _, out = run(engine, ids, {"a": 1.0}, max_tokens=5)
+        assert out.done.wait(30)
+        assert (out.tokens, out.finish) == (first[:2], "stop")
+        engine.eos_id = None
+        long_ids = [5] * 60  # context is 64 positions: only 4 tokens fit
+        _, out = run(engine, long_ids, {}, max_tokens=50)
+        assert out.done.wait(30)
+        assert out.finish == "length" and len(out.tokens) == 5  # the 5th is sampled at position 63, never fed
+        request, out = run(engine, ids, {}, max_tokens=50)
+        engine.cancel(request)
+        assert out.done.wait(30)
+        assert out.finish == "stop" and len(out.tokens) < 50
+    finally:
+        engine.stop()
+
+
+def test_retired_adapter_leaves_after_its_requests_finish():
+    model = adapted("llama")
+    ids = prompts(1)[0]
+    expected = reference(model, ids, {"b": 1.0}, max_tokens=40)
+    engine = Engine(model, eos_id=None).start()
+    try:
+        _, out = run(engine, ids, {"b": 1.0}, max_tokens=40)
+        while len(out.tokens) < 2:
+            out.done.wait(0.001)
+        engine.retire("b")
+        assert out.done.wait(30)
+        assert out.tokens == expected  # the request in flight finished on its adapter
+        engine.call(lambda m: None).result(10)  # one more trip round the loop
+        assert "b" not in lorakit.adapter_configs(model)
+        assert all("b" not in layer.lora_A for _, layer in lorakit.lora_layers(model))
+    finally:
+        engine.stop()
+
+
+def test_a_full_queue_is_refused():
+    model = adapted("llama")
+    engine = Engine(model, eos_id=None, max_batch=1, max_waiting=2)  # not started: nothing leaves the queue
+    engine._running = True
+    for _ in range(2):
+        engine.submit(GenerationRequest([1, 2], {}, 4, Collect()))
+    with pytest.raises(Overloaded):
+        engine.submit(GenerationRequest([1, 2], {}, 4, Collect()))
