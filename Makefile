@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup browser test demo bench clean
+.PHONY: setup browser test demo bench bench-serve clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+bench-serve: $(STAMP)
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -43,8 +43,11 @@ def _wrappers(model: nn.Module) -> Iterator[LoraLayer | SavedModule]:
             yield module
 
 
-def _base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Named modules as the user's model had them: wrappers stand for their base, internals hidden."""
+def _base_modules(model: nn.Module, wrappers: list | None = None) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules as the user's model had them: wrappers stand for their base, internals hidden.
+
+    The wrappers passed on the way are appended to `wrappers` when given (one walk serves both).
+    """
     inside: str | None = None
     for name, module in model.named_modules():
         if inside is not None and name.startswith(inside):
@@ -52,6 +55,8 @@ def _base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         inside = None
         if isinstance(module, (LoraLayer, SavedModule)):
             inside = name + "."
+            if wrappers is not None:
+                wrappers.append(module)
             yield name, module.base
         else:
             yield name, module
@@ -86,8 +91,12 @@ def _layer_index_ok(config: LoraConfig, key: str) -> bool:
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 
-def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Full names of the modules `config` adapts in `model`; a clear error if there are none."""
+def resolve_targets(model: nn.Module, config: LoraConfig,
+                    modules: list[tuple[str, nn.Module]] | None = None) -> list[str]:
+    """Full names of the modules `config` adapts in `model`; a clear error if there are none.
+
+    `modules`: `list(_base_modules(model))` when the caller has it already.
+    """
     targets = config.target_modules
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -95,7 +104,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             raise UserError("target_modules is not set and there is no default for this model; "
                             "pass target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
         targets = DEFAULT_TARGETS[model_type]
-    modules = list(_base_modules(model))
+    modules = list(_base_modules(model)) if modules is None else modules
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         found = [n for n, m in modules if base_kind(m) in ("linear", "conv1d") and m is not head]
@@ -121,18 +130,21 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 # -- inject / delete ------------------------------------------------------------------------------
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn.Module:
+def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initialize: bool = True) -> nn.Module:
     """Wrap the layers `config` targets with a new adapter, freeze the rest, and make it the active one.
 
     Afterwards only the new adapter's parameters (plus biases per `config.bias` and copies of
     `modules_to_save`) have requires_grad. Returns the same model, changed in place.
+    `initialize=False` leaves the new weights uninitialized, for a caller about to copy saved ones in.
     """
     configs = adapter_configs(model)
     if adapter in configs:
         raise UserError(f"the model already has an adapter named {adapter!r}; pick another name or delete it")
-    if any(layer.merged for _, layer in lora_layers(model)):
+    wrappers: list[LoraLayer | SavedModule] = []
+    modules = list(_base_modules(model, wrappers))  # the one walk before changing anything
+    if any(isinstance(w, LoraLayer) and w.merged for w in wrappers):
         raise UserError("the model has merged adapters; unmerge(model) before adding another")
-    targets = resolve_targets(model, config)
+    targets = resolve_targets(model, config, modules)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         # Record what "all-linear" meant here, as PEFT does, so the file says which layers it holds.
         config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in targets})
@@ -142,7 +154,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
         if layer.kind == "conv1d":
             config.fan_in_fan_out = True  # GPT-2's Conv1D stores (in, out); PEFT sets this too
         layer.add_adapter(adapter, r=config.rank_for(name), scaling=config.scaling_for(name),
-                          dropout=config.lora_dropout, init=config.init_lora_weights)
+                          dropout=config.lora_dropout, init=config.init_lora_weights if initialize else None)
     for pattern in config.modules_to_save or []:
         hits = [n for n, _ in _base_modules(model) if n and _matches([pattern], n)]
         if not hits:
@@ -150,8 +162,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
         for name in hits:
             _wrap(model, name, SavedModule).add_adapter(adapter)
     configs[adapter] = config
-    set_adapters(model, adapter)
-    mark_trainable(model, adapter)
+    for module in mark_trainable(model, adapter):
+        module.active = {adapter: 1.0}  # what set_adapters(model, adapter) does, without another walk
     return model
 
 
@@ -168,14 +180,22 @@ def _wrap(model: nn.Module, name: str, kind: type) -> LoraLayer | SavedModule:
     return wrapper
 
 
-def mark_trainable(model: nn.Module, adapter: str | None) -> None:
-    """requires_grad only on `adapter`'s parameters (and biases per its config); None freezes all."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+def mark_trainable(model: nn.Module, adapter: str | None) -> list[LoraLayer | SavedModule]:
+    """requires_grad only on `adapter`'s parameters (and biases per its config); None freezes all.
+
+    Returns the model's wrappers (found on the way).
+    """
+    wrappers = []
+    for module in model.modules():  # one walk: freeze each module's own parameters, note the wrappers
+        for p in module._parameters.values():  # its own (not its children's), without parameters()'s generators
+            if p is not None:
+                p.requires_grad_(False)
+        if isinstance(module, (LoraLayer, SavedModule)):
+            wrappers.append(module)
     if adapter is None:
-        return
+        return wrappers
     config = adapter_configs(model)[adapter]
-    for module in _wrappers(model):
+    for module in wrappers:
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             module.lora_A[adapter].requires_grad_(True)
             module.lora_B[adapter].requires_grad_(True)
@@ -187,6 +207,7 @@ def mark_trainable(model: nn.Module, adapter: str | None) -> None:
         for name, p in model.named_parameters():
             if name.endswith("bias") and ".lora_" not in name:
                 p.requires_grad_(True)
+    return wrappers
 
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
@@ -228,10 +249,11 @@ def set_adapters(model: nn.Module, adapters: str | list[str] | dict[str, float])
             raise UserError(f"no adapter named {name!r}; the model has {sorted(known) or 'none'}")
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight != weight:
             raise UserError(f"weight for adapter {name!r} must be a number, got {weight!r}")
-    for module in _wrappers(model):
+    wrappers = list(_wrappers(model))
+    for module in wrappers:
         if isinstance(module, LoraLayer) and module.merged and dict(module.active) != adapters:
             raise UserError("adapters are merged into the base; unmerge(model) before changing the active set")
-    for module in _wrappers(model):
+    for module in wrappers:
         module.active = {n: float(w) for n, w in adapters.items()}
 
 

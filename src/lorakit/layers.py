@@ -64,19 +64,21 @@ class LoraLayer(nn.Module):
 
     # -- adapters -----------------------------------------------------------------------------
 
-    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: bool | str) -> None:
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: bool | str | None) -> None:
         weight = self.base.weight
         # Adapter weights are fp32 masters even on a bf16/fp16 base: small, and precise to update.
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         A = torch.empty(r, self.in_features, dtype=dtype, device=weight.device)
         B = torch.empty(self.out_features, r, dtype=dtype, device=weight.device)
-        _init_lora(A, B, init, embedding=self.kind == "embedding", r=r)
+        if init is not None:  # None: the caller copies saved weights in next, so no init to throw away
+            _init_lora(A, B, init, embedding=self.kind == "embedding", r=r)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.scaling[name] = scaling
         # p = 0 needs no dropout module at all: Identity makes no copy of x.
-        self.dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.dropout[name].train(self.training)  # a new module defaults to training mode; follow the model
+        drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        drop.training = self.training  # a new module defaults to training mode; follow the model (no children)
+        self.dropout[name] = drop
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:

@@ -186,10 +186,10 @@ class Engine:
                 self._retiring -= set(retired)
                 room = self.max_batch - len(self._rows)
                 admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            for adapter in retired:  # before the jobs: a job queued after a retirement sees it done
+                self._run_job(lambda model, a=adapter: delete_adapter(model, a), concurrent.futures.Future())
             for job, future in jobs:
                 self._run_job(job, future)
-            for adapter in retired:
-                self._run_job(lambda model, a=adapter: delete_adapter(model, a), concurrent.futures.Future())
             for request in admitted:
                 self._guard(self._admit, request)
             if self._rows:
@@ -309,9 +309,9 @@ class Engine:
         if request.finished:
             return
         request.finished = True
-        request.emit(None, reason)
         with self._lock:
             self._users.subtract(request.adapters.keys())
+        request.emit(None, reason)
 
     def _drop_finished(self) -> None:
         keep = [i for i, row in enumerate(self._rows) if not row.done and not row.request.cancelled]
