@@ -37,3 +37,25 @@ def test_public_names_are_the_functions_whatever_was_imported_first():
             "print(all(callable(getattr(lorakit, n)) or isinstance(getattr(lorakit, n), type) for n in lorakit.__all__))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--adapter", "nowhere/at/all"], "is not a directory"),
+    (["--adapter", "bad name=."], "is not allowed"),
+    (["--adapter-dir", "no/such/dir"], "is not a directory"),
+    (["--max-batch", "0"], "--max-batch must be at least 1"),
+])
+def test_serve_bad_arguments_end_in_one_line(args, message, capsys):
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and err.startswith("lorakit serve: error:")
+
+
+def test_serve_refuses_a_port_in_use(capsys):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot listen on 127.0.0.1:{port}" in err and len(err.splitlines()) == 1

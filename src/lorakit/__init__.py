@@ -37,6 +37,7 @@ _EXPORTS = {
     "adapter_state_dict": "lorakit.io",
     "load_adapter": "lorakit.io",
     "read_adapter": "lorakit.io",
+    "install_adapter": "lorakit.io",
     "save_adapter": "lorakit.io",
     "write_adapter": "lorakit.io",
     "Adapter": "lorakit.algebra",

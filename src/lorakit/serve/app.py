@@ -379,6 +379,7 @@ def serve(config: ServeConfig) -> None:
     """Run the server until Ctrl-C."""
     import uvicorn
 
+    _check_port_free(config.host, config.port)  # before the minutes of loading: fail fast, in one line
     if not _is_loopback(config.host) and not config.api_key:
         print(f"lorakit serve: warning: listening on {config.host} with no --api-key; anyone who can reach it "
               "can use it", file=sys.stderr)
@@ -390,6 +391,16 @@ def serve(config: ServeConfig) -> None:
         uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     finally:
         engine.stop()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port or --host") from None
 
 
 def _is_loopback(host: str) -> bool:
