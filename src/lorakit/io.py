@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
@@ -35,8 +35,10 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors. Adapter-sized files are read whole and parsed from memory, which
+    is faster here than safetensors' per-tensor reads from a memory map."""
     try:
-        return load_file(str(path))
+        return safetensors_load(Path(path).read_bytes())
     except FileNotFoundError:
         raise UserError(f"{path} not found") from None
     except Exception as err:  # safetensors raises its own error types for truncated / corrupt files

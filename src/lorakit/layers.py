@@ -54,7 +54,7 @@ class LoraLayer(nn.Module):
             self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
         self.lora_A = nn.ParameterDict()  # name -> (r, in)
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
-        self.dropout = nn.ModuleDict()
+        self.dropout = nn.ModuleDict()  # name -> nn.Dropout, only for adapters with p > 0
         self.scaling: dict[str, float] = {}
         self.active: dict[str, float] = {}  # adapters in use -> user weight
         self.merged: dict[str, float] = {}  # adapters folded into base.weight -> weight used
@@ -75,18 +75,24 @@ class LoraLayer(nn.Module):
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.scaling[name] = scaling
-        # p = 0 needs no dropout module at all: Identity makes no copy of x.
-        drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        drop.training = self.training  # a new module defaults to training mode; follow the model (no children)
-        self.dropout[name] = drop
+        if dropout > 0:  # p = 0 needs no module at all: no copy of x, and less to walk over in the model
+            drop = nn.Dropout(dropout)
+            drop.training = self.training  # a new module defaults to training mode; follow the model
+            self.dropout[name] = drop
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
             raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge before deleting it")
-        for table in (self.lora_A, self.lora_B, self.dropout):
+        for table in (self.lora_A, self.lora_B):
             del table[name]
+        if name in self.dropout:
+            del self.dropout[name]
         self.scaling.pop(name)
         self.active.pop(name, None)
+
+    def _dropping(self, name: str) -> bool:
+        """Whether adapter `name` drops out inputs right now (p > 0 and training mode)."""
+        return name in self.dropout and self.dropout[name].training
 
     def rank(self, name: str) -> int:
         return self.lora_A[name].shape[0]
@@ -129,8 +135,7 @@ class LoraLayer(nn.Module):
             # The down projection runs in the adapter's precision (fp32 masters) unless autocast says
             # otherwise, as the unfused path did; the up projection in the base output's precision.
             down = dtype if torch.is_autocast_enabled(device) else A.dtype
-            drop = self.dropout[name]
-            xa = drop(x2) if isinstance(drop, nn.Dropout) and drop.training else x2  # (N, in)
+            xa = self.dropout[name](x2) if self._dropping(name) else x2  # (N, in)
             # None means "the input itself": then no copy of x is made or saved twice.
             lora += [None if xa is x2 and down == dtype else xa.to(down), A.to(down), B.to(dtype)]
             scales.append(self.scaling[name] * self.active[name])
@@ -145,7 +150,7 @@ class LoraLayer(nn.Module):
                             norm_type=self.base.norm_type, scale_grad_by_freq=self.base.scale_grad_by_freq,
                             sparse=self.base.sparse)  # (..., r)
         else:
-            h = F.linear(self.dropout[name](x).to(A.dtype), A)  # (..., r)
+            h = F.linear((self.dropout[name](x) if name in self.dropout else x).to(A.dtype), A)  # (..., r)
         # Scale the rank-r tensor, not the (..., out) one: r/out of the work and no full-size temporary.
         return h * (self.scaling[name] * weight)
 
@@ -168,8 +173,7 @@ class LoraLayer(nn.Module):
         names = list(dict.fromkeys(n for mix in mixes for n in mix))
         if not names:
             return result
-        dropping = any(isinstance(self.dropout[n], nn.Dropout) and self.dropout[n].training for n in names)
-        if self.kind == "embedding" or dropping:
+        if self.kind == "embedding" or any(self._dropping(n) for n in names):
             return self._add_per_row_loop(x, result, mixes, names)
         return self._add_per_row_gathered(x, result, mixes)
 
