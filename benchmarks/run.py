@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/run.py --only train,load --json out.json
 
 Benchmarks: layer (one LoRA linear), train (1-3: step speed, vs forward), memory (4: peak step
-memory, each run in a fresh process), inference (5),
+memory, each run in a fresh process), compile (1-3 with torch.compile
+on both sides), inference (5),
 load (6), e2e (7: `lorakit train` tokens/s and MFU). Timings are medians after warm-up, lorakit and
 PEFT interleaved. The machine is shared: the load average is printed before and after, and numbers
 taken with the load above the core count are noise, not results.
@@ -32,6 +33,7 @@ SUITES = {
     # one sample per function per round: the finest interleaving, so bursts of load hit all alike
     "train": lambda a: train_step.run(rounds=2 * a.rounds, repeats=1, quick=a.quick),
     "memory": lambda a: train_step.run_memory(quick=a.quick),
+    "compile": lambda a: train_step.run_compiled(rounds=a.rounds, quick=a.quick),
     "inference": lambda a: inference.run(rounds=2 * a.rounds, repeats=1, quick=a.quick),
     "load": lambda a: load.run(rounds=6 if a.quick else 30, quick=a.quick),
     "e2e": lambda a: end_to_end.run(quick=a.quick),

@@ -172,6 +172,41 @@ def run(rounds: int = 3, repeats: int = 2, quick: bool = False) -> list[dict]:
     return rows
 
 
+def _compiled(model):
+    """The model with its decoder compiled in place (`lorakit train --compile` does the same)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
+    inner.get_decoder().compile()
+    return model
+
+
+def run_compiled(rounds: int = 3, repeats: int = 1, quick: bool = False) -> list[dict]:
+    """torch.compile (optional in `lorakit train`): lorakit and PEFT each compiled, beside both eager, fp32."""
+    shape, seq, batch_size = (LLAMA_SMALL, 64, 2) if quick else (LLAMA_25M, 256, 8)
+    base = llama(shape)
+    batch = token_batch(shape["vocab_size"], batch_size, seq)
+    plain = copy.deepcopy(base)
+    fns = {"forward": make_forward(_compiled(plain), batch, "fp32"),
+           "lorakit": make_step(_compiled(lorakit_model(base, "fp32")), batch, "fp32", lorakit_loss),
+           "peft": make_step(_compiled(peft_model(base)), batch, "fp32", peft_loss),
+           "peft eager": make_step(peft_model(base), batch, "fp32", peft_loss)}
+    t = interleaved(fns, rounds=rounds, repeats=repeats, warmup=2)  # the first warm-up call compiles
+    where = f"{'25M' if shape is LLAMA_25M else 'small'} model, batch {batch_size}x{seq}, fp32, decoder compiled"
+    both = t["peft"]["median"] / t["lorakit"]["median"]
+    vs_eager = t["peft eager"]["median"] / t["lorakit"]["median"]
+    ratio = t["lorakit"]["median"] / t["forward"]["median"]
+    return [
+        {"id": 2, "benchmark": "train step, both fp32 + torch.compile", "lorakit": t["lorakit"], "peft": t["peft"],
+         "value": both, "unit": "x faster", "target": ">= 1.2x faster", "met": both >= 1.2, "setup": where},
+        {"id": 1, "benchmark": "train step, lorakit --compile vs PEFT default (eager fp32)", "lorakit": t["lorakit"],
+         "peft": t["peft eager"], "value": vs_eager, "unit": "x faster", "target": ">= 3x faster",
+         "met": vs_eager >= 3, "setup": where},
+        {"id": 3, "benchmark": "train step / base no-grad forward, fp32, both compiled", "lorakit": t["lorakit"],
+         "forward": t["forward"], "value": ratio, "unit": "x forward",
+         "peft_value": t["peft"]["median"] / t["forward"]["median"], "target": "<= 2.3x", "met": ratio <= 2.3,
+         "setup": where + f"; forward {ms(t['forward'])}"},
+    ]
+
+
 def run_memory(quick: bool = False) -> list[dict]:
     """Benchmark 4: peak memory of a step, each configuration in its own fresh process."""
     full, seq, batch_size = (LLAMA_SMALL, 64, 2) if quick else (LLAMA_25M, 256, 8)

@@ -118,3 +118,15 @@ def test_base_that_is_not_a_causal_lm_is_refused(tmp_path, text_file, capsys):
     ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path / "vit")
     code = main(["train", "--base", str(tmp_path / "vit"), "--data", str(text_file), "--out", str(tmp_path / "o")])
     assert code == 2 and "not a causal language model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["activation_checkpointing", pytest.param("compile", marks=pytest.mark.slow)])
+def test_memory_and_speed_options_train_the_same_adapter(tiny_base, text_file, tmp_path, option):
+    """--activation-checkpointing recomputes, --compile fuses: the adapter must come out the same."""
+    train(_config(tiny_base, text_file, tmp_path / "plain", steps=3))
+    train(_config(tiny_base, text_file, tmp_path / "option", steps=3, **{option: True}))
+    plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    other = load_file(tmp_path / "option" / "adapter_model.safetensors")
+    assert plain.keys() == other.keys()
+    for key in plain:
+        assert torch.allclose(plain[key], other[key], atol=1e-5), key
