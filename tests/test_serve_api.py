@@ -62,8 +62,10 @@ def oracle(adapters):
     return greedy
 
 
-def post(server, path, body, key=KEY, raw=None):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+def post(server, path, body, key=KEY, raw=None, headers=None):
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    if raw is not None:
+        headers.setdefault("Content-Type", "application/json")
     return httpx.post(server[0] + path, headers=headers, timeout=30,
                       **({"content": raw} if raw is not None else {"json": body}))
 
@@ -146,6 +148,37 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
     assert error["param"] == param and error["message"] and error["type"]
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"model": "legal", "prompt": "x", "seed": 1' + b"0" * 400 + b"}",  # an integer too big for any field
+    b'{"model": "legal", "prompt": "\\ud800"}',  # a lone surrogate: not text
+    b'{"model": "legal", "prompt": "x", "a": ' + b"[" * 1500 + b"]" * 1500 + b"}",  # nesting
+    b'{"model": "legal", "prompt": "x", "repetition_penalty": 1.3}',  # vLLM extra not implemented
+])
+def test_hostile_bodies_get_a_400_not_a_crash(server, raw):
+    r = post(server, "/v1/completions", None, raw=raw)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"]
+
+
+def test_defaults_for_null_fields_and_top_k(client, oracle):
+    r = client.completions.create(model="legal", prompt="The sea", max_tokens=8, temperature=0, top_p=None)
+    assert r.choices[0].text == oracle("The sea", {"legal": 1.0}, 8)
+    # top_k=1 samples only the likeliest token: greedy whatever the temperature
+    r = client.completions.create(model="legal", prompt="The sea", max_tokens=8, temperature=1.5, seed=3,
+                                  extra_body={"top_k": 1})
+    assert r.choices[0].text == oracle("The sea", {"legal": 1.0}, 8)
+
+
+def test_foreign_pages_cannot_post_or_rebind(server):
+    # a plain HTML form or no-cors fetch can only send text/plain or form data: refused before any work
+    r = post(server, "/v1/unload_lora_adapter", None, raw=b'{"lora_name": "legal"}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+    r = httpx.get(server[0] + "/v1/models", headers={"Host": "evil.example:80", "Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "bad_host"
+    assert "legal" in {m["id"] for m in httpx.get(server[0] + "/v1/models",
+                                                     headers={"Authorization": f"Bearer {KEY}"}).json()["data"]}
+
+
 def test_too_long_prompt_names_the_context_limit(server):
     r = post(server, "/v1/completions", {"model": "legal", "prompt": list(range(3, 500)), "max_tokens": 32})
     assert r.status_code == 400 and "512" in r.json()["error"]["message"]
@@ -185,6 +218,15 @@ def test_load_paths_must_stay_inside_adapter_dir(server, adapters, tmp_path):
         r = post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})
         assert r.status_code == 403, (path, r.text)
         assert str(root) not in r.text
+    # an adapter directory inside whose weights file is a link to a file outside
+    linked = root / "linked"
+    linked.mkdir(exist_ok=True)
+    (linked / "adapter_config.json").write_text((paths["tech"] / "adapter_config.json").read_text())
+    if not (linked / "adapter_model.safetensors").exists():
+        os.symlink(outside / "adapter_model.safetensors", linked / "adapter_model.safetensors")
+    assert post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "linked"}).status_code == 403
+    r = post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "te\u0000ch"})
+    assert r.status_code == 400
     r = post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "missing"})
     assert r.status_code == 400 and "not found" in r.json()["error"]["message"]
     r = post(server, "/v1/load_lora_adapter", {"lora_name": "bad/name", "lora_path": "tech"})
@@ -204,6 +246,17 @@ def test_an_adapter_for_another_base_is_refused(server, tmp_path, adapters):
     r = post(server, "/v1/load_lora_adapter", {"lora_name": "wrong", "lora_path": "wrong"})
     assert r.status_code == 400 and "does not fit" in r.json()["error"]["message"]
     assert "wrong" not in {m["id"] for m in httpx.get(server[0] + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]}
+
+
+def test_adapters_that_change_shared_weights_are_refused(server, adapters):
+    root, _ = adapters
+    model, _ = load_base(None)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    lorakit.save_adapter(model, root / "with_head")
+    r = post(server, "/v1/load_lora_adapter", {"lora_name": "with_head", "lora_path": "with_head"})
+    assert r.status_code == 400 and "modules_to_save" in r.json()["error"]["message"]
+    # nothing of it stayed behind: the base still answers as the base
+    assert all("with_head" not in k for k in lorakit.adapter_configs(server[1].model))
 
 
 def test_load_serve_unload_while_a_request_is_in_flight(server, client, oracle):

@@ -9,7 +9,7 @@ import torch
 
 import lorakit
 from lorakit.generate import Sampling, stream_tokens
-from lorakit.serve.engine import Engine, GenerationRequest, Overloaded
+from lorakit.serve.engine import Engine, GenerationRequest, Overloaded, Stopped
 from tests.conftest import VOCAB, build, randomize_adapters
 
 RANKS = {"a": 2, "b": 6, "c": 3}  # adapters of different ranks share the batch
@@ -164,11 +164,45 @@ def test_retired_adapter_leaves_after_its_requests_finish():
         engine.stop()
 
 
-def test_a_full_queue_is_refused():
+def test_a_full_queue_is_refused_and_a_stopped_engine_fails_its_requests():
     model = adapted("llama")
-    engine = Engine(model, eos_id=None, max_batch=1, max_waiting=2)  # not started: nothing leaves the queue
-    engine._running = True
-    for _ in range(2):
-        engine.submit(GenerationRequest([1, 2], {}, 4, Collect()))
+    engine = Engine(model, eos_id=None, max_batch=1, max_waiting=2).start()
+    hold = threading.Event()
+    engine.call(lambda m: hold.wait(30))  # the engine thread is busy: nothing leaves the queue
+    outs = [Collect() for _ in range(2)]
+    for out in outs:
+        engine.submit(GenerationRequest([1, 2], {}, 4, out))
     with pytest.raises(Overloaded):
         engine.submit(GenerationRequest([1, 2], {}, 4, Collect()))
+    cancelled = engine.call(lambda m: None)
+    assert cancelled.cancel()  # a caller that gives up: the job is skipped, the engine lives on
+    engine._running = False  # stop without waiting: what is queued must still end
+    hold.set()
+    engine._thread.join(10)
+    assert all(out.done.is_set() and out.finish == "unavailable" for out in outs)
+    with pytest.raises(Stopped):
+        engine.submit(GenerationRequest([1, 2], {}, 4, Collect()))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the bug we plant
+def test_a_bug_in_the_loop_ends_every_request_instead_of_hanging(monkeypatch):
+    model = adapted("llama")
+    engine = Engine(model, eos_id=None).start()
+    out = Collect()
+    monkeypatch.setattr(engine, "_retired", lambda: 1 / 0)  # something unexpected inside the loop itself
+    engine.submit(GenerationRequest([1, 2], {}, 4, out))
+    assert out.done.wait(10) and out.finish == "unavailable"
+    assert not engine.alive()
+    with pytest.raises(Stopped):
+        engine.submit(GenerationRequest([1, 2], {}, 4, Collect()))
+
+
+def test_models_with_sliding_window_caches_are_refused():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from lorakit.errors import UserError
+
+    model = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=8))
+    with pytest.raises(UserError, match="full-attention models only"):
+        Engine(model, eos_id=None)

@@ -149,18 +149,24 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initi
         # Record what "all-linear" meant here, as PEFT does, so the file says which layers it holds.
         config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in targets})
 
-    for name in targets:
-        layer = _wrap(model, name, LoraLayer)
-        if layer.kind == "conv1d":
-            config.fan_in_fan_out = True  # GPT-2's Conv1D stores (in, out); PEFT sets this too
-        layer.add_adapter(adapter, r=config.rank_for(name), scaling=config.scaling_for(name),
-                          dropout=config.lora_dropout, init=config.init_lora_weights if initialize else None)
+    saved = []  # modules_to_save, checked before anything changes
     for pattern in config.modules_to_save or []:
-        hits = [n for n, _ in _base_modules(model) if n and _matches([pattern], n)]
+        hits = [n for n, _ in modules if n and _matches([pattern], n)]
         if not hits:
             raise UserError(f"modules_to_save entry {pattern!r} matches no module in the model")
-        for name in hits:
+        saved += hits
+    try:
+        for name in targets:
+            layer = _wrap(model, name, LoraLayer)
+            if layer.kind == "conv1d":
+                config.fan_in_fan_out = True  # GPT-2's Conv1D stores (in, out); PEFT sets this too
+            layer.add_adapter(adapter, r=config.rank_for(name), scaling=config.scaling_for(name),
+                              dropout=config.lora_dropout, init=config.init_lora_weights if initialize else None)
+        for name in saved:
             _wrap(model, name, SavedModule).add_adapter(adapter)
+    except BaseException:  # leave the model as it was: no half-added adapter
+        _remove(model, adapter)
+        raise
     configs[adapter] = config
     for module in mark_trainable(model, adapter):
         module.active = {adapter: 1.0}  # what set_adapters(model, adapter) does, without another walk
@@ -215,6 +221,12 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
     configs = adapter_configs(model)
     if adapter not in configs:
         raise UserError(f"no adapter named {adapter!r}; the model has {sorted(configs) or 'none'}")
+    _remove(model, adapter)
+    del configs[adapter]
+
+
+def _remove(model: nn.Module, adapter: str) -> None:
+    """Take `adapter`'s weights out of every wrapper; wrappers left empty give back their base."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             if adapter in module.merged:
@@ -226,7 +238,6 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
             module.delete_adapter(adapter)
             if not module.copies:
                 _replace(model, name, module.base)
-    del configs[adapter]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

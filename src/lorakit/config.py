@@ -123,6 +123,14 @@ class LoraConfig:
                 raise UserError("target_modules is empty; name at least one module, e.g. ['q_proj', 'v_proj']")
         elif isinstance(self.target_modules, str) and not self.target_modules.strip():
             raise UserError("target_modules is an empty string; name modules or use 'all-linear'")
+        patterns = [("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules),
+                    *(("rank_pattern", k) for k in self.rank_pattern), *(("alpha_pattern", k) for k in self.alpha_pattern)]
+        for field_name, pattern in patterns:
+            if isinstance(pattern, str):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise UserError(f"{field_name} {pattern!r} is not a valid regular expression ({err})") from None
         for name, rank in self.rank_pattern.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 raise UserError(f"rank_pattern[{name!r}] must be a positive integer, got {rank!r}")

@@ -112,7 +112,9 @@ def generate(prompt: str, adapters: list[str], base: str | None = None, sampling
     if compare and not weights:
         raise UserError("--compare needs at least one --adapter to compare against the base")
     text = render_chat_prompt([{"role": "user", "content": prompt}], tokenizer) if chat else prompt
-    input_ids = tokenizer(text).input_ids
+    # a tokenizer's own chat template writes the start token into the text already (as in training)
+    specials = not (chat and getattr(tokenizer, "chat_template", None))
+    input_ids = tokenizer(text, add_special_tokens=specials).input_ids
     label = " + ".join(f"{n}:{w:g}" for n, w in weights.items()) or "base"
     runs = {"base": True, label: False} if compare else {label: not weights}
     results = {}

@@ -74,6 +74,7 @@ class LoraLayer(nn.Module):
             _init_lora(A, B, init, embedding=self.kind == "embedding", r=r)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
+        self.__dict__.pop("_stack", None)  # the per-row stack no longer holds every adapter
         self.scaling[name] = scaling
         if dropout > 0:  # p = 0 needs no module at all: no copy of x, and less to walk over in the model
             drop = nn.Dropout(dropout)
@@ -85,6 +86,7 @@ class LoraLayer(nn.Module):
             raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge before deleting it")
         for table in (self.lora_A, self.lora_B):
             del table[name]
+        self.__dict__.pop("_stack", None)  # frees the stacked copy of the removed adapter at once
         if name in self.dropout:
             del self.dropout[name]
         self.scaling.pop(name)
@@ -184,11 +186,11 @@ class LoraLayer(nn.Module):
         over adapters would pay per adapter for its own small matmuls and a copy of the output. A
         row mixing k adapters gathers k slots, i.e. one adapter of the summed rank.
         """
-        names, As, Bts = self._stacked()  # (n, r, in), (n, r, out); ranks padded with zeros to the largest
-        slot = {n: i for i, n in enumerate(names)}
+        names, As, Bts = self._stacked()  # (1+n, r, in), (1+n, r, out): slot 0 is all zeros
+        slot = {n: i + 1 for i, n in enumerate(names)}
         batch, k = len(mixes), max(1, max(len(m) for m in mixes))
-        index = [[0] * k for _ in mixes]
-        scale = [[0.0] * k for _ in mixes]  # empty slots (and base-only rows) get scale 0: they add exact zeros
+        index = [[0] * k for _ in mixes]  # empty slots (and base-only rows) gather the zero slot: they add exact zeros
+        scale = [[0.0] * k for _ in mixes]
         for row, mix in enumerate(mixes):
             for j, (name, weight) in enumerate(mix.items()):
                 index[row][j], scale[row][j] = slot[name], self.scaling[name] * weight
@@ -206,11 +208,13 @@ class LoraLayer(nn.Module):
         return flat.baddbmm_(h.to(result.dtype), Bt).view_as(result)  # in place: inference makes no copy
 
     def _stacked(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """Every adapter of this layer stacked as (names, A (n, r, in), Bᵀ (n, r, out)), zero-padded to one rank.
+        """Every adapter of this layer stacked behind a zero slot: (names, A (1+n, r, in), Bᵀ (1+n, r, out)),
+        zero-padded to one rank.
 
-        Inference reuses the stack until an adapter is added, removed or changed in place (a server
-        swapping adapters rebuilds it once per swap, not once per token); under autograd it is
-        rebuilt so that gradients reach the parameters.
+        Inference reuses the stack until an adapter is added or removed or its weights are changed
+        in place by ordinary ops (a server swapping adapters rebuilds it once per swap, not once per
+        token; writes through `.data` bypass the version counter: call `add_adapter`/`delete_adapter`
+        or drop `_stack`). Under autograd it is rebuilt so that gradients reach the parameters.
         """
         names = sorted(self.lora_A)
         key = tuple((n, self.lora_A[n].data_ptr(), self.lora_A[n]._version,
@@ -219,14 +223,15 @@ class LoraLayer(nn.Module):
         if cached is not None and cached[0] == key and not torch.is_grad_enabled():
             return names, cached[1], cached[2]
         ranks = [self.rank(n) for n in names]
+        zero = self.lora_A[names[0]].new_zeros(1, max(ranks), self.in_features), \
+            self.lora_A[names[0]].new_zeros(1, max(ranks), self.out_features)
         if len(set(ranks)) == 1:
-            As = torch.stack([self.lora_A[n] for n in names])  # (n, r, in)
-            Bts = torch.stack([self.lora_B[n].t() for n in names])  # (n, r, out)
+            As = torch.cat([zero[0], torch.stack([self.lora_A[n] for n in names])])  # (1+n, r, in)
+            Bts = torch.cat([zero[1], torch.stack([self.lora_B[n].t() for n in names])])  # (1+n, r, out)
         else:
-            first = self.lora_A[names[0]]
-            As = first.new_zeros(len(names), max(ranks), self.in_features)
-            Bts = first.new_zeros(len(names), max(ranks), self.out_features)
-            for i, (n, r) in enumerate(zip(names, ranks)):
+            As = zero[0].new_zeros(1 + len(names), max(ranks), self.in_features)
+            Bts = zero[1].new_zeros(1 + len(names), max(ranks), self.out_features)
+            for i, (n, r) in enumerate(zip(names, ranks), start=1):
                 As[i, :r] = self.lora_A[n]
                 Bts[i, :r] = self.lora_B[n].t()
         if not torch.is_grad_enabled():

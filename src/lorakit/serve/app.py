@@ -118,12 +118,16 @@ class Registry:
 def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfig):
     """The FastAPI application over a running engine."""
     from lorakit.data import SIMPLE_CHAT_TEMPLATE, render_chat_prompt
-    from lorakit.io import install_adapter, read_adapter
+    from lorakit.config import CONFIG_NAME
+    from lorakit.io import WEIGHTS_NAME, install_adapter, read_adapter
 
     app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, openapi_url=None)
     context = engine.context
+    loopback = _is_loopback(config.host)
+    vocab = engine.model.get_input_embeddings().num_embeddings  # ids the model can embed
+    template = bool(getattr(tokenizer, "chat_template", None))
     # Without a chat template of its own the base sees "### Role:" headers; it must not write the next turn.
-    chat_stops = [] if getattr(tokenizer, "chat_template", None) else ["\n" + SIMPLE_CHAT_TEMPLATE.split("{")[0]]
+    chat_stops = [] if template else ["\n" + SIMPLE_CHAT_TEMPLATE.split("{")[0]]
 
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
@@ -137,15 +141,35 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
     async def validation_error(request, err):
         return JSONResponse(ApiError(400, str(err)).body(), status_code=400)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request, err):  # a bug, not the client's fault: still OpenAI's shape, and logged
+        import traceback
+
+        traceback.print_exception(err)
+        return JSONResponse(ApiError(500, "internal server error; see the server's log").body(), status_code=500)
+
     @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1/"):
+    async def guard(request: Request, call_next):
+        """Host check (loopback only), API key on /v1/*, JSON bodies only: before any route runs."""
+        if loopback and request.headers.get("host", "").rsplit(":", 1)[0].strip("[]") not in LOOPBACK_NAMES:
+            # a web page that re-points its own domain at 127.0.0.1 (DNS rebinding) gets no answer
+            err = ApiError(403, "this server answers only requests addressed to localhost / 127.0.0.1",
+                           code="bad_host")
+            return JSONResponse(err.body(), status_code=403)
+        path = request.scope["path"]  # the routed path itself, not one rebuilt from headers
+        if config.api_key and path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), config.api_key.encode()):
                 err = ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                                code="invalid_api_key")
                 return JSONResponse(err.body(), status_code=401)
+        if request.method == "POST":
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":  # also what stops a foreign web page from posting here unasked
+                err = ApiError(415, f"send the body as JSON with 'Content-Type: application/json' (got {kind!r})",
+                               code="unsupported_media_type")
+                return JSONResponse(err.body(), status_code=415)
         return await call_next(request)
 
     async def read_json(request: Request) -> dict:
@@ -161,8 +185,9 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
                 raise ApiError(413, f"request body is over {cap} bytes, the most this server takes")
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"request body is not valid JSON ({err})") from None
+            _check_text(data)
+        except (ValueError, RecursionError) as err:  # bad JSON, huge numbers, nesting, lone surrogates
+            raise ApiError(400, f"request body is not valid JSON ({str(err)[:200]})") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object")
         return data
@@ -190,12 +215,17 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
 
     def prompt_ids(params: GenerationParams, chat: bool) -> list[int]:
         if chat:
-            text = render_chat_prompt(params.messages, tokenizer)
-            return tokenizer(text).input_ids
+            try:
+                text = render_chat_prompt(params.messages, tokenizer)
+            except Exception as err:  # the tokenizer's template may refuse a conversation (e.g. role order)
+                raise ApiError(400, f"the model's chat template refused these messages: {err}",
+                               param="messages") from None
+            # a tokenizer's own template writes its start token into the text (as training saw it)
+            return tokenizer(text, add_special_tokens=not template).input_ids
         if isinstance(params.prompt, list):
-            bad = [t for t in params.prompt if not 0 <= t < len(tokenizer)]
+            bad = [t for t in params.prompt if not 0 <= t < vocab]
             if bad:
-                raise ApiError(400, f"'prompt' token id {bad[0]} is outside the vocabulary (0..{len(tokenizer) - 1})",
+                raise ApiError(400, f"'prompt' token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
                                param="prompt")
             return list(params.prompt)
         ids = tokenizer(params.prompt).input_ids
@@ -236,14 +266,14 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
                 pass
 
         job = GenerationRequest(ids, mix, max_tokens, emit, temperature=params.temperature, top_p=params.top_p,
-                                seed=params.seed)
+                                top_k=params.top_k, seed=params.seed)
         try:
             engine.submit(job)
         except Overloaded as err:
             raise ApiError(429, f"server is busy ({err}); retry shortly", code="server_busy") from None
         except Stopped:
             raise ApiError(503, "server is shutting down", code="unavailable") from None
-        stream = TextStream(tokenizer, params.stop + (chat_stops if chat else []))
+        stream = TextStream(tokenizer, params.stop + (chat_stops if chat else []), context=ids)
 
         async def pieces():
             """(text, finish reason) pairs until the end; cancels the job if the consumer stops early."""
@@ -259,6 +289,8 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
                         if text:
                             yield text, None
                         continue
+                    if finish == "unavailable":
+                        raise ApiError(503, "server is shutting down", code="unavailable")
                     if finish == "error":
                         raise ApiError(500, "generation failed inside the server; see its log", code="internal_error")
                     yield stream.flush(), finish
@@ -271,6 +303,8 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
             texts, finish = [], None
             async for text, finish in pieces():
                 texts.append(text)
+                if len(texts) % 8 == 0 and await request.is_disconnected():
+                    return PlainTextResponse("", status_code=499)  # nobody reads it; the job is cancelled
             use = usage(len(ids), job.generated)
             return completion_body(rid, model, "".join(texts), finish, chat, use)
 
@@ -311,8 +345,12 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
         if config.adapter_dir is None:
             raise ApiError(403, "loading adapters is off: start the server with --adapter-dir DIR", param="lora_path")
         root = Path(config.adapter_dir).resolve()
-        where = (root / path).resolve()  # follows symlinks: a link inside that points out is refused too
-        if not where.is_relative_to(root):
+        try:  # follows symlinks: a link inside that points out is refused too, for the files as well
+            where = (root / path).resolve()
+            inside = [where, *((where / f).resolve() for f in (CONFIG_NAME, WEIGHTS_NAME))]
+        except (ValueError, OSError):  # NUL bytes, loops
+            raise ApiError(400, "'lora_path' is not a usable path", param="lora_path") from None
+        if not all(p.is_relative_to(root) for p in inside):
             raise ApiError(403, "'lora_path' must resolve inside the server's --adapter-dir", param="lora_path")
         if name == registry.base_name or name in registry.adapters or name in registry.pending:
             raise ApiError(400, f"The lora adapter '{name}' has already been loaded; unload it first",
@@ -321,6 +359,7 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
         try:
             try:  # file reading and checks happen off the engine thread: generation goes on meanwhile
                 lora_config, tensors = await asyncio.to_thread(read_adapter, where)
+                servable(lora_config, where)
             except UserError as err:
                 raise ApiError(400, str(err).replace(str(root), "<adapter-dir>"), param="lora_path") from None
             key = registry.new_key(name)
@@ -331,7 +370,10 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
                 raise ApiError(400, str(err).replace(str(root), "<adapter-dir>"), param="lora_path") from None
             except Stopped:
                 raise ApiError(503, "server is shutting down", code="unavailable") from None
-            registry.adapters[name] = Adapter(name, key, path, lora_config.r)
+            except asyncio.CancelledError:  # the caller went away mid-install: take it out again if it got in
+                engine.retire(key)
+                raise
+            registry.adapters[name] = Adapter(name, key, where.name, lora_config.r)
         finally:
             registry.pending.discard(name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -350,6 +392,40 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
     return app
 
 
+def servable(config, source) -> None:
+    """Refuse adapters whose weights are not all low-rank: per-request routing covers LoRA weights only."""
+    if config.modules_to_save or config.bias != "none":
+        what = "modules_to_save" if config.modules_to_save else f"bias={config.bias!r}"
+        raise UserError(f"{source}: the adapter trains {what}, which would change the shared base for every request; "
+                        "serve it merged instead (lorakit merge) or retrain without it")
+
+
+def _end_ids(model, tokenizer) -> set[int]:
+    """Tokens that end a generation: the tokenizer's end of text and the model's own (e.g. end of turn)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(configured) if isinstance(configured, (list, tuple)) else ({configured} if configured is not None else set())
+    return ids
+
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def _check_text(value, depth: int = 0) -> None:
+    """Strings must be real text: a lone surrogate ("\\ud800") cannot be tokenized or echoed back."""
+    if depth > 64:
+        raise ValueError("nested more than 64 levels deep")
+    if isinstance(value, str):
+        value.encode("utf-8")  # UnicodeEncodeError is a ValueError
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, depth + 1)
+            _check_text(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, depth + 1)
+
+
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -359,18 +435,19 @@ def _sse(payload: dict) -> str:
 
 def build(config: ServeConfig):
     """Load the base and the startup adapters; return (app, engine, registry)."""
-    from lorakit.adapters import adapter_configs
     from lorakit.base import base_name, default_device, load_base, resolve_dtype
-    from lorakit.io import load_adapter
+    from lorakit.io import install_adapter, read_adapter
 
     device = default_device()
     dtype = resolve_dtype(config.dtype, device)
     model, tokenizer = load_base(config.base, dtype=dtype, device=device)
     registry = Registry(config.served_model_name or base_name(config.base))
     for name, path in config.adapters.items():
-        key = load_adapter(model, path, adapter=registry.new_key(name))
-        registry.adapters[name] = Adapter(name, key, str(path), adapter_configs(model)[key].r)
-    engine = Engine(model, tokenizer.eos_token_id, max_batch=config.max_batch, max_waiting=config.max_waiting,
+        lora_config, tensors = read_adapter(path)
+        servable(lora_config, path)
+        key = install_adapter(model, lora_config, tensors, registry.new_key(name), source=path)
+        registry.adapters[name] = Adapter(name, key, Path(path).resolve().name, lora_config.r)
+    engine = Engine(model, _end_ids(model, tokenizer), max_batch=config.max_batch, max_waiting=config.max_waiting,
                     dtype=dtype).start()
     return create_app(engine, tokenizer, registry, config), engine, registry
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from lorakit.adapters import delete_adapter, lora_layers
 from lorakit.base import autocast
+from lorakit.errors import UserError
 from lorakit.generate import Sampling, next_token
 
 Emit = Callable[[int | None, str | None], None]
@@ -56,13 +57,14 @@ class GenerationRequest:
     emit: Emit
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     seed: int | None = None
     cancelled: bool = False
     generated: int = 0
     finished: bool = False
 
     def sampling(self) -> Sampling:
-        return Sampling(max_new_tokens=self.max_tokens, temperature=self.temperature or 1.0, top_k=0,
+        return Sampling(max_new_tokens=self.max_tokens, temperature=self.temperature or 1.0, top_k=self.top_k,
                         top_p=self.top_p, seed=0, greedy=self.temperature == 0)
 
 
@@ -93,7 +95,7 @@ class Engine:
     """Continuous batching over `model` (a causal LM with LoRA adapters injected by name)."""
 
     model: nn.Module
-    eos_id: int | None
+    eos_id: int | set[int] | None  # the end-of-text token, or a set of them (chat models often end turns too)
     max_batch: int = 16
     max_waiting: int = 64
     dtype: torch.dtype = torch.float32
@@ -116,6 +118,19 @@ class Engine:
         accepts = inspect.signature(self.model.forward).parameters
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
         self.last_error: BaseException | None = None
+        self._check_cache_kind()
+
+    def _check_cache_kind(self) -> None:
+        """The batch cache is joined and trimmed per layer as plain (B, H, L, D) keys and values."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        config = getattr(self.model, "config", None)
+        layers = DynamicCache(config=config).layers if config is not None else []
+        odd = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
+        if odd:
+            raise UserError(f"this model's attention cache ({', '.join(sorted(odd))}) is not a plain key/value "
+                            "cache; lorakit serve supports full-attention models only")
         self._running = False
 
     # -- any thread ----------------------------------------------------------------------------
@@ -136,7 +151,7 @@ class Engine:
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request; raises Overloaded when `max_waiting` requests already wait."""
         with self._lock:
-            if not self._running:
+            if not self.alive():
                 raise Stopped("the engine is not running")
             if len(self._waiting) >= self.max_waiting:
                 raise Overloaded(f"{len(self._waiting)} requests are already waiting")
@@ -152,7 +167,7 @@ class Engine:
         """Run `job(model)` on the engine thread between two steps; the future holds its result."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            if not self._running:
+            if not self.alive():
                 raise Stopped("the engine is not running")
             self._jobs.append((job, future))
             self._lock.notify_all()
@@ -167,6 +182,9 @@ class Engine:
             self._retiring.add(adapter)
             self._lock.notify_all()
 
+    def alive(self) -> bool:
+        return self._running and self._thread is not None and self._thread.is_alive()
+
     def load(self) -> dict[str, int]:
         with self._lock:
             return {"running": len(self._rows), "waiting": len(self._waiting)}
@@ -174,6 +192,13 @@ class Engine:
     # -- the engine thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:  # normal stop, or a bug: either way nobody may wait forever
+            self._running = False
+            self._fail_all("the server is shutting down")
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
                 while self._running and not (self._waiting or self._jobs or self._rows or self._retired()):
@@ -194,17 +219,21 @@ class Engine:
                 self._guard(self._admit, request)
             if self._rows:
                 self._guard(self._step)
-        self._fail_all("the server is shutting down")
 
     def _retired(self) -> list[str]:
         return [a for a in self._retiring if self._users[a] == 0]
 
     def _run_job(self, job: Callable, future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():  # the caller gave up before it ran: skip it
+            return
         try:
-            future.set_result(job(self.model))
-        except BaseException as err:  # handed to the caller, who reports it
+            result = job(self.model)
+        except Exception as err:  # handed to the caller, who reports it
             future.set_exception(err)
-        self._layers = [layer for _, layer in lora_layers(self.model)]
+        else:
+            future.set_result(result)
+        finally:
+            self._layers = [layer for _, layer in lora_layers(self.model)]
 
     def _guard(self, step: Callable, *args) -> None:
         """An unexpected failure ends the requests involved with finish reason 'error', not the engine."""
@@ -291,7 +320,7 @@ class Engine:
         request = row.request
         if request.cancelled:
             row.done = "stop"
-        elif token == self.eos_id:
+        elif token == self.eos_id or (isinstance(self.eos_id, (set, frozenset, list, tuple)) and token in self.eos_id):
             row.done = "stop"
         else:
             request.generated += 1
@@ -341,11 +370,12 @@ class Engine:
             jobs = list(self._jobs)
             self._jobs.clear()
         for row in self._rows:
-            self._finish(row.request, "error")
+            self._finish(row.request, "unavailable")
         for request in waiting:
-            self._finish(request, "error")
+            self._finish(request, "unavailable")
         for _, future in jobs:
-            future.set_exception(Stopped(reason))
+            if future.set_running_or_notify_cancel():
+                future.set_exception(Stopped(reason))
         self._rows, self._cache, self._mask = [], None, None
 
 

@@ -39,6 +39,7 @@ class GenerationParams:
     max_tokens: int | None = None  # None: as many as the context and the server's cap allow
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # vLLM's extra field; 0 (or -1): off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
@@ -50,7 +51,10 @@ class GenerationParams:
 # change nothing (and so are accepted: clients often send the defaults explicitly).
 _UNSUPPORTED = {"n": [1], "best_of": [1], "logprobs": [False, 0], "top_logprobs": [0], "echo": [False],
                 "suffix": [""], "frequency_penalty": [0], "presence_penalty": [0], "logit_bias": [{}],
-                "tools": [[]], "functions": [[]], "response_format": [{"type": "text"}]}
+                "tools": [[]], "functions": [[]], "response_format": [{"type": "text"}],
+                # vLLM's extra sampling fields
+                "min_p": [0], "repetition_penalty": [1], "length_penalty": [1], "stop_token_ids": [[]],
+                "ignore_eos": [False], "min_tokens": [0], "use_beam_search": [False]}
 
 
 def parse_request(body: dict, chat: bool) -> GenerationParams:
@@ -71,8 +75,11 @@ def parse_request(body: dict, chat: bool) -> GenerationParams:
         tokens = body.get("max_tokens", 16)  # OpenAI's default for completions
     if tokens is not None:
         params.max_tokens = _number(tokens, "max_tokens", int, low=1)
-    params.temperature = _number(body.get("temperature", 1.0), "temperature", float, low=0, high=2)
-    params.top_p = _number(body.get("top_p", 1.0), "top_p", float, low=0, high=1)
+    # null means "the default", as in OpenAI's API
+    params.temperature = _number(_given(body, "temperature", 1.0), "temperature", float, low=0, high=2)
+    params.top_p = _number(_given(body, "top_p", 1.0), "top_p", float, low=0, high=1)
+    top_k = _number(_given(body, "top_k", 0), "top_k", int, low=-1, high=1 << 30)
+    params.top_k = max(0, top_k)
     if params.top_p == 0:
         raise ApiError(400, "'top_p' must be > 0 (use temperature 0 for greedy decoding)", param="top_p")
     if body.get("seed") is not None:
@@ -91,8 +98,15 @@ def parse_request(body: dict, chat: bool) -> GenerationParams:
     return params
 
 
+def _given(body: dict, name: str, default):
+    return default if body.get(name) is None else body[name]
+
+
 def _number(value, name: str, kind: type, low: float | None = None, high: float | None = None):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and isinstance(value, int) and abs(value) > 2**63:  # too big for any field (and for math.isfinite)
+        ok = False
+    ok = ok and math.isfinite(value)
     if kind is int and ok and float(value) != int(value):
         ok = False
     if not ok:
@@ -156,9 +170,12 @@ def _adapters(mix) -> dict[str, float]:
 class TextStream:
     """Token ids in, text deltas out: holds back incomplete UTF-8 and anything that may begin a stop string."""
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], context: list[int] = ()):
         self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
+        # The text is decoded after the prompt's last few tokens and then cut: SentencePiece-style
+        # decoders drop a leading space at the start of a text, which would glue words together.
+        self.ids: list[int] = list(context[-4:])
+        self.skip = len(tokenizer.decode(self.ids, skip_special_tokens=True))
         self.text = ""
         self.sent = 0  # characters of `text` already handed out
         self.stopped = False
@@ -166,7 +183,7 @@ class TextStream:
     def add(self, token: int) -> str:
         """The new text that is safe to show; sets `stopped` when a stop string appears (it is cut off)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)[self.skip:]
         if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
             return ""
         self.text = text
