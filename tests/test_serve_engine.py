@@ -184,7 +184,6 @@ def test_a_full_queue_is_refused_and_a_stopped_engine_fails_its_requests():
         engine.submit(GenerationRequest([1, 2], {}, 4, Collect()))
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the bug we plant
 def test_a_bug_in_the_loop_ends_every_request_instead_of_hanging(monkeypatch):
     model = adapted("llama")
     engine = Engine(model, eos_id=None).start()

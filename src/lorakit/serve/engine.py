@@ -24,6 +24,7 @@ import collections
 import concurrent.futures
 import inspect
 import secrets
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -194,6 +195,12 @@ class Engine:
     def _loop(self) -> None:
         try:
             self._serve()
+        except Exception as err:  # a bug: say so in the server's log, then end every request below
+            import traceback
+
+            self.last_error = err
+            print("lorakit serve: the inference engine stopped on an internal error:", file=sys.stderr)
+            traceback.print_exception(err)
         finally:  # normal stop, or a bug: either way nobody may wait forever
             self._running = False
             self._fail_all("the server is shutting down")
