@@ -202,6 +202,8 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
 
     @app.get("/health")
     async def health():
+        if not engine.alive():
+            return JSONResponse({"status": "down", **engine.load()}, status_code=503)
         return {"status": "ok", **engine.load()}
 
     @app.get("/v1/models")
