@@ -109,7 +109,7 @@ class LoraLayer(nn.Module):
         names = [n for n in self.active if n in self.lora_A and n not in self.merged]
         if not names:
             return self.base(x)
-        if self._fusable():
+        if self._fusable() and not torch.compiler.is_compiling():  # compiled: plain ops, which inductor fuses
             return self._fused(x, names)
         result = self.base(x)  # (..., out)
         for name in names:
