@@ -33,7 +33,7 @@ SUITES = {
     # one sample per function per round: the finest interleaving, so bursts of load hit all alike
     "train": lambda a: train_step.run(rounds=2 * a.rounds, repeats=1, quick=a.quick),
     "memory": lambda a: train_step.run_memory(quick=a.quick),
-    "compile": lambda a: train_step.run_compiled(rounds=a.rounds, quick=a.quick),
+    "compile": lambda a: train_step.run_compiled(rounds=3 * a.rounds, quick=a.quick),
     "inference": lambda a: inference.run(rounds=2 * a.rounds, repeats=1, quick=a.quick),
     "load": lambda a: load.run(rounds=6 if a.quick else 30, quick=a.quick),
     "e2e": lambda a: end_to_end.run(quick=a.quick),

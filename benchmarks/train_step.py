@@ -182,6 +182,10 @@ def _compiled(model):
 def run_compiled(rounds: int = 3, repeats: int = 1, quick: bool = False) -> list[dict]:
     """torch.compile (optional in `lorakit train`): lorakit and PEFT each compiled, beside both eager, fp32."""
     shape, seq, batch_size = (LLAMA_SMALL, 64, 2) if quick else (LLAMA_25M, 256, 8)
+    # Three models compiled in one process share the decoder's code object: without this, the second
+    # and third recompiles turn on dynamic shapes (slower kernels) where a user's single model would not.
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     base = llama(shape)
     batch = token_batch(shape["vocab_size"], batch_size, seq)
     plain = copy.deepcopy(base)
