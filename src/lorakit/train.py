@@ -159,7 +159,10 @@ def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise UserError("this base does not support activation checkpointing; leave out --activation-checkpointing")
         # non-reentrant: works with a frozen embedding (no input that requires grad) and with DDP
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.compile:
         # In place (nn.Module.compile): module names, and so the saved adapter's keys, stay the same.
         (model.get_decoder() if hasattr(model, "get_decoder") else model).compile()
