@@ -306,7 +306,8 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
             async for text, finish in pieces():
                 texts.append(text)
                 if len(texts) % 8 == 0 and await request.is_disconnected():
-                    return PlainTextResponse("", status_code=499)  # nobody reads it; the job is cancelled
+                    engine.cancel(job)  # nobody is reading: free the row now
+                    return PlainTextResponse("", status_code=499)
             use = usage(len(ids), job.generated)
             return completion_body(rid, model, "".join(texts), finish, chat, use)
 
