@@ -74,7 +74,7 @@ class LoraLayer(nn.Module):
             _init_lora(A, B, init, embedding=self.kind == "embedding", r=r)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
-        self.__dict__.pop("_stack", None)  # the per-row stack no longer holds every adapter
+        self._forget_routing()  # the per-row stack no longer holds every adapter
         self.scaling[name] = scaling
         if dropout > 0:  # p = 0 needs no module at all: no copy of x, and less to walk over in the model
             drop = nn.Dropout(dropout)
@@ -86,7 +86,7 @@ class LoraLayer(nn.Module):
             raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge before deleting it")
         for table in (self.lora_A, self.lora_B):
             del table[name]
-        self.__dict__.pop("_stack", None)  # frees the stacked copy of the removed adapter at once
+        self._forget_routing()  # frees the stacked copy of the removed adapter at once
         if name in self.dropout:
             del self.dropout[name]
         self.scaling.pop(name)
@@ -169,15 +169,26 @@ class LoraLayer(nn.Module):
 
     def _add_per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Row i of the batch gets its own mix: row_adapters[i] is a name (weight 1), {name: weight}, or None."""
-        if len(self.row_adapters) != x.shape[0]:
-            raise ValueError(f"per-row adapters name {len(self.row_adapters)} rows but the batch has {x.shape[0]}")
-        mixes = [row_mix(spec, self.lora_A) for spec in self.row_adapters]
-        names = list(dict.fromkeys(n for mix in mixes for n in mix))
+        rows = self.row_adapters
+        if len(rows) != x.shape[0]:
+            raise ValueError(f"per-row adapters name {len(rows)} rows but the batch has {x.shape[0]}")
+        # A server decodes many steps with the same routing list: work out the mixes once per list.
+        # (Keyed on the list object, which the cache keeps alive; callers hand over a new list to re-route.)
+        cached = self.__dict__.get("_mixes")
+        if cached is None or cached[0] is not rows:
+            mixes = [row_mix(spec, self.lora_A) for spec in rows]
+            cached = (rows, mixes, list(dict.fromkeys(n for mix in mixes for n in mix)))
+            self.__dict__["_mixes"] = cached
+        _, mixes, names = cached
         if not names:
             return result
         if self.kind == "embedding" or any(self._dropping(n) for n in names):
             return self._add_per_row_loop(x, result, mixes, names)
         return self._add_per_row_gathered(x, result, mixes)
+
+    def _forget_routing(self) -> None:
+        for key in ("_stack", "_mixes", "_index"):
+            self.__dict__.pop(key, None)
 
     def _add_per_row_gathered(self, x: torch.Tensor, result: torch.Tensor, mixes: list[dict[str, float]]) -> torch.Tensor:
         """BGMV-style: gather each row's A and B and do two batched matmuls, whatever the adapter count.
@@ -187,15 +198,22 @@ class LoraLayer(nn.Module):
         row mixing k adapters gathers k slots, i.e. one adapter of the summed rank.
         """
         names, As, Bts = self._stacked()  # (1+n, r, in), (1+n, r, out): slot 0 is all zeros
-        slot = {n: i + 1 for i, n in enumerate(names)}
-        batch, k = len(mixes), max(1, max(len(m) for m in mixes))
-        index = [[0] * k for _ in mixes]  # empty slots (and base-only rows) gather the zero slot: they add exact zeros
-        scale = [[0.0] * k for _ in mixes]
-        for row, mix in enumerate(mixes):
-            for j, (name, weight) in enumerate(mix.items()):
-                index[row][j], scale[row][j] = slot[name], self.scaling[name] * weight
-        index_t = torch.tensor(index, device=x.device)  # (batch, k)
-        scale_t = torch.tensor(scale, dtype=As.dtype, device=x.device)  # (batch, k)
+        batch = len(mixes)
+        cached = self.__dict__.get("_index")
+        if cached is not None and cached[0] is mixes and cached[1] is As:  # same routing, same stack
+            index_t, scale_t = cached[2:]
+        else:
+            slot = {n: i + 1 for i, n in enumerate(names)}
+            k = max(1, max(len(m) for m in mixes))
+            index = [[0] * k for _ in mixes]  # empty slots (and base-only rows) gather the zero slot: exact zeros
+            scale = [[0.0] * k for _ in mixes]
+            for row, mix in enumerate(mixes):
+                for j, (name, weight) in enumerate(mix.items()):
+                    index[row][j], scale[row][j] = slot[name], self.scaling[name] * weight
+            index_t = torch.tensor(index, device=x.device)  # (batch, k)
+            scale_t = torch.tensor(scale, dtype=As.dtype, device=x.device)  # (batch, k)
+            self.__dict__["_index"] = (mixes, As, index_t, scale_t)
+        k = index_t.shape[1]
         r, out = As.shape[1], self.out_features
         xb = x.reshape(batch, -1, self.in_features).to(As.dtype)  # (batch, L, in)
         A = As[index_t].reshape(batch, k * r, self.in_features)  # (batch, k·r, in)
@@ -216,9 +234,9 @@ class LoraLayer(nn.Module):
         token; writes through `.data` bypass the version counter: call `add_adapter`/`delete_adapter`
         or drop `_stack`). Under autograd it is rebuilt so that gradients reach the parameters.
         """
-        names = sorted(self.lora_A)
-        key = tuple((n, self.lora_A[n].data_ptr(), self.lora_A[n]._version,
-                     self.lora_B[n].data_ptr(), self.lora_B[n]._version) for n in names)
+        A, B = self.lora_A._parameters, self.lora_B._parameters  # the dicts themselves: no module lookups per name
+        names = sorted(A)
+        key = tuple((n, A[n].data_ptr(), A[n]._version, B[n].data_ptr(), B[n]._version) for n in names)
         cached = self.__dict__.get("_stack")
         if cached is not None and cached[0] == key and not torch.is_grad_enabled():
             return names, cached[1], cached[2]

@@ -254,6 +254,16 @@ class Engine:
                 self._rows, self._cache, self._mask = [], None, None
             self.last_error = err
 
+    @property
+    def _routing(self) -> list[dict[str, float]]:
+        """Each running row's adapter mix. The same list object until rows join or leave: the LoRA
+        layers recognise it and reuse their per-row gather indices from the previous step."""
+        rows = tuple(self._rows)
+        if self.__dict__.get("_routing_rows") != rows:
+            self.__dict__["_routing_rows"] = rows
+            self.__dict__["_routing_list"] = [row.request.adapters for row in rows]
+        return self.__dict__["_routing_list"]
+
     @torch.no_grad()
     def _forward(self, rows: list[dict[str, float]], **inputs):
         for layer in self._layers:
@@ -308,7 +318,7 @@ class Engine:
         ids = torch.tensor([[row.last] for row in rows], device=self.device)  # (n, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)  # (n, L+1)
         positions = torch.tensor([[row.length] for row in rows], device=self.device)  # (n, 1)
-        out = self._forward([row.request.adapters for row in rows], input_ids=ids, attention_mask=self._mask,
+        out = self._forward(self._routing, input_ids=ids, attention_mask=self._mask,
                             position_ids=positions, past_key_values=self._cache)
         self._cache = out.past_key_values
         self.stats.steps += 1
