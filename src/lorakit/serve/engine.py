@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters import delete_adapter, lora_layers
@@ -398,10 +399,7 @@ class Engine:
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     """Zeros in front along the sequence axis (dim 2 of a (B, H, L, D) cache tensor, dim 1 of a (B, L) mask)."""
-    axis = 2 if t.dim() == 4 else 1
-    missing = width - t.shape[axis]
+    missing = width - t.shape[2 if t.dim() == 4 else 1]
     if missing == 0:
         return t
-    shape = list(t.shape)
-    shape[axis] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=axis)
+    return F.pad(t, (0, 0, missing, 0) if t.dim() == 4 else (missing, 0))
