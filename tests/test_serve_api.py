@@ -4,7 +4,6 @@ auth, limits, adapter loading confined to --adapter-dir, hot-swap under load."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 
 import httpx

@@ -61,7 +61,8 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for name in self.adapters:
-            check_name(name, UserError)
+            if not valid_name(name):
+                raise UserError(NAME_RULE.format(name=name))
         for key in ("max_batch", "max_waiting", "max_tokens", "max_body_bytes"):
             if getattr(self, key) < 1:
                 raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
@@ -69,11 +70,12 @@ class ServeConfig:
             raise UserError(f"--adapter-dir {self.adapter_dir} is not a directory")
 
 
-def check_name(name: str, error=ApiError) -> None:
-    if not isinstance(name, str) or not NAME.match(name):
-        message = (f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
-                   "starting with a letter or digit")
-        raise error(400, message, param="lora_name") if error is ApiError else error(message)
+NAME_RULE = ("adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+             "starting with a letter or digit")
+
+
+def valid_name(name) -> bool:
+    return isinstance(name, str) and NAME.match(name) is not None
 
 
 @dataclass
@@ -341,7 +343,8 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
     async def load_lora_adapter(request: Request):
         body = await read_json(request)
         name, path = body.get("lora_name"), body.get("lora_path")
-        check_name(name)
+        if not valid_name(name):
+            raise ApiError(400, NAME_RULE.format(name=name), param="lora_name")
         if not isinstance(path, str) or not path:
             raise ApiError(400, "'lora_path' is required: an adapter directory inside the server's --adapter-dir",
                            param="lora_path")

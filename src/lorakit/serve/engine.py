@@ -338,7 +338,7 @@ class Engine:
         request = row.request
         if request.cancelled:
             row.done = "stop"
-        elif token == self.eos_id or (isinstance(self.eos_id, (set, frozenset, list, tuple)) and token in self.eos_id):
+        elif token in _as_set(self.eos_id):
             row.done = "stop"
         else:
             request.generated += 1
@@ -395,6 +395,10 @@ class Engine:
             if future.set_running_or_notify_cancel():
                 future.set_exception(Stopped(reason))
         self._rows, self._cache, self._mask = [], None, None
+
+
+def _as_set(ids: int | set[int] | None) -> set[int] | frozenset[int]:
+    return frozenset() if ids is None else {ids} if isinstance(ids, int) else ids
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
