@@ -2,8 +2,9 @@
 
 r=16 on every linear layer but the head, batch 8x256 (packed, no padding), AdamW. Each step is
 forward (+ loss), backward, optimizer step, zero_grad.
-- lorakit: its default path, `causal_lm_loss` (chunked cross-entropy); in bf16 the frozen base is
-  stored in bf16 (as `lorakit train --dtype bf16` loads it) and runs under bf16 autocast.
+- lorakit: its default path, `causal_lm_loss` (chunked cross-entropy) and the gated MLP blocks that
+  `inject` sets up (`lorakit.mlp`: act(gate)·up recomputed in the backward); in bf16 the frozen base
+  is stored in bf16 (as `lorakit train --dtype bf16` loads it) and runs under bf16 autocast.
 - PEFT: `get_peft_model` on the fp32 model, `model(**batch).loss`; in bf16, bf16 autocast (the usual
   Trainer setting).
 The base's no-grad forward in the same precision is timed in the same interleaved rounds (benchmark 3).

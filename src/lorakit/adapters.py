@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lorakit import mlp
 from lorakit.config import DEFAULT_TARGETS, LoraConfig
 from lorakit.errors import UserError
 from lorakit.layers import LoraLayer, SavedModule, base_kind
@@ -167,6 +168,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initi
     except BaseException:  # leave the model as it was: no half-added adapter
         _remove(model, adapter)
         raise
+    for _, module in modules:
+        if "down_proj" in module._modules:  # a gated MLP keeps less for the backward (see lorakit.mlp)
+            mlp.install(module)
     configs[adapter] = config
     for module in mark_trainable(model, adapter):
         module.active = {adapter: 1.0}  # what set_adapters(model, adapter) does, without another walk
@@ -362,6 +366,8 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
             _replace(model, name, module.base)
         elif isinstance(module, SavedModule):
             _replace(model, name, module.current() if merge else module.base)
+        else:
+            mlp.uninstall(module)
     model.__dict__.pop("lorakit_configs", None)
     return model
 

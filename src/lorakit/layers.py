@@ -124,25 +124,36 @@ class LoraLayer(nn.Module):
 
     def _fused(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """base(x) + Σ w·s·B(A(dropout(x))) through `LoraLinear`, which saves and computes only what LoRA needs."""
-        device = x.device.type
-        # Cast here what autocast would cast inside the ops, so the Function sees one dtype per role.
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        W = self.base.weight if self.kind == "linear" else self.base.weight.t()  # (out, in): a view for Conv1D
-        bias = self.base.bias
+        dtype = self.compute_dtype(x)
         x2 = x.reshape(-1, self.in_features).to(dtype)  # (N, in)
+        y = LoraLinear.apply(x2, *self.fused_args(x2, names, dtype))
+        return y.view(*x.shape[:-1], self.out_features)  # (..., out)
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the fused path runs in: what autocast would cast to inside the ops, else x's."""
+        device = x.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+    def fused_args(self, x2: torch.Tensor | None, names: list[str], dtype: torch.dtype) -> tuple:
+        """`LoraLinear`'s arguments after x2 (N, in) in `dtype`: weight, bias, scales, then (xᵢ, Aᵢ, Bᵢ) per adapter.
+
+        x2 = None (the input is not formed yet) needs adapters that read the input as it is.
+        """
+        W = self.base.weight if self.kind == "linear" else self.base.weight.t()  # (out, in): a view for Conv1D
+        autocast = torch.is_autocast_enabled(W.device.type)
+        bias = self.base.bias
         lora: list[torch.Tensor | None] = []
         scales = []
         for name in names:
             A, B = self.lora_A[name], self.lora_B[name]  # (r, in), (out, r)
             # The down projection runs in the adapter's precision (fp32 masters) unless autocast says
             # otherwise, as the unfused path did; the up projection in the base output's precision.
-            down = dtype if torch.is_autocast_enabled(device) else A.dtype
+            down = dtype if autocast else A.dtype
             xa = self.dropout[name](x2) if self._dropping(name) else x2  # (N, in)
             # None means "the input itself": then no copy of x is made or saved twice.
             lora += [None if xa is x2 and down == dtype else xa.to(down), A.to(down), B.to(dtype)]
             scales.append(self.scaling[name] * self.active[name])
-        y = LoraLinear.apply(x2, W.to(dtype), None if bias is None else bias.to(dtype), tuple(scales), *lora)
-        return y.view(*x.shape[:-1], self.out_features)  # (..., out)
+        return (W.to(dtype), None if bias is None else bias.to(dtype), tuple(scales), *lora)
 
     def _down(self, x: torch.Tensor, name: str, weight: float) -> torch.Tensor:
         """The scaled rank-r projection s·w·A(dropout(x)), shape (..., r)."""
@@ -322,14 +333,7 @@ class LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scales, *lora):
-        y = F.linear(x, weight, bias)  # (N, out)
-        saved = []
-        for i, s in enumerate(scales):
-            xa, A, B = lora[3 * i: 3 * i + 3]
-            h = (x if xa is None else xa) @ A.t()  # (N, r)
-            h = h.mul_(s).to(y.dtype)  # (N, r): s applied at rank r
-            y.addmm_(h, B.t())  # (N, out), in place: no (N, out) temporary
-            saved += [xa, A, B, h]
+        y, saved = lora_linear_forward(x, weight, bias, scales, lora)
         ctx.scales = scales
         needs_x = any(xa is None for xa in lora[0::3])  # x is saved only if an adapter reads it
         ctx.save_for_backward(x if needs_x else None, weight, *saved)
@@ -339,25 +343,47 @@ class LoraLinear(torch.autograd.Function):
     def backward(ctx, g):  # g: (N, out)
         x, weight, *saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_x = g @ weight if needs[0] else None  # (N, in); no gradient for the frozen W
-        grad_bias = g.sum(0) if needs[2] else None  # (out,)
-        grads = []
-        for i, s in enumerate(ctx.scales):
-            xa, A, B, h = saved[4 * i: 4 * i + 4]
-            need_xa, need_A, need_B = needs[4 + 3 * i: 7 + 3 * i]
-            grad_xa = grad_A = grad_B = None
-            if need_B:
-                grad_B = g.t() @ h  # (out, r); h already carries s
-            if need_A or need_xa or (xa is None and needs[0]):
-                gh = (g @ B).mul_(s).to(A.dtype)  # (N, r): the gradient at A's output
-                if xa is None and needs[0]:
-                    grad_x.addmm_(gh, A)  # (N, in), in place into g·W
-                elif need_xa:
-                    grad_xa = gh @ A  # (N, in)
-                if need_A:
-                    grad_A = gh.t() @ (x if xa is None else xa)  # (r, in)
-            grads += [grad_xa, grad_A, grad_B]
+        grad_x, grad_bias, grads = lora_linear_backward(g, x, weight, saved, ctx.scales, needs[0], needs[2], needs[4:])
         return grad_x, None, grad_bias, None, *grads
+
+
+def lora_linear_forward(x, weight, bias, scales, lora) -> tuple[torch.Tensor, list]:
+    """`LoraLinear`'s forward: (y (N, out), the tensors its backward needs per adapter)."""
+    y = F.linear(x, weight, bias)  # (N, out)
+    saved = []
+    for i, s in enumerate(scales):
+        xa, A, B = lora[3 * i: 3 * i + 3]
+        h = (x if xa is None else xa) @ A.t()  # (N, r)
+        h = h.mul_(s).to(y.dtype)  # (N, r): s applied at rank r
+        y.addmm_(h, B.t())  # (N, out), in place: no (N, out) temporary
+        saved += [xa, A, B, h]
+    return y, saved
+
+
+def lora_linear_backward(g, x, weight, saved, scales, need_x: bool, need_bias: bool, needs) -> tuple:
+    """`LoraLinear`'s backward: (grad x, grad bias, [grad xᵢ, grad Aᵢ, grad Bᵢ per adapter]).
+
+    `needs` holds three flags per adapter (xᵢ, Aᵢ, Bᵢ), as `ctx.needs_input_grad` orders them.
+    """
+    grad_x = g @ weight if need_x else None  # (N, in); no gradient for the frozen W
+    grad_bias = g.sum(0) if need_bias else None  # (out,)
+    grads = []
+    for i, s in enumerate(scales):
+        xa, A, B, h = saved[4 * i: 4 * i + 4]
+        need_xa, need_A, need_B = needs[3 * i: 3 * i + 3]
+        grad_xa = grad_A = grad_B = None
+        if need_B:
+            grad_B = g.t() @ h  # (out, r); h already carries s
+        if need_A or need_xa or (xa is None and need_x):
+            gh = (g @ B).mul_(s).to(A.dtype)  # (N, r): the gradient at A's output
+            if xa is None and need_x:
+                grad_x.addmm_(gh, A)  # (N, in), in place into g·W
+            elif need_xa:
+                grad_xa = gh @ A  # (N, in)
+            if need_A:
+                grad_A = gh.t() @ (x if xa is None else xa)  # (r, in)
+        grads += [grad_xa, grad_A, grad_B]
+    return grad_x, grad_bias, grads
 
 
 class SavedModule(nn.Module):

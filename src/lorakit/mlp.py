@@ -1,0 +1,162 @@
+"""Gated MLP blocks (Llama, Mistral, Qwen, Gemma, ...) that keep less for the backward.
+
+    y = down_proj(act(gate_proj(x)) * up_proj(x))
+
+Run by autograd op by op, a training step keeps four (tokens, intermediate) tensors per block for
+the backward: gate_proj's output (for act), act's output and up_proj's output (for the product),
+and the product itself (down_proj's input). The intermediate width is ~2.7x the hidden width, so
+these are most of a LoRA step's activation memory. `GatedDown` keeps only the two projections'
+outputs and recomputes act(gate) * up in the backward: two elementwise passes, next to the matmuls
+of the block. Outputs and gradients are bit-identical to the op-by-op path (same ops, same order).
+
+`inject` installs this on the blocks whose class's `forward` is exactly the expression above and
+whose down_proj carries LoRA; it steps aside (to the block's own forward) without autograd, under
+torch.compile (inductor plans its own recomputation), and whenever down_proj is not on the fast
+path (dropout on, per-row routing, disabled, a trainable or hooked base).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import textwrap
+import types
+
+import torch
+from torch import nn
+
+from lorakit.layers import LoraLayer, lora_linear_backward, lora_linear_forward
+
+def _expected_bodies(arg: str) -> set[str]:
+    """The two spellings transformers uses for a gated MLP's forward (127 model files in 5.x), as ASTs."""
+    expression = f"self.down_proj(self.act_fn(self.gate_proj({arg})) * self.up_proj({arg}))"
+    forms = [f"return {expression}", f"down_proj = {expression}\nreturn down_proj"]
+    return {ast.dump(ast.Module(body=ast.parse(form).body, type_ignores=[])) for form in forms}
+
+
+@functools.cache
+def is_gated_mlp(cls: type) -> bool:
+    """Whether `cls.forward(self, x)` is exactly `self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))`.
+
+    Read from the class's source (docstrings and comments aside), so a block that adds anything
+    (a bias, a different act, a dropout) keeps its own forward.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):  # no source (built in, compiled, generated): not ours to run
+        return False
+    function = tree.body[0]
+    if not isinstance(function, ast.FunctionDef) or len(function.args.args) != 2 or function.args.vararg \
+            or function.args.kwarg or function.args.kwonlyargs or function.decorator_list:
+        return False
+    body = function.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    return ast.dump(ast.Module(body=body, type_ignores=[])) in _expected_bodies(function.args.args[1].arg)
+
+
+def install(module: nn.Module) -> bool:
+    """Route `module`'s forward through `lean_forward` if it is a gated MLP whose down_proj has LoRA.
+
+    An instance attribute, so nothing changes for other instances, `state_dict` or saved files, and
+    `uninstall` (run by `unload`) restores the class's forward. A forward someone else already
+    replaced on the instance (accelerate's offload hooks, for one) is left alone.
+    """
+    children = module._modules
+    if not isinstance(children.get("down_proj"), LoraLayer) or "forward" in module.__dict__:
+        return False
+    act = children.get("act_fn")
+    if act is None or next(act.parameters(), None) is not None or getattr(act, "inplace", False) \
+            or not is_gated_mlp(type(module)):  # an in-place act would overwrite the gate this keeps
+        return False
+    module.forward = types.MethodType(lean_forward, module)
+    return True
+
+
+def uninstall(module: nn.Module) -> None:
+    forward = module.__dict__.get("forward")
+    if getattr(forward, "__func__", None) is lean_forward:
+        del module.__dict__["forward"]
+
+
+def lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's own forward, with act(gate) * up recomputed in the backward when training."""
+    down = self.down_proj
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return type(self).forward(self, x)
+    gate, up = self.gate_proj(x), self.up_proj(x)  # (..., inter) each; in this order, as the block's forward
+    dtype = down.compute_dtype(gate)
+    names = _fast_path_adapters(down, dtype)
+    if names is None or not (gate.requires_grad or up.requires_grad):
+        return down(self.act_fn(gate) * up)
+    gate2, up2 = gate.reshape(-1, down.in_features), up.reshape(-1, down.in_features)  # (N, inter)
+    # x = None: the product is formed inside the Function, and every adapter reads it as it is.
+    args = down.fused_args(None, names, dtype)
+    y = GatedDown.apply(gate2, up2, self.act_fn, dtype, *args)
+    return y.view(*x.shape[:-1], down.out_features)  # (..., hidden)
+
+
+def _fast_path_adapters(down: nn.Module, dtype: torch.dtype | None = None) -> list[str] | None:
+    """The adapters down_proj runs, if it runs them through `LoraLinear` on its input as it is; else None.
+
+    With `dtype` (the product's), also None when an adapter would need its own cast copy of the input.
+    """
+    if not isinstance(down, LoraLayer) or down.disabled or down.row_adapters is not None or not down._fusable():
+        return None
+    names = [n for n in down.active if n in down.lora_A and n not in down.merged]
+    if any(down._dropping(n) for n in names):  # a dropped-out input would have to be kept: no saving
+        return None
+    if dtype is not None and not torch.is_autocast_enabled(down.base.weight.device.type) \
+            and any(down.lora_A[n].dtype != dtype for n in names):  # e.g. fp32 adapters on a bf16 base
+        return None
+    return names
+
+
+class GatedDown(torch.autograd.Function):
+    """y = LoraLinear(act(gate) * up) for down_proj, keeping gate and up (not act's output nor the product).
+
+    Arguments: gate, up (N, inter); act (a parameter-free elementwise module); the dtype the product
+    is cast to (autocast's); then down_proj's `LoraLinear` arguments after x, with every adapter
+    reading the product itself (xᵢ = None: no dropout on this path).
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, act, dtype, weight, bias, scales, *lora):
+        h = (act(gate) * up).to(dtype)  # (N, inter): freed when this returns
+        y, saved = lora_linear_forward(h, weight, bias, scales, lora)
+        ctx.act, ctx.dtype, ctx.scales = act, dtype, scales
+        ctx.save_for_backward(gate, up, weight, *saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # g: (N, hidden)
+        gate, up, weight, *saved = ctx.saved_tensors
+        need_gate, need_up = ctx.needs_input_grad[:2]
+        a = ctx.act(gate)  # (N, inter)
+        h = (a * up).to(ctx.dtype)  # (N, inter): the product, recomputed
+        grad_h, grad_bias, grads = lora_linear_backward(g, h, weight, saved, ctx.scales, need_gate or need_up,
+                                                        ctx.needs_input_grad[5], ctx.needs_input_grad[7:])
+        del h  # each (N, inter) tensor is let go as soon as it is spent: this runs at the step's peak
+        grad_gate = grad_up = None
+        if need_gate or need_up:
+            grad_h = grad_h.to(a.dtype)  # the product's gradient in the dtype it was formed in
+            if need_up:  # (N, inter); into a's buffer where a is surely a new tensor: one allocation less
+                grad_up = a.mul_(grad_h) if _is_silu(ctx.act) else grad_h * a
+            del a
+            if need_gate:  # d(a·up)/da = up (in place: grad_h is spent after this), then act's backward
+                grad_gate = _act_backward(ctx.act, gate, grad_h.mul_(up))
+        return grad_gate, grad_up, None, None, None, grad_bias, None, *grads
+
+
+def _act_backward(act: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """grad · act'(x). SiLU (most gated MLPs) by its own kernel, which needs only x; any other act by autograd."""
+    if _is_silu(act):
+        return torch.ops.aten.silu_backward(grad, x)
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        return torch.autograd.grad(act(x), x, grad)[0]
+
+
+def _is_silu(act: nn.Module) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"  # transformers' "silu": F.silu
