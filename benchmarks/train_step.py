@@ -39,7 +39,10 @@ def _autocast(precision: str):
 def lorakit_model(base, precision: str, checkpointing: bool = False):
     model = copy.deepcopy(base)
     if checkpointing:  # recompute each decoder layer in the backward: memory for ~1 more forward of time
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name, as lorakit train
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if precision == "bf16":
         model.to(torch.bfloat16)  # frozen base in bf16; adapters stay fp32 masters
     lorakit.inject(model, lorakit.LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear"))
