@@ -39,7 +39,10 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _model(family: str, config: lorakit.LoraConfig, adapters: int = 1) -> nn.Module:
     torch.manual_seed(0)
+    family, _, nf4 = family.partition("+")
     model = BUILDERS[family]()
+    if nf4:  # QLoRA: every base Linear but the head stored in NF4
+        lorakit.quantize(model, "nf4")
     for i in range(adapters):
         lorakit.inject(model, copy.deepcopy(config), adapter=f"a{i}")
     randomize_adapters(model)
@@ -80,6 +83,8 @@ CASES = {  # id -> (family, config, adapters, autocast)
     "gemma-gelu-tanh": ("gemma", ALL, 1, False),
     "llama-two-adapters-weighted": ("llama", ALL, 2, False),
     "llama-down-and-gate-only": ("llama", lorakit.LoraConfig(r=3, target_modules=["down_proj", "gate_proj"]), 1, False),
+    "llama-qlora-nf4-base": ("llama+nf4", ALL, 1, False),
+    "llama-qlora-nf4-bf16-autocast": ("llama+nf4", ALL, 1, True),
     "llama-rslora": ("llama", lorakit.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["down_proj"]),
                      1, False),
 }
@@ -237,3 +242,14 @@ def test_block_whose_down_proj_runs_no_adapter_still_passes_gradients_through():
     assert any("q_proj" in name for name in grads)
     for name in grads:
         assert torch.equal(grads[name], want[name]), name
+
+
+def test_block_whose_down_proj_lost_its_last_adapter_runs_its_own_forward():
+    model = _model("llama", ALL)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="attention")
+    lorakit.delete_adapter(model, "a0")  # down_proj is a plain Linear again; the block keeps lean_forward
+    assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
+    model.train()
+    loss, grads = _loss_and_grads(model)
+    want_loss, want = _loss_and_grads(_plain(model))
+    assert torch.equal(loss, want_loss) and all(torch.equal(grads[n], want[n]) for n in grads)

@@ -211,6 +211,30 @@ def test_lora_on_nf4_base_equals_base_at_init_and_explicit_math(ids):
         assert torch.equal(logits(model, ids), logits(base, ids))
 
 
+@pytest.mark.parametrize("chunk", [None, 300])  # the weight dequantized whole, or a few rows at a time
+def test_lora_on_nf4_base_fast_path_equals_the_plain_ops_path(monkeypatch, chunk):
+    """`LoraLinear` over an NF4 weight (dequantized inside, never saved) against base(x) + plain LoRA ops."""
+    if chunk:
+        monkeypatch.setattr(nf4, "_CHUNK", chunk)
+    layer = _qlora().model.layers[0].self_attn.q_proj
+    assert layer._fusable()  # an NF4 base takes the fused path unless a hook watches it
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(2, 5, 32)
+    results = []
+    for plain in (False, True):
+        hook = layer.base.register_forward_pre_hook(lambda *_: None) if plain else None  # a hook: plain path
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), xi.grad, layer.lora_A["default"].grad.clone(), layer.lora_B["default"].grad.clone()))
+        layer.zero_grad(set_to_none=True)
+        if hook:
+            hook.remove()
+    for fast, plain in zip(*results):
+        torch.testing.assert_close(fast, plain)
+
+
 def test_merge_into_nf4_requantizes_and_unmerge_comes_back_close(ids):
     model = _qlora()
     randomize_adapters(model, scale=0.05)  # an update about the size of the weights themselves

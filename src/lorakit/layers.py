@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.nf4 import NF4Linear
+from lorakit.nf4 import NF4Linear, NF4Tensor, nf4_grad_input, nf4_linear
 
 try:  # transformers' GPT-2 style linear with a transposed (in, out) weight
     from transformers.pytorch_utils import Conv1D
@@ -65,11 +65,11 @@ class LoraLayer(nn.Module):
     # -- adapters -----------------------------------------------------------------------------
 
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: bool | str | None) -> None:
-        weight = self.base.weight
+        base_dtype, device = self._base_dtype_device()
         # Adapter weights are fp32 masters even on a bf16/fp16 base: small, and precise to update.
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        A = torch.empty(r, self.in_features, dtype=dtype, device=weight.device)
-        B = torch.empty(self.out_features, r, dtype=dtype, device=weight.device)
+        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+        A = torch.empty(r, self.in_features, dtype=dtype, device=device)
+        B = torch.empty(self.out_features, r, dtype=dtype, device=device)
         if init is not None:  # None: the caller copies saved weights in next, so no init to throw away
             _init_lora(A, B, init, embedding=self.kind == "embedding", r=r)
         self.lora_A[name] = nn.Parameter(A)
@@ -91,6 +91,12 @@ class LoraLayer(nn.Module):
             del self.dropout[name]
         self.scaling.pop(name)
         self.active.pop(name, None)
+
+    def _base_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """The base weight's dtype and device (an NF4 base's compute dtype; its weight is not dequantized)."""
+        if isinstance(self.base, NF4Linear):
+            return self.base.dtype, self.base.packed.device
+        return self.base.weight.dtype, self.base.weight.device
 
     def _dropping(self, name: str) -> bool:
         """Whether adapter `name` drops out inputs right now (p > 0 and training mode)."""
@@ -117,10 +123,10 @@ class LoraLayer(nn.Module):
         return result
 
     def _fusable(self) -> bool:
-        """The fast path covers a frozen, plain Linear/Conv1D that no hook watches (nearly always)."""
+        """The fast path covers a frozen, plain Linear/Conv1D/NF4 base that no hook watches (nearly always)."""
         base = self.base
-        return (type(base) in _FUSABLE and not base.weight.requires_grad
-                and not base._forward_hooks and not base._forward_pre_hooks)
+        frozen = type(base) is NF4Linear or not base.weight.requires_grad  # NF4: no weight parameter at all
+        return type(base) in _FUSABLE and frozen and not base._forward_hooks and not base._forward_pre_hooks
 
     def _fused(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """base(x) + Σ w·s·B(A(dropout(x))) through `LoraLinear`, which saves and computes only what LoRA needs."""
@@ -139,9 +145,13 @@ class LoraLayer(nn.Module):
 
         x2 = None (the input is not formed yet) needs adapters that read the input as it is.
         """
-        W = self.base.weight if self.kind == "linear" else self.base.weight.t()  # (out, in): a view for Conv1D
-        autocast = torch.is_autocast_enabled(W.device.type)
-        bias = self.base.bias
+        base = self.base
+        if isinstance(base, NF4Linear):
+            W = base.quantized  # (out, in) in NF4, dequantized into `dtype` chunk by chunk where it is used
+        else:
+            W = (base.weight if self.kind == "linear" else base.weight.t()).to(dtype)  # (out, in): a view for Conv1D
+        autocast = torch.is_autocast_enabled(self._base_dtype_device()[1].type)
+        bias = base.bias
         lora: list[torch.Tensor | None] = []
         scales = []
         for name in names:
@@ -153,7 +163,7 @@ class LoraLayer(nn.Module):
             # None means "the input itself": then no copy of x is made or saved twice.
             lora += [None if xa is x2 and down == dtype else xa.to(down), A.to(down), B.to(dtype)]
             scales.append(self.scaling[name] * self.active[name])
-        return (W.to(dtype), None if bias is None else bias.to(dtype), tuple(scales), *lora)
+        return (W, None if bias is None else bias.to(dtype), tuple(scales), *lora)
 
     def _down(self, x: torch.Tensor, name: str, weight: float) -> torch.Tensor:
         """The scaled rank-r projection s·w·A(dropout(x)), shape (..., r)."""
@@ -314,7 +324,7 @@ class LoraLayer(nn.Module):
         return f"kind={self.kind}, adapters=[{ranks}], active={list(self.active)}, merged={list(self.merged)}"
 
 
-_FUSABLE = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+_FUSABLE = (nn.Linear, NF4Linear, Conv1D) if Conv1D else (nn.Linear, NF4Linear)
 
 
 class LoraLinear(torch.autograd.Function):
@@ -327,8 +337,9 @@ class LoraLinear(torch.autograd.Function):
     - adds the update into the base output in place, and scales (N, r) tensors, never (N, out) ones.
     Every temporary is (N, r) or (r, in) / (out, r); nothing (out, in) is formed.
 
-    Arguments: x (N, in); weight (out, in); bias (out,) or None; scales, one float per adapter; then
-    per adapter xᵢ (N, in), or None for x itself; Aᵢ (r, in) in xᵢ's dtype; Bᵢ (out, r) in x's dtype.
+    Arguments: x (N, in); weight (out, in), a tensor in x's dtype or an `NF4Tensor`; bias (out,) or
+    None; scales, one float per adapter; then per adapter xᵢ (N, in), or None for x itself; Aᵢ (r, in)
+    in xᵢ's dtype; Bᵢ (out, r) in x's dtype.
     """
 
     @staticmethod
@@ -336,12 +347,13 @@ class LoraLinear(torch.autograd.Function):
         y, saved = lora_linear_forward(x, weight, bias, scales, lora)
         ctx.scales = scales
         needs_x = any(xa is None for xa in lora[0::3])  # x is saved only if an adapter reads it
-        ctx.save_for_backward(x if needs_x else None, weight, *saved)
+        ctx.save_for_backward(x if needs_x else None, stash_weight(ctx, weight), *saved)
         return y
 
     @staticmethod
     def backward(ctx, g):  # g: (N, out)
         x, weight, *saved = ctx.saved_tensors
+        weight = unstash_weight(ctx, weight)
         needs = ctx.needs_input_grad
         grad_x, grad_bias, grads = lora_linear_backward(g, x, weight, saved, ctx.scales, needs[0], needs[2], needs[4:])
         return grad_x, None, grad_bias, None, *grads
@@ -349,7 +361,7 @@ class LoraLinear(torch.autograd.Function):
 
 def lora_linear_forward(x, weight, bias, scales, lora) -> tuple[torch.Tensor, list]:
     """`LoraLinear`'s forward: (y (N, out), the tensors its backward needs per adapter)."""
-    y = F.linear(x, weight, bias)  # (N, out)
+    y = F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else nf4_linear(x, weight, bias)  # (N, out)
     saved = []
     for i, s in enumerate(scales):
         xa, A, B = lora[3 * i: 3 * i + 3]
@@ -365,7 +377,9 @@ def lora_linear_backward(g, x, weight, saved, scales, need_x: bool, need_bias: b
 
     `needs` holds three flags per adapter (xᵢ, Aᵢ, Bᵢ), as `ctx.needs_input_grad` orders them.
     """
-    grad_x = g @ weight if need_x else None  # (N, in); no gradient for the frozen W
+    grad_x = None  # (N, in); no gradient for the frozen W
+    if need_x:
+        grad_x = g @ weight if isinstance(weight, torch.Tensor) else nf4_grad_input(g, weight)
     grad_bias = g.sum(0) if need_bias else None  # (out,)
     grads = []
     for i, s in enumerate(scales):
@@ -384,6 +398,17 @@ def lora_linear_backward(g, x, weight, saved, scales, need_x: bool, need_bias: b
                 grad_A = gh.t() @ (x if xa is None else xa)  # (r, in)
         grads += [grad_xa, grad_A, grad_B]
     return grad_x, grad_bias, grads
+
+
+def stash_weight(ctx, weight: torch.Tensor | NF4Tensor) -> torch.Tensor | None:
+    """What to pass to save_for_backward for the base weight: a dense one itself; an NF4 one (not a
+    tensor) rides on ctx instead. `unstash_weight` gives it back in the backward."""
+    ctx.nf4 = None if isinstance(weight, torch.Tensor) else weight
+    return weight if ctx.nf4 is None else None
+
+
+def unstash_weight(ctx, saved: torch.Tensor | None) -> torch.Tensor | NF4Tensor:
+    return saved if ctx.nf4 is None else ctx.nf4
 
 
 class SavedModule(nn.Module):

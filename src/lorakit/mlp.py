@@ -26,7 +26,7 @@ import types
 import torch
 from torch import nn
 
-from lorakit.layers import LoraLayer, lora_linear_backward, lora_linear_forward
+from lorakit.layers import LoraLayer, lora_linear_backward, lora_linear_forward, stash_weight, unstash_weight
 
 def _expected_bodies(arg: str) -> set[str]:
     """The two spellings transformers uses for a gated MLP's forward (127 model files in 5.x), as ASTs."""
@@ -83,11 +83,11 @@ def uninstall(module: nn.Module) -> None:
 def lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The block's own forward, with act(gate) * up recomputed in the backward when training."""
     down = self.down_proj
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return type(self).forward(self, x)
+    if not isinstance(down, LoraLayer) or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return type(self).forward(self, x)  # (down_proj is plain again once its last adapter is deleted)
     gate, up = self.gate_proj(x), self.up_proj(x)  # (..., inter) each; in this order, as the block's forward
     dtype = down.compute_dtype(gate)
-    names = _fast_path_adapters(down, dtype)
+    names = _fast_path_adapters(down, dtype, gate.device.type)
     if names is None or not (gate.requires_grad or up.requires_grad):
         return down(self.act_fn(gate) * up)
     gate2, up2 = gate.reshape(-1, down.in_features), up.reshape(-1, down.in_features)  # (N, inter)
@@ -97,17 +97,15 @@ def lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], down.out_features)  # (..., hidden)
 
 
-def _fast_path_adapters(down: nn.Module, dtype: torch.dtype | None = None) -> list[str] | None:
-    """The adapters down_proj runs, if it runs them through `LoraLinear` on its input as it is; else None.
-
-    With `dtype` (the product's), also None when an adapter would need its own cast copy of the input.
-    """
-    if not isinstance(down, LoraLayer) or down.disabled or down.row_adapters is not None or not down._fusable():
+def _fast_path_adapters(down: LoraLayer, dtype: torch.dtype, device_type: str) -> list[str] | None:
+    """The adapters down_proj runs, if it runs them through `LoraLinear` on its input (in `dtype`) as it is;
+    else None: also when an adapter would need its own cast copy of the input."""
+    if down.disabled or down.row_adapters is not None or not down._fusable():
         return None
     names = [n for n in down.active if n in down.lora_A and n not in down.merged]
     if any(down._dropping(n) for n in names):  # a dropped-out input would have to be kept: no saving
         return None
-    if dtype is not None and not torch.is_autocast_enabled(down.base.weight.device.type) \
+    if not torch.is_autocast_enabled(device_type) \
             and any(down.lora_A[n].dtype != dtype for n in names):  # e.g. fp32 adapters on a bf16 base
         return None
     return names
@@ -126,12 +124,13 @@ class GatedDown(torch.autograd.Function):
         h = (act(gate) * up).to(dtype)  # (N, inter): freed when this returns
         y, saved = lora_linear_forward(h, weight, bias, scales, lora)
         ctx.act, ctx.dtype, ctx.scales = act, dtype, scales
-        ctx.save_for_backward(gate, up, weight, *saved)
+        ctx.save_for_backward(gate, up, stash_weight(ctx, weight), *saved)
         return y
 
     @staticmethod
     def backward(ctx, g):  # g: (N, hidden)
         gate, up, weight, *saved = ctx.saved_tensors
+        weight = unstash_weight(ctx, weight)
         need_gate, need_up = ctx.needs_input_grad[:2]
         a = ctx.act(gate)  # (N, inter)
         h = (a * up).to(ctx.dtype)  # (N, inter): the product, recomputed

@@ -273,17 +273,7 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, q):
         ctx.q = q
-        x2 = x.reshape(-1, q.shape[1])  # (N, in)
-        absmax = q.block_absmax()
-        chunks = _row_chunks(q)
-        if len(chunks) == 1:
-            y = F.linear(x2, q.rows(0, q.shape[0], x.dtype, absmax), bias)  # (N, out)
-        else:
-            y = x2.new_empty(x2.shape[0], q.shape[0])  # (N, out)
-            for start, stop in chunks:
-                y[:, start:stop] = x2 @ q.rows(start, stop, x.dtype, absmax).t()  # (N, rows)
-            if bias is not None:
-                y += bias
+        y = nf4_linear(x.reshape(-1, q.shape[1]), q, bias)  # (N, out)
         return y.view(*x.shape[:-1], q.shape[0])  # (..., out)
 
     @staticmethod
@@ -292,14 +282,34 @@ class _NF4Matmul(torch.autograd.Function):
         g2 = g.reshape(-1, q.shape[0])  # (N, out)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            absmax = q.block_absmax()
-            for start, stop in _row_chunks(q):
-                g_part, W_part = g2[:, start:stop], q.rows(start, stop, g.dtype, absmax)  # (N, rows), (rows, in)
-                grad_x = g_part @ W_part if grad_x is None else grad_x.addmm_(g_part, W_part)  # (N, in)
-            grad_x = grad_x.view(*g.shape[:-1], q.shape[1])
+            grad_x = nf4_grad_input(g2, q).view(*g.shape[:-1], q.shape[1])
         if ctx.needs_input_grad[1]:
             grad_bias = g2.sum(0)  # (out,)
         return grad_x, grad_bias, None
+
+
+def nf4_linear(x2: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 (N, in) · Wᵀ + b (N, out), W dequantized into x2's dtype a chunk of rows at a time."""
+    absmax = q.block_absmax()
+    chunks = _row_chunks(q)
+    if len(chunks) == 1:
+        return F.linear(x2, q.rows(0, q.shape[0], x2.dtype, absmax), bias)  # (N, out)
+    y = x2.new_empty(x2.shape[0], q.shape[0])  # (N, out)
+    for start, stop in chunks:
+        y[:, start:stop] = x2 @ q.rows(start, stop, x2.dtype, absmax).t()  # (N, rows)
+    if bias is not None:
+        y += bias
+    return y
+
+
+def nf4_grad_input(g2: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+    """g2 (N, out) · W (N, in): the input gradient of `nf4_linear`, W dequantized again chunk by chunk."""
+    absmax = q.block_absmax()
+    grad_x = None
+    for start, stop in _row_chunks(q):
+        g_part, W_part = g2[:, start:stop], q.rows(start, stop, g2.dtype, absmax)  # (N, rows), (rows, in)
+        grad_x = g_part @ W_part if grad_x is None else grad_x.addmm_(g_part, W_part)  # (N, in)
+    return grad_x
 
 
 def _row_chunks(q: NF4Tensor) -> list[tuple[int, int]]:
