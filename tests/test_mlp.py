@@ -7,6 +7,7 @@ losses and gradients, keep less for the backward, and step aside wherever it can
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def _model(family: str, config: lorakit.LoraConfig, adapters: int = 1) -> nn.Mod
 
 
 def _lean_blocks(model: nn.Module) -> int:
-    return sum(getattr(m.__dict__.get("forward"), "__func__", None) is mlp.lean_forward for m in model.modules())
+    return sum(getattr(m.__dict__.get("forward"), "func", None) is mlp.lean_forward for m in model.modules())
 
 
 def _plain(model: nn.Module) -> nn.Module:
@@ -165,9 +166,11 @@ def test_installed_only_where_down_proj_has_lora_and_removed_by_unload():
     assert _lean_blocks(model) == 0  # no LoRA on down_proj: nothing of ours to run
     model = _model("llama", ALL)
     assert _lean_blocks(model) == 2
-    twin = copy.deepcopy(model)  # the bound forward follows the copy, not the original
+    twin = copy.deepcopy(model)  # the installed forward follows the copy, not the original
     block = twin.model.layers[0].mlp
-    assert block.forward.__self__ is block
+    assert block.forward.args == (block,)
+    thawed = pickle.loads(pickle.dumps(model))  # and the model still pickles (e.g. torch.save(model))
+    assert _lean_blocks(thawed) == 2 and thawed.model.layers[1].mlp.forward.args[0] is thawed.model.layers[1].mlp
     lorakit.unload(model)
     assert _lean_blocks(model) == 0 and all(not isinstance(m, lorakit.LoraLayer) for m in model.modules())
     for family in ("gpt2", "mlp"):  # no gated MLP: nothing installed

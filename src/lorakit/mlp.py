@@ -21,7 +21,6 @@ import ast
 import functools
 import inspect
 import textwrap
-import types
 
 import torch
 from torch import nn
@@ -60,8 +59,9 @@ def install(module: nn.Module) -> bool:
     """Route `module`'s forward through `lean_forward` if it is a gated MLP whose down_proj has LoRA.
 
     An instance attribute, so nothing changes for other instances, `state_dict` or saved files, and
-    `uninstall` (run by `unload`) restores the class's forward. A forward someone else already
-    replaced on the instance (accelerate's offload hooks, for one) is left alone.
+    `uninstall` (run by `unload`) restores the class's forward. A `functools.partial` rather than a
+    bound method, so the model still pickles and deep-copies. A forward someone else already replaced
+    on the instance (accelerate's offload hooks, for one) is left alone.
     """
     children = module._modules
     if not isinstance(children.get("down_proj"), LoraLayer) or "forward" in module.__dict__:
@@ -70,13 +70,13 @@ def install(module: nn.Module) -> bool:
     if act is None or next(act.parameters(), None) is not None or getattr(act, "inplace", False) \
             or not is_gated_mlp(type(module)):  # an in-place act would overwrite the gate this keeps
         return False
-    module.forward = types.MethodType(lean_forward, module)
+    module.forward = functools.partial(lean_forward, module)
     return True
 
 
 def uninstall(module: nn.Module) -> None:
     forward = module.__dict__.get("forward")
-    if getattr(forward, "__func__", None) is lean_forward:
+    if isinstance(forward, functools.partial) and forward.func is lean_forward:
         del module.__dict__["forward"]
 
 
