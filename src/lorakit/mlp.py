@@ -27,6 +27,7 @@ from torch import nn
 
 from lorakit.layers import LoraLayer, lora_linear_backward, lora_linear_forward, stash_weight, unstash_weight
 
+
 def _expected_bodies(arg: str) -> set[str]:
     """The two spellings transformers uses for a gated MLP's forward (127 model files in 5.x), as ASTs."""
     expression = f"self.down_proj(self.act_fn(self.gate_proj({arg})) * self.up_proj({arg}))"
