@@ -59,3 +59,24 @@ def test_serve_refuses_a_port_in_use(capsys):
         assert main(["serve", "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"cannot listen on 127.0.0.1:{port}" in err and len(err.splitlines()) == 1
+
+
+def test_serve_flags_reach_every_config_field(tmp_path, monkeypatch):
+    """`lorakit serve`'s flags come from ServeConfig's fields: each value given lands in the config."""
+    import dataclasses
+
+    from lorakit.serve import app
+
+    built = []
+    monkeypatch.setattr(app, "serve", built.append)
+    monkeypatch.setenv("LORAKIT_API_KEY", "from-env")
+    (tmp_path / "a").mkdir()
+    given = {"base": "some/base", "adapter_dir": tmp_path, "host": "::1", "port": 8123, "max_batch": 3,
+             "max_waiting": 5, "max_tokens": 7, "max_body_bytes": 4096, "dtype": "fp32", "served_model_name": "m"}
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in given.items()]
+    assert main(["serve", "--adapter", f"legal={tmp_path / 'a'}", *args]) == 0
+    config = built[0]
+    assert {k: getattr(config, k) for k in given} == given
+    assert config.adapters == {"legal": str(tmp_path / "a")} and config.api_key == "from-env"
+    assert {f.name for f in dataclasses.fields(config)} == {*given, "adapters", "api_key"}  # none forgotten
+    assert main(["serve", "--api-key", "k"]) == 0 and built[1].api_key == "k"

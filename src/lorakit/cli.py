@@ -10,8 +10,10 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
+from pathlib import Path
 
 from lorakit.errors import UserError
 
@@ -29,6 +31,37 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lorakit.serve.app", "serve many adapters on one base: OpenAI-compatible API, batching, playground"),
     "bigram": ("lorakit.bigram.cli", "the count-based bigram model and its LoRA grids"),
 }
+
+
+def option(text: str, **kw):
+    """A config dataclass field whose `text` is its command-line --help (one source for both)."""
+    return dataclasses.field(metadata={"help": text}, **kw)
+
+
+# a field's annotation (a string under `from __future__ import annotations`) -> argparse type
+_TYPES = {"int": int, "int | None": int, "float": float, "Path": Path, "Path | None": Path}
+
+
+def add_options(parser: argparse.ArgumentParser, config: type, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per field of the dataclass `config` made with `option` (bools become switches)."""
+    for f in dataclasses.fields(config):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"].replace("%", "%%")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=text)
+            continue
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required or f.default is dataclasses.MISSING else f.default
+        shown = "" if default is None else f" (default {default})"
+        parser.add_argument(flag, type=_TYPES.get(str(f.type), str), required=required, default=default,
+                            help=text + shown)
+
+
+def options(args: argparse.Namespace, config: type, skip: tuple[str, ...] = ()) -> dict:
+    """The parsed values of `add_options`' flags, by field name: `config(**options(args, config), ...)`."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if f.name not in skip}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 from lorakit import distributed
 from lorakit.base import autocast, base_name, load_base, resolve_dtype
 from lorakit.checkpoint import load_checkpoint, save_checkpoint
+from lorakit.cli import add_options, option, options
 from lorakit.config import LoraConfig
 from lorakit.data import IGNORE, batch_at, collate, load_examples
 from lorakit.errors import UserError
@@ -44,49 +45,45 @@ from lorakit.nf4 import BaseMemory, base_memory, quantize
 from lorakit.plots import plot_loss
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
-
 @dataclass
 class TrainConfig:
     """Everything `lorakit train` takes; each field's help is the CLI's --help."""
 
-    data: Path = _help("training data: .txt, or .jsonl with text / prompt+completion / messages records")
-    out: Path = _help("output directory for the adapter, metrics, plot and checkpoints")
-    base: str | None = _help("base model directory or hub id (default: the embedded base)", default=None)
-    r: int = _help("LoRA rank", default=16)
-    alpha: float = _help("LoRA alpha; the update is scaled by alpha / r", default=32.0)
-    dropout: float = _help("dropout on the adapter input", default=0.0)
-    targets: str = _help("modules to adapt: comma-separated names, a regex, or all-linear", default="all-linear")
-    lr: float = _help("peak learning rate (linear warmup, then cosine decay to 10%)", default=1e-3)
-    warmup: float = _help("warmup length as a fraction of all steps", default=0.05)
-    steps: int | None = _help("optimizer steps (default: from --epochs)", default=None)
-    epochs: float = _help("passes over the data when --steps is not given", default=1.0)
-    batch_size: int = _help("rows per micro-batch", default=8)
-    grad_accum: int = _help("micro-batches per optimizer step", default=1)
-    seq_len: int | None = _help("tokens per row; text is packed to exactly this (default: 256, or the "
+    data: Path = option("training data: .txt, or .jsonl with text / prompt+completion / messages records")
+    out: Path = option("output directory for the adapter, metrics, plot and checkpoints")
+    base: str | None = option("base model directory or hub id (default: the embedded base)", default=None)
+    r: int = option("LoRA rank", default=16)
+    alpha: float = option("LoRA alpha; the update is scaled by alpha / r", default=32.0)
+    dropout: float = option("dropout on the adapter input", default=0.0)
+    targets: str = option("modules to adapt: comma-separated names, a regex, or all-linear", default="all-linear")
+    lr: float = option("peak learning rate (linear warmup, then cosine decay to 10%)", default=1e-3)
+    warmup: float = option("warmup length as a fraction of all steps", default=0.05)
+    steps: int | None = option("optimizer steps (default: from --epochs)", default=None)
+    epochs: float = option("passes over the data when --steps is not given", default=1.0)
+    batch_size: int = option("rows per micro-batch", default=8)
+    grad_accum: int = option("micro-batches per optimizer step", default=1)
+    seq_len: int | None = option("tokens per row; text is packed to exactly this (default: 256, or the "
                                 "model's maximum if smaller)", default=None)
-    eval_data: Path | None = _help("held-out data for perplexity at intervals", default=None)
-    eval_every: int = _help("evaluate every N steps (and at the end)", default=50)
-    eval_batches: int = _help("evaluate on at most N batches", default=20)
-    seed: int = _help("random seed (init, data order, dropout)", default=0)
-    init_from: Path | None = _help("continue training this adapter on the new data", default=None)
-    dtype: str = _help("compute precision: auto (bf16 where fast), bf16, fp16 or fp32", default="auto")
-    quantize: str | None = _help("store the frozen base in 4 bits: nf4 (QLoRA; the adapter still trains in "
+    eval_data: Path | None = option("held-out data for perplexity at intervals", default=None)
+    eval_every: int = option("evaluate every N steps (and at the end)", default=50)
+    eval_batches: int = option("evaluate on at most N batches", default=20)
+    seed: int = option("random seed (init, data order, dropout)", default=0)
+    init_from: Path | None = option("continue training this adapter on the new data", default=None)
+    dtype: str = option("compute precision: auto (bf16 where fast), bf16, fp16 or fp32", default="auto")
+    quantize: str | None = option("store the frozen base in 4 bits: nf4 (QLoRA; the adapter still trains in "
                                  "full precision and saves as usual)", default=None)
-    activation_checkpointing: bool = _help("recompute each layer's activations in the backward instead of keeping "
+    activation_checkpointing: bool = option("recompute each layer's activations in the backward instead of keeping "
                                            "them: far less memory (measured: a quarter) for about 1.5x the time per step",
                                            default=False)
-    compile: bool = _help("compile the model with torch.compile: the first step takes a minute or more longer, "
+    compile: bool = option("compile the model with torch.compile: the first step takes a minute or more longer, "
                           "later ones are ~10% faster (CPU, measured); worth it for long runs", default=False)
-    checkpoint_every: int = _help("write a checkpoint every N steps", default=100)
-    labels: str = _help("which labelled records to train on: good (skip 'bad') or all", default="good")
-    weight_decay: float = _help("AdamW weight decay on adapter weights", default=0.0)
-    max_grad_norm: float = _help("clip the gradient norm to this (0: no clipping)", default=1.0)
-    resume: bool = _help("continue an interrupted run in --out from its checkpoint", default=False)
-    overwrite: bool = _help("replace an existing --out", default=False)
-    quiet: bool = _help("no progress bar", default=False)
+    checkpoint_every: int = option("write a checkpoint every N steps", default=100)
+    labels: str = option("which labelled records to train on: good (skip 'bad') or all", default="good")
+    weight_decay: float = option("AdamW weight decay on adapter weights", default=0.0)
+    max_grad_norm: float = option("clip the gradient norm to this (0: no clipping)", default=1.0)
+    resume: bool = option("continue an interrupted run in --out from its checkpoint", default=False)
+    overwrite: bool = option("replace an existing --out", default=False)
+    quiet: bool = option("no progress bar", default=False)
 
     def __post_init__(self) -> None:
         self.data, self.out = Path(self.data), Path(self.out)
@@ -404,7 +401,6 @@ def _cli_args(config: TrainConfig) -> list[str]:
 
 def register(subparsers) -> None:
     import argparse
-    import dataclasses
     import signal
 
     p = subparsers.add_parser(
@@ -414,23 +410,13 @@ def register(subparsers) -> None:
                     "  lorakit train --base ~/models/llama --data chats.jsonl --r 16 --targets all-linear --out adapters/x\n"
                     "  lorakit train --base ~/models/big --quantize nf4 --data d.jsonl --out adapters/q   # QLoRA",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", help=f.metadata["help"].replace("%", "%%"))
-            continue
-        kind = {"int": int, "int | None": int, "float": float, "Path": Path, "Path | None": Path}.get(str(f.type), str)
-        required = f.default is dataclasses.MISSING
-        default_text = "" if required or f.default is None else f" (default {f.default})"
-        p.add_argument(flag, type=kind, required=required, default=None if required else f.default,
-                       help=(f.metadata["help"] + default_text).replace("%", "%%"))
+    add_options(p, TrainConfig)
 
     p.add_argument("--nproc", type=int, default=None,
                    help="train with N data-parallel processes on this machine (starts torchrun for you)")
 
     def run(args) -> int:
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-        config = TrainConfig(**values)
+        config = TrainConfig(**options(args, TrainConfig))
         if args.nproc is not None and "WORLD_SIZE" not in os.environ:
             return distributed.launch(args.nproc, ["train", *_cli_args(config)])
         interrupted = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -35,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from lorakit.cli import add_options, option, options
 from lorakit.errors import UserError
 from lorakit.serve.engine import Engine, GenerationRequest, Overloaded, Stopped
 from lorakit.serve.protocol import (ApiError, GenerationParams, TextStream, chunk_body, completion_body, new_id,
@@ -46,18 +48,24 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 @dataclass
 class ServeConfig:
-    base: str | None = None  # model directory or hub id; None: the embedded base
-    adapters: dict[str, str] = field(default_factory=dict)  # name -> directory, loaded at start
-    adapter_dir: Path | None = None  # where the load endpoint may load from; None: loading is off
-    api_key: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 16  # rows in one decode step
-    max_waiting: int = 64  # queued requests beyond the batch before answering 429
-    max_tokens: int = 512  # the most tokens one request may generate
-    max_body_bytes: int = 1 << 20
-    dtype: str = "auto"
-    served_model_name: str | None = None  # the base's name in the API
+    """Everything `lorakit serve` takes; each field's help is the CLI's --help."""
+
+    base: str | None = option("base model directory or hub id (default: the embedded base)", default=None)
+    adapters: dict[str, str] = option("name -> adapter directory, loaded at start (--adapter NAME=PATH)",
+                                      default_factory=dict)
+    adapter_dir: Path | None = option("directory that POST /v1/load_lora_adapter may load from (without it, "
+                                      "loading is off)", default=None)
+    api_key: str | None = option("require 'Authorization: Bearer KEY' on /v1/* (default: $LORAKIT_API_KEY; "
+                                 "unset: no key)", default=None)
+    host: str = option("address to bind; the default serves this machine only", default="127.0.0.1")
+    port: int = option("port", default=8000)
+    max_batch: int = option("requests decoded together in one step", default=16)
+    max_waiting: int = option("queued requests beyond the batch before answering 429", default=64)
+    max_tokens: int = option("most tokens one request may generate", default=512)
+    max_body_bytes: int = option("largest request body, in bytes", default=1 << 20)
+    dtype: str = option("auto, fp32, bf16 or fp16", default="auto")
+    served_model_name: str | None = option("the base's name in the API (default: --base, or lorakit/embedded)",
+                                           default=None)
 
     def __post_init__(self) -> None:
         for name in self.adapters:
@@ -503,6 +511,9 @@ def parse_adapter_arg(spec: str) -> tuple[str, str]:
     return name, path
 
 
+SPECIAL = ("adapters", "api_key")  # ServeConfig fields with hand-written flags (see register)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve many adapters on one base: OpenAI-compatible API + playground",
@@ -511,28 +522,17 @@ def register(subparsers) -> None:
                     "  lorakit serve --adapter legal=adapters/legal --adapter poetry=adapters/poetry --api-key $KEY\n"
                     "  lorakit serve --adapter-dir adapters/   # then POST /v1/load_lora_adapter",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Two flags are not one field each as it stands: --adapter repeats into a dict; --api-key defaults to
+    # the environment's key, which --help must not print.
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="an adapter to serve under NAME (the request's model); repeat for several")
-    p.add_argument("--base", help="base model directory or hub id (default: the embedded base)")
-    p.add_argument("--adapter-dir", type=Path,
-                   help="directory that POST /v1/load_lora_adapter may load from (without it, loading is off)")
     p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LORAKIT_API_KEY; unset: no key)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one step (default 16)")
-    p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429 (default 64)")
-    p.add_argument("--max-tokens", type=int, default=512, help="most tokens one request may generate (default 512)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (default auto)")
-    p.add_argument("--served-model-name", help="the base's name in the API (default: --base, or lorakit/embedded)")
+                   help=next(f for f in dataclasses.fields(ServeConfig) if f.name == "api_key").metadata["help"])
+    add_options(p, ServeConfig, skip=SPECIAL)
 
     def run(args) -> int:
         adapters = dict(parse_adapter_arg(spec) for spec in args.adapter)
-        serve(ServeConfig(base=args.base, adapters=adapters, adapter_dir=args.adapter_dir, api_key=args.api_key,
-                          host=args.host, port=args.port, max_batch=args.max_batch, max_waiting=args.max_waiting,
-                          max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, dtype=args.dtype,
-                          served_model_name=args.served_model_name))
+        serve(ServeConfig(adapters=adapters, api_key=args.api_key, **options(args, ServeConfig, skip=SPECIAL)))
         return 0
 
     p.set_defaults(func=run)
