@@ -105,6 +105,34 @@ def test_requests_join_a_running_batch_at_step_boundaries():
     assert engine.stats.prefills == len(batch) and engine.stats.max_batch_seen > 2
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prompts_arriving_together_are_prefilled_in_one_left_padded_forward(family):
+    """Prompts of different lengths share one prefill; each output still equals the plain path's. One
+    request finishes on its first token and one is cancelled before it starts: neither joins the batch."""
+    model = adapted(family)
+    batch = list(zip(prompts(6, seed=3), MIXES))
+    assert len({len(ids) for ids, _ in batch}) > 2  # really different lengths, so really padded
+    expected = [reference(model, ids, mix) for ids, mix in batch]
+    engine = Engine(model, eos_id=None, max_batch=8).start()
+    gate = threading.Event()
+    try:
+        engine.call(lambda _: gate.wait(30))  # holds the engine between steps while the requests queue up
+        outs = [run(engine, ids, mix)[1] for ids, mix in batch]
+        short = run(engine, batch[0][0], batch[0][1], max_tokens=1)[1]
+        cancelled, never = run(engine, batch[1][0], batch[1][1])
+        engine.cancel(cancelled)
+        gate.set()
+        for out in [*outs, short, never]:
+            assert out.done.wait(30)
+    finally:
+        engine.stop()
+    assert engine.stats.prefill_batches == 1 and engine.stats.prefills == len(batch) + 1
+    assert [out.tokens for out in outs] == expected
+    assert short.tokens == expected[0][:1] and short.finish == "length"
+    assert never.tokens == [] and never.finish == "stop"
+    assert engine.stats.max_batch_seen == len(batch)
+
+
 def test_sampling_with_a_seed_is_the_same_alone_and_in_a_batch():
     model = adapted("llama")
     batch = list(zip(prompts(4, seed=2), MIXES))

@@ -3,8 +3,9 @@
 A single thread owns the model. It loops:
 
     1. run queued jobs (install or delete an adapter): between steps, so no forward sees a half-made model
-    2. admit waiting requests (continuous batching): prefill each new prompt alone, sample its first
-       token, and join its KV cache to the running batch's
+    2. admit waiting requests (continuous batching): prefill the new prompts together in one forward
+       (left-padded to the longest), sample each one's first token, and join their KV cache to the
+       running batch's
     3. one decode step for every running row: row i applies its own adapter mix (the gathered per-row
        low-rank product of `LoraLayer`, S-LoRA/Punica style), then each row samples its next token
     4. drop finished or cancelled rows from the batch and its cache
@@ -83,7 +84,8 @@ class _Row:
 @dataclass
 class EngineStats:
     steps: int = 0
-    prefills: int = 0
+    prefills: int = 0  # prompts prefilled
+    prefill_batches: int = 0  # forwards that prefilled them (several new prompts share one)
     tokens: int = 0
     max_batch_seen: int = 0
     row_steps: int = 0  # sum over decode steps of the batch size
@@ -223,8 +225,8 @@ class Engine:
                 self._run_job(lambda model, a=adapter: delete_adapter(model, a), concurrent.futures.Future())
             for job, future in jobs:
                 self._run_job(job, future)
-            for request in admitted:
-                self._guard(self._admit, request)
+            if admitted:
+                self._guard(self._admit, admitted)
             if self._rows:
                 self._guard(self._step)
 
@@ -243,15 +245,15 @@ class Engine:
         finally:
             self._layers = [layer for _, layer in lora_layers(self.model)]
 
-    def _guard(self, step: Callable, *args) -> None:
-        """An unexpected failure ends the requests involved with finish reason 'error', not the engine."""
+    def _guard(self, step: Callable, requests: list[GenerationRequest] | None = None) -> None:
+        """An unexpected failure ends the requests involved (`requests`, else the running rows') with
+        finish reason 'error', not the engine."""
         try:
-            step(*args)
+            step() if requests is None else step(requests)
         except Exception as err:  # noqa: BLE001 - the engine must outlive one bad batch
-            requests = list(args) if args else [row.request for row in self._rows]
-            for request in requests:
+            for request in requests if requests is not None else [row.request for row in self._rows]:
                 self._finish(request, "error")
-            if not args:
+            if requests is None:
                 self._rows, self._cache, self._mask = [], None, None
             self.last_error = err
 
@@ -276,42 +278,59 @@ class Engine:
             for layer in self._layers:
                 layer.row_adapters = None
 
-    def _admit(self, request: GenerationRequest) -> None:
-        """Prefill the prompt alone (no padding inside it), sample the first token, join the batch."""
+    def _admit(self, requests: list[GenerationRequest]) -> None:
+        """Prefill the new prompts in one forward (left-padded), sample each first token, join the batch."""
         from transformers import DynamicCache
 
-        if request.cancelled:
-            self._finish(request, "stop")
+        for request in requests:
+            if request.cancelled:
+                self._finish(request, "stop")
+        requests = [r for r in requests if not r.cancelled]
+        if not requests:
             return
-        ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, P)
-        out = self._forward([request.adapters], input_ids=ids, past_key_values=DynamicCache())
-        self.stats.prefills += 1
-        sampling = request.sampling()
-        seed = request.seed if request.seed is not None else secrets.randbits(63)
-        generator = torch.Generator().manual_seed(seed)
-        row = _Row(request, sampling, generator, last=-1, length=len(request.prompt_ids))
-        self._accept(row, next_token(out.logits[0, -1], sampling, generator))
-        if row.done:
-            return
-        self._join(row, out.past_key_values)
+        width = max(len(r.prompt_ids) for r in requests)
+        # Padding in front, masked out; its id is any valid one, and its position ids are clamped to 0.
+        ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests],
+                           device=self.device)  # (n, P)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
+                            device=self.device)  # (n, P)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens from 0
+        out = self._forward([r.adapters for r in requests], input_ids=ids, attention_mask=mask,
+                            position_ids=positions, past_key_values=DynamicCache())
+        self.stats.prefills += len(requests)
+        self.stats.prefill_batches += 1
+        rows = []
+        for i, request in enumerate(requests):
+            sampling = request.sampling()
+            seed = request.seed if request.seed is not None else secrets.randbits(63)
+            generator = torch.Generator().manual_seed(seed)
+            row = _Row(request, sampling, generator, last=-1, length=len(request.prompt_ids))
+            self._accept(row, next_token(out.logits[i, -1], sampling, generator))
+            rows.append(row)
+        self._join(rows, out.past_key_values, mask)
 
-    def _join(self, row: _Row, cache) -> None:
-        """Append a prefilled row to the batch: left-pad whichever cache is shorter, concatenate rows."""
+    def _join(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
+        """Append prefilled rows (their cache and (n, P) mask) to the batch, leaving out the finished ones:
+        left-pad whichever side is shorter, concatenate rows."""
         from transformers import DynamicCache
 
-        mask = torch.ones(1, row.length, dtype=torch.long, device=self.device)  # (1, P)
+        keep = [i for i, row in enumerate(rows) if not row.done]
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            cache, mask = _select(cache, mask, keep)
+            rows = [rows[i] for i in keep]
         if self._cache is None:
-            self._cache, self._mask, self._rows = cache, mask, [row]
+            self._cache, self._mask, self._rows = cache, mask, rows
             return
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
-        width = max(old_len, new_len)
+        width = max(self._mask.shape[1], mask.shape[1])
         layers = []
         for old, new in zip(self._cache.layers, cache.layers):
             layers.append((torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
                            torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])))
         self._cache = DynamicCache(layers)
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])  # (rows, L)
-        self._rows.append(row)
+        self._rows += rows
 
     def _step(self) -> None:
         """One token for every running row, in one forward pass."""
@@ -370,15 +389,7 @@ class Engine:
         if not keep:
             self._rows, self._cache, self._mask = [], None, None
             return
-        from transformers import DynamicCache
-
-        index = torch.tensor(keep, device=self.device)
-        mask = self._mask.index_select(0, index)
-        start = int((mask.sum(0) > 0).long().argmax())  # columns before it are padding in every kept row
-        layers = [(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
-                  for layer in self._cache.layers]
-        self._cache = DynamicCache(layers)
-        self._mask = mask[:, start:]
+        self._cache, self._mask = _select(self._cache, self._mask, keep)
         self._rows = [self._rows[i] for i in keep]
 
     def _fail_all(self, reason: str) -> None:
@@ -399,6 +410,18 @@ class Engine:
 
 def _as_set(ids: int | set[int] | None) -> set[int] | frozenset[int]:
     return frozenset() if ids is None else {ids} if isinstance(ids, int) else ids
+
+
+def _select(cache, mask: torch.Tensor, keep: list[int]):
+    """Rows `keep` of a (cache, (rows, L) mask) pair, without the columns that are padding in all of them."""
+    from transformers import DynamicCache
+
+    index = torch.tensor(keep, device=mask.device)
+    mask = mask.index_select(0, index)
+    start = int((mask.sum(0) > 0).long().argmax())  # columns before it are padding in every kept row
+    layers = [(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
+              for layer in cache.layers]
+    return DynamicCache(layers), mask[:, start:]
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
