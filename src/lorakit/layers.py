@@ -112,7 +112,7 @@ class LoraLayer(nn.Module):
             return self.base(x)
         if self.row_adapters is not None:
             return self._add_per_row(x, self.base(x))
-        names = [n for n in self.active if n in self.lora_A and n not in self.merged]
+        names = self.running()
         if not names:
             return self.base(x)
         if self._fusable() and not torch.compiler.is_compiling():  # compiled: plain ops, which inductor fuses
@@ -121,6 +121,10 @@ class LoraLayer(nn.Module):
         for name in names:
             result = self._add_update(x, result, name, self.active[name])
         return result
+
+    def running(self) -> list[str]:
+        """The adapters the forward applies: active, held by this layer, not merged into the base."""
+        return [n for n in self.active if n in self.lora_A and n not in self.merged]
 
     def _fusable(self) -> bool:
         """The fast path covers a frozen, plain Linear/Conv1D/NF4 base that no hook watches (nearly always)."""

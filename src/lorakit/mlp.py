@@ -103,7 +103,7 @@ def _fast_path_adapters(down: LoraLayer, dtype: torch.dtype, device_type: str) -
     else None: also when an adapter would need its own cast copy of the input."""
     if down.disabled or down.row_adapters is not None or not down._fusable():
         return None
-    names = [n for n in down.active if n in down.lora_A and n not in down.merged]
+    names = down.running()
     if any(down._dropping(n) for n in names):  # a dropped-out input would have to be kept: no saving
         return None
     if not torch.is_autocast_enabled(device_type) \
