@@ -70,6 +70,7 @@ def _plain(model: nn.Module) -> nn.Module:
 
 
 def _loss_and_grads(model: nn.Module, autocast: bool = False):
+    torch.manual_seed(1)  # the same dropout masks for the lean block and its oracle
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = causal_lm_loss(model, _batch())
     loss.backward()
@@ -77,6 +78,7 @@ def _loss_and_grads(model: nn.Module, autocast: bool = False):
 
 
 ALL = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+DROP = lorakit.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25, target_modules="all-linear")
 CASES = {  # id -> (family, config, adapters, autocast)
     "llama-fp32": ("llama", ALL, 1, False),
     "llama-bf16-autocast": ("llama", ALL, 1, True),
@@ -86,6 +88,9 @@ CASES = {  # id -> (family, config, adapters, autocast)
     "llama-down-and-gate-only": ("llama", lorakit.LoraConfig(r=3, target_modules=["down_proj", "gate_proj"]), 1, False),
     "llama-qlora-nf4-base": ("llama+nf4", ALL, 1, False),
     "llama-qlora-nf4-bf16-autocast": ("llama+nf4", ALL, 1, True),
+    "llama-dropout": ("llama", DROP, 1, False),
+    "llama-dropout-bf16-autocast": ("llama", DROP, 1, True),
+    "qwen2-dropout-two-adapters": ("qwen2", DROP, 2, False),  # gradients close, not equal: see below
     "llama-rslora": ("llama", lorakit.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["down_proj"]),
                      1, False),
 }
@@ -101,8 +106,14 @@ def test_lean_block_gives_the_same_loss_and_gradients_bit_for_bit(case):
     want_loss, want = _loss_and_grads(oracle, autocast)
     assert torch.equal(loss, want_loss)
     assert grads.keys() == want.keys() and grads
+    # With dropout on two adapters, three gradients meet at the product, and autograd adds them in
+    # another order than the Function does: the last bits may differ. Everything else is exact.
+    exact = config.lora_dropout == 0 or adapters == 1
     for name in grads:
-        assert torch.equal(grads[name], want[name]), name
+        if exact:
+            assert torch.equal(grads[name], want[name]), name
+        else:
+            torch.testing.assert_close(grads[name], want[name], rtol=1e-5, atol=1e-7)
 
 
 def _saved_bytes(model: nn.Module) -> int:
@@ -118,11 +129,17 @@ def _saved_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def test_lean_block_keeps_two_intermediate_tensors_fewer_per_layer():
-    model = _model("llama", ALL)
+@pytest.mark.parametrize("config, per_element", [
+    (ALL, 2 * 4),  # act's output and the product, fp32
+    (DROP, 3 * 4 - 1),  # act's output, the dropout's noise and its output (fp32) for a one-byte mask
+])
+def test_lean_block_keeps_less_per_layer(config, per_element):
+    model = _model("llama", config)
     tokens, inter, layers = 3 * 12, SHAPE["intermediate_size"], SHAPE["num_hidden_layers"]
-    saved = _saved_bytes(_plain(model)) - _saved_bytes(model)
-    assert saved == 2 * tokens * inter * 4 * layers  # act's output and the product: fp32, per layer
+    torch.manual_seed(0)
+    plain = _saved_bytes(_plain(model))
+    torch.manual_seed(0)
+    assert plain - _saved_bytes(model) == per_element * tokens * inter * layers
 
 
 def test_blocks_step_aside_where_the_lean_path_does_not_apply(monkeypatch):
@@ -150,9 +167,6 @@ def test_blocks_step_aside_where_the_lean_path_does_not_apply(monkeypatch):
     lorakit.merge(model)
     assert lean_calls(model) == 0  # merged: no gradient flows through the block at all
     lorakit.unmerge(model)
-    dropping = _model("llama", lorakit.LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
-    assert lean_calls(dropping) == 0  # dropout: its dropped-out input would have to be kept
-    assert lean_calls(dropping.eval()) == 2  # eval mode drops nothing
     bf16 = _model("llama", ALL).to(torch.bfloat16)  # fp32 adapters on a bf16 base, no autocast: a cast copy
     for _, layer in lorakit.lora_layers(bf16):
         for table in (layer.lora_A, layer.lora_B):

@@ -147,7 +147,8 @@ class LoraLayer(nn.Module):
     def fused_args(self, x2: torch.Tensor | None, names: list[str], dtype: torch.dtype) -> tuple:
         """`LoraLinear`'s arguments after x2 (N, in) in `dtype`: weight, bias, scales, then (xᵢ, Aᵢ, Bᵢ) per adapter.
 
-        x2 = None (the input is not formed yet) needs adapters that read the input as it is.
+        x2 = None (the input is not formed yet, as in `lorakit.mlp`): every xᵢ is None, and the caller
+        applies each adapter's dropout itself.
         """
         base = self.base
         if isinstance(base, NF4Linear):
@@ -163,7 +164,7 @@ class LoraLayer(nn.Module):
             # The down projection runs in the adapter's precision (fp32 masters) unless autocast says
             # otherwise, as the unfused path did; the up projection in the base output's precision.
             down = dtype if autocast else A.dtype
-            xa = self.dropout[name](x2) if self._dropping(name) else x2  # (N, in)
+            xa = self.dropout[name](x2) if x2 is not None and self._dropping(name) else x2  # (N, in)
             # None means "the input itself": then no copy of x is made or saved twice.
             lora += [None if xa is x2 and down == dtype else xa.to(down), A.to(down), B.to(dtype)]
             scales.append(self.scaling[name] * self.active[name])
