@@ -96,17 +96,23 @@ def test_fused_several_adapters_with_weights_match_autograd():
 
 def test_function_passes_gradcheck_in_float64():
     torch.manual_seed(0)
-    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
-    xd = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)  # a second adapter's own input
-    W = torch.randn(4, 5, dtype=torch.float64)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    A1, B1 = (torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((2, 5), (4, 2)))
-    A2, B2 = (torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((3, 5), (4, 3)))
+    f64 = torch.float64
+    x = torch.randn(6, 5, dtype=f64, requires_grad=True)
+    W = torch.randn(4, 5, dtype=f64)
+    b = torch.randn(4, dtype=f64, requires_grad=True)
+    A1, B1 = (torch.randn(s, dtype=f64, requires_grad=True) for s in ((2, 5), (4, 2)))
+    A2, B2 = (torch.randn(s, dtype=f64, requires_grad=True) for s in ((3, 5), (4, 3)))
 
-    def f(x, b, A1, B1, xd, A2, B2):
-        return LoraLinear.apply(x, W, b, (0.5, -2.0), None, A1, B1, xd, A2, B2)
+    def f(x, b, A1, B1, A2, B2):
+        return LoraLinear.apply(x, W, b, (0.5, -2.0), (0.0, 0.0), (f64, f64), A1, B1, A2, B2)
 
-    assert torch.autograd.gradcheck(f, (x, b, A1, B1, xd, A2, B2))
+    assert torch.autograd.gradcheck(f, (x, b, A1, B1, A2, B2))
+
+    def dropped(x, b, A1, B1, A2, B2):  # the same mask on every call: the function is then smooth
+        torch.manual_seed(3)
+        return LoraLinear.apply(x, W, b, (0.5, -2.0), (0.5, 0.0), (f64, f64), A1, B1, A2, B2)
+
+    assert torch.autograd.gradcheck(dropped, (x, b, A1, B1, A2, B2))
 
 
 def test_fused_saves_x_once_and_nothing_of_output_size():
@@ -263,3 +269,34 @@ def test_per_row_stack_is_rebuilt_when_adapters_change():
         expected = logits(model, ids)
     assert not torch.allclose(before, after)
     assert torch.allclose(after, expected, atol=1e-5)
+
+
+def test_fused_dropout_equals_nn_dropout_with_the_same_seed_and_keeps_a_byte_mask():
+    """Dropout inside `LoraLinear` draws what `nn.Dropout` draws (CPU) and keeps x plus a bool mask,
+    not the dropped-out copy and its float noise."""
+    layer = _layer(r=4)
+    layer.add_adapter("b", r=3, scaling=0.7, dropout=0.0, init=False)
+    layer.dropout["default"] = nn.Dropout(0.3)
+    layer.active = {"default": 1.0, "b": -0.5}
+    layer.train()
+    x = torch.randn(9, 12)
+    g = torch.randn(9, 10)
+    results = []
+    for plain in (False, True):
+        hook = layer.base.register_forward_pre_hook(lambda *_: None) if plain else None  # a hook: plain ops
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(0)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = layer(xi)
+        y.backward(g)
+        results.append((y.detach(), xi.grad, *(p.grad.clone() for p in layer.parameters() if p.grad is not None)))
+        layer.zero_grad(set_to_none=True)
+        if hook:
+            hook.remove()
+        else:
+            per_token = [t for t in saved if t.shape[0] == 9 and t.dim() == 2 and t.shape[1] == 12]
+            assert sorted(str(t.dtype) for t in per_token) == ["torch.bool", "torch.float32"]  # x, the mask
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain)
+    assert not torch.equal(results[0][0], layer.eval()(x))  # the mask really dropped something

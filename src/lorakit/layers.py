@@ -136,7 +136,7 @@ class LoraLayer(nn.Module):
         """base(x) + Σ w·s·B(A(dropout(x))) through `LoraLinear`, which saves and computes only what LoRA needs."""
         dtype = self.compute_dtype(x)
         x2 = x.reshape(-1, self.in_features).to(dtype)  # (N, in)
-        y = LoraLinear.apply(x2, *self.fused_args(x2, names, dtype))
+        y = LoraLinear.apply(x2, *self.fused_args(names, dtype))
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -144,12 +144,9 @@ class LoraLayer(nn.Module):
         device = x.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
-    def fused_args(self, x2: torch.Tensor | None, names: list[str], dtype: torch.dtype) -> tuple:
-        """`LoraLinear`'s arguments after x2 (N, in) in `dtype`: weight, bias, scales, then (xᵢ, Aᵢ, Bᵢ) per adapter.
-
-        x2 = None (the input is not formed yet, as in `lorakit.mlp`): every xᵢ is None, and the caller
-        applies each adapter's dropout itself.
-        """
+    def fused_args(self, names: list[str], dtype: torch.dtype) -> tuple:
+        """`LoraLinear`'s arguments after x (N, in) in `dtype`: weight, bias, then per adapter the scale,
+        the dropout probability and the down projection's dtype (tuples), then (Aᵢ, Bᵢ) per adapter."""
         base = self.base
         if isinstance(base, NF4Linear):
             W = base.quantized  # (out, in) in NF4, dequantized into `dtype` chunk by chunk where it is used
@@ -157,18 +154,17 @@ class LoraLayer(nn.Module):
             W = (base.weight if self.kind == "linear" else base.weight.t()).to(dtype)  # (out, in): a view for Conv1D
         autocast = torch.is_autocast_enabled(self._base_dtype_device()[1].type)
         bias = base.bias
-        lora: list[torch.Tensor | None] = []
-        scales = []
+        scales, drops, downs, weights = [], [], [], []
         for name in names:
             A, B = self.lora_A[name], self.lora_B[name]  # (r, in), (out, r)
             # The down projection runs in the adapter's precision (fp32 masters) unless autocast says
             # otherwise, as the unfused path did; the up projection in the base output's precision.
             down = dtype if autocast else A.dtype
-            xa = self.dropout[name](x2) if x2 is not None and self._dropping(name) else x2  # (N, in)
-            # None means "the input itself": then no copy of x is made or saved twice.
-            lora += [None if xa is x2 and down == dtype else xa.to(down), A.to(down), B.to(dtype)]
             scales.append(self.scaling[name] * self.active[name])
-        return (W, None if bias is None else bias.to(dtype), tuple(scales), *lora)
+            drops.append(self.dropout[name].p if self._dropping(name) else 0.0)
+            downs.append(down)
+            weights += [A.to(down), B.to(dtype)]
+        return (W, None if bias is None else bias.to(dtype), tuple(scales), tuple(drops), tuple(downs), *weights)
 
     def _down(self, x: torch.Tensor, name: str, weight: float) -> torch.Tensor:
         """The scaled rank-r projection s·w·A(dropout(x)), shape (..., r)."""
@@ -333,54 +329,62 @@ _FUSABLE = (nn.Linear, NF4Linear, Conv1D) if Conv1D else (nn.Linear, NF4Linear)
 
 
 class LoraLinear(torch.autograd.Function):
-    """y = x·Wᵀ + b + Σᵢ sᵢ·(xᵢ·Aᵢᵀ)·Bᵢᵀ for a frozen W, with a backward that does only what LoRA needs.
+    """y = x·Wᵀ + b + Σᵢ sᵢ·(dropᵢ(x)·Aᵢᵀ)·Bᵢᵀ for a frozen W, with a backward that does only what LoRA needs.
 
     Plain autograd over the same ops costs up to ~2x a bare linear here; this Function
-    - saves x once (or each adapter's dropped-out input, when dropout is on) and the small (N, r)
-      products, nothing of size (N, out);
+    - saves x once, the small (N, r) products, and for an adapter with dropout its mask as bytes (the
+      dropped-out input is recomputed from x and the mask), nothing of size (N, out);
     - computes no gradient for the frozen W, and adds the adapters' input gradient into g·W in place;
     - adds the update into the base output in place, and scales (N, r) tensors, never (N, out) ones.
-    Every temporary is (N, r) or (r, in) / (out, r); nothing (out, in) is formed.
+    Every temporary is (N, r) or (r, in) / (out, r), or an adapter's dropped-out or cast (N, in) input.
+    Dropout draws its mask as `F.dropout` does on a CPU: a seeded run drops the same elements.
 
     Arguments: x (N, in); weight (out, in), a tensor in x's dtype or an `NF4Tensor`; bias (out,) or
-    None; scales, one float per adapter; then per adapter xᵢ (N, in), or None for x itself; Aᵢ (r, in)
-    in xᵢ's dtype; Bᵢ (out, r) in x's dtype.
+    None; then per adapter (tuples) the scale sᵢ, the dropout probability (0: none) and the dtype the
+    down projection runs in; then per adapter Aᵢ (r, in) in that dtype and Bᵢ (out, r) in x's dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scales, *lora):
-        y, saved = lora_linear_forward(x, weight, bias, scales, lora)
-        ctx.scales = scales
-        needs_x = any(xa is None for xa in lora[0::3])  # x is saved only if an adapter reads it
-        ctx.save_for_backward(x if needs_x else None, stash_weight(ctx, weight), *saved)
+    def forward(ctx, x, weight, bias, scales, drops, downs, *weights):
+        y, masks, hs = lora_linear_forward(x, weight, bias, scales, drops, downs, weights)
+        ctx.scales, ctx.drops, ctx.downs = scales, drops, downs
+        ctx.save_for_backward(x if scales else None, stash_weight(ctx, weight), *weights, *masks, *hs)
         return y
 
     @staticmethod
     def backward(ctx, g):  # g: (N, out)
-        x, weight, *saved = ctx.saved_tensors
-        weight = unstash_weight(ctx, weight)
+        x, weight, *rest = ctx.saved_tensors
+        n = len(ctx.scales)
+        weights, masks, hs = rest[:2 * n], rest[2 * n:3 * n], rest[3 * n:]
         needs = ctx.needs_input_grad
-        grad_x, grad_bias, grads = lora_linear_backward(g, x, weight, saved, ctx.scales, needs[0], needs[2], needs[4:])
-        return grad_x, None, grad_bias, None, *grads
+        grad_x, grad_bias, grads = lora_linear_backward(g, x, unstash_weight(ctx, weight), weights, masks, hs,
+                                                        ctx.scales, ctx.drops, needs[0], needs[2], needs[6:])
+        return grad_x, None, grad_bias, None, None, None, *grads
 
 
-def lora_linear_forward(x, weight, bias, scales, lora) -> tuple[torch.Tensor, list]:
-    """`LoraLinear`'s forward: (y (N, out), the tensors its backward needs per adapter)."""
+def lora_linear_forward(x, weight, bias, scales, drops, downs, weights) -> tuple[torch.Tensor, list, list]:
+    """`LoraLinear`'s forward: (y (N, out), each adapter's dropout mask or None, each (N, r) product)."""
     y = F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else nf4_linear(x, weight, bias)  # (N, out)
-    saved = []
+    masks, hs = [], []
     for i, s in enumerate(scales):
-        xa, A, B = lora[3 * i: 3 * i + 3]
-        h = (x if xa is None else xa) @ A.t()  # (N, r)
+        A, B = weights[2 * i], weights[2 * i + 1]
+        noise = mask = None
+        if drops[i]:
+            noise = torch.empty_like(x).bernoulli_(1 - drops[i]).div_(1 - drops[i])  # (N, in): 0 or 1/(1-p)
+            mask = noise != 0  # kept as one byte per element instead of the dropped-out input
+        h = _adapter_input(x, noise, A.dtype) @ A.t()  # (N, r)
         h = h.mul_(s).to(y.dtype)  # (N, r): s applied at rank r
         y.addmm_(h, B.t())  # (N, out), in place: no (N, out) temporary
-        saved += [xa, A, B, h]
-    return y, saved
+        masks.append(mask)
+        hs.append(h)
+    return y, masks, hs
 
 
-def lora_linear_backward(g, x, weight, saved, scales, need_x: bool, need_bias: bool, needs) -> tuple:
-    """`LoraLinear`'s backward: (grad x, grad bias, [grad xᵢ, grad Aᵢ, grad Bᵢ per adapter]).
+def lora_linear_backward(g, x, weight, weights, masks, hs, scales, drops, need_x: bool, need_bias: bool,
+                         needs) -> tuple:
+    """`LoraLinear`'s backward: (grad x, grad bias, [grad Aᵢ, grad Bᵢ per adapter]).
 
-    `needs` holds three flags per adapter (xᵢ, Aᵢ, Bᵢ), as `ctx.needs_input_grad` orders them.
+    `needs` holds two flags per adapter (Aᵢ, Bᵢ), as `ctx.needs_input_grad` orders them.
     """
     grad_x = None  # (N, in); no gradient for the frozen W
     if need_x:
@@ -388,21 +392,31 @@ def lora_linear_backward(g, x, weight, saved, scales, need_x: bool, need_bias: b
     grad_bias = g.sum(0) if need_bias else None  # (out,)
     grads = []
     for i, s in enumerate(scales):
-        xa, A, B, h = saved[4 * i: 4 * i + 4]
-        need_xa, need_A, need_B = needs[3 * i: 3 * i + 3]
-        grad_xa = grad_A = grad_B = None
+        A, B, mask, h = weights[2 * i], weights[2 * i + 1], masks[i], hs[i]
+        need_A, need_B = needs[2 * i: 2 * i + 2]
+        grad_A = grad_B = None
         if need_B:
             grad_B = g.t() @ h  # (out, r); h already carries s
-        if need_A or need_xa or (xa is None and need_x):
+        if need_A or need_x:
             gh = (g @ B).mul_(s).to(A.dtype)  # (N, r): the gradient at A's output
-            if xa is None and need_x:
+            noise = None if mask is None else mask.to(x.dtype).div_(1 - drops[i])  # the forward's, exactly
+            if need_x and noise is None and A.dtype == x.dtype:
                 grad_x.addmm_(gh, A)  # (N, in), in place into g·W
-            elif need_xa:
-                grad_xa = gh @ A  # (N, in)
+            elif need_x:  # back through the cast and the dropout, as autograd would
+                grad_x += _dropped((gh @ A).to(x.dtype), noise)
             if need_A:
-                grad_A = gh.t() @ (x if xa is None else xa)  # (r, in)
-        grads += [grad_xa, grad_A, grad_B]
+                grad_A = gh.t() @ _adapter_input(x, noise, A.dtype)  # (r, in)
+        grads += [grad_A, grad_B]
     return grad_x, grad_bias, grads
+
+
+def _adapter_input(x: torch.Tensor, noise: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """What an adapter's A reads: x dropped out (x·noise, as `F.dropout` computes it) and cast to A's dtype."""
+    return _dropped(x, noise).to(dtype)
+
+
+def _dropped(t: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    return t if noise is None else t * noise
 
 
 def stash_weight(ctx, weight: torch.Tensor | NF4Tensor) -> torch.Tensor | None:

@@ -11,8 +11,8 @@ of the block. Outputs and gradients are bit-identical to the op-by-op path (same
 
 `inject` installs this on the blocks whose class's `forward` is exactly the expression above and
 whose down_proj carries LoRA; it steps aside (to the block's own forward) without autograd, under
-torch.compile (inductor plans its own recomputation), and whenever down_proj is not on the fast
-path (dropout on, per-row routing, disabled, a trainable or hooked base).
+torch.compile (inductor plans its own recomputation), and whenever down_proj is not on the fused
+path (per-row routing, disabled, a trainable or hooked base).
 """
 
 from __future__ import annotations
@@ -87,89 +87,53 @@ def lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(down, LoraLayer) or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return type(self).forward(self, x)  # (down_proj is plain again once its last adapter is deleted)
     gate, up = self.gate_proj(x), self.up_proj(x)  # (..., inter) each; in this order, as the block's forward
-    dtype = down.compute_dtype(gate)
-    names = _fast_path_adapters(down, dtype, gate.device.type)
-    if names is None or not (gate.requires_grad or up.requires_grad):
+    if down.disabled or down.row_adapters is not None or not down._fusable() \
+            or not (gate.requires_grad or up.requires_grad):  # down_proj takes another path, or no gradient
         return down(self.act_fn(gate) * up)
+    dtype = down.compute_dtype(gate)
     gate2, up2 = gate.reshape(-1, down.in_features), up.reshape(-1, down.in_features)  # (N, inter)
-    # x = None: the product is formed inside the Function, which also applies the adapters' dropout.
-    drops = tuple(down.dropout[n].p if down._dropping(n) else 0.0 for n in names)
-    y = GatedDown.apply(gate2, up2, self.act_fn, dtype, drops, *down.fused_args(None, names, dtype))
+    y = GatedDown.apply(gate2, up2, self.act_fn, dtype, *down.fused_args(down.running(), dtype))
     return y.view(*x.shape[:-1], down.out_features)  # (..., hidden)
-
-
-def _fast_path_adapters(down: LoraLayer, dtype: torch.dtype, device_type: str) -> list[str] | None:
-    """The adapters down_proj runs, if it runs them through `LoraLinear` on its input in `dtype`; else None,
-    also when an adapter would need its own cast copy of the input."""
-    if down.disabled or down.row_adapters is not None or not down._fusable():
-        return None
-    names = down.running()
-    if not torch.is_autocast_enabled(device_type) \
-            and any(down.lora_A[n].dtype != dtype for n in names):  # e.g. fp32 adapters on a bf16 base
-        return None
-    return names
 
 
 class GatedDown(torch.autograd.Function):
     """y = LoraLinear(act(gate) * up) for down_proj, keeping gate and up (not act's output nor the product).
 
     Arguments: gate, up (N, inter); act (a parameter-free elementwise module); the dtype the product
-    is cast to (autocast's); each adapter's dropout probability (0: none); then down_proj's
-    `LoraLinear` arguments after x, every xᵢ None. An adapter with dropout keeps its mask (one byte per
-    element), not its dropped-out input: that is recomputed from the product too. The mask is drawn
-    as `F.dropout` draws it on a CPU, so a seeded run drops the same elements as the op-by-op path.
+    is cast to (autocast's); then down_proj's `LoraLinear` arguments after x. What `LoraLinear` would
+    keep of its input (the product) is recomputed in the backward, dropout masks aside.
     """
 
     @staticmethod
-    def forward(ctx, gate, up, act, dtype, drops, weight, bias, scales, *lora):
+    def forward(ctx, gate, up, act, dtype, weight, bias, scales, drops, downs, *weights):
         h = (act(gate) * up).to(dtype)  # (N, inter): freed when this returns
-        lora, masks = list(lora), []
-        for i, p in enumerate(drops):
-            if p:
-                noise = torch.empty_like(h).bernoulli_(1 - p).div_(1 - p)  # (N, inter): 0 or 1/(1-p)
-                lora[3 * i] = h * noise  # the dropped-out input
-                masks.append(noise != 0)
-        y, saved = lora_linear_forward(h, weight, bias, scales, lora)
-        for i, p in enumerate(drops):
-            if p:
-                saved[4 * i] = None  # recomputed in the backward from the product and the mask
-        ctx.act, ctx.dtype, ctx.drops, ctx.scales = act, dtype, drops, scales
-        ctx.save_for_backward(gate, up, stash_weight(ctx, weight), *masks, *saved)
+        y, masks, hs = lora_linear_forward(h, weight, bias, scales, drops, downs, weights)
+        ctx.act, ctx.dtype, ctx.scales, ctx.drops = act, dtype, scales, drops
+        ctx.save_for_backward(gate, up, stash_weight(ctx, weight), *weights, *masks, *hs)
         return y
 
     @staticmethod
     def backward(ctx, g):  # g: (N, hidden)
         gate, up, weight, *rest = ctx.saved_tensors
-        weight = unstash_weight(ctx, weight)
-        need_gate, need_up = ctx.needs_input_grad[:2]
-        need_h = need_gate or need_up
-        dropped = [i for i, p in enumerate(ctx.drops) if p]
-        masks, saved = rest[:len(dropped)], list(rest[len(dropped):])
+        n = len(ctx.scales)
+        weights, masks, hs = rest[:2 * n], rest[2 * n:3 * n], rest[3 * n:]
+        needs = ctx.needs_input_grad
+        need_gate, need_up = needs[:2]
         a = ctx.act(gate)  # (N, inter)
         h = (a * up).to(ctx.dtype)  # (N, inter): the product, recomputed
-        needs = list(ctx.needs_input_grad[8:])  # (xᵢ, Aᵢ, Bᵢ) per adapter
-        noises = {}
-        for i, mask in zip(dropped, masks):
-            noises[i] = mask.to(h.dtype).div_(1 - ctx.drops[i])  # the forward's noise, exactly
-            saved[4 * i] = h * noises[i]
-            needs[3 * i] = need_h  # the dropped-out input's gradient flows back into the product
-        grad_h, grad_bias, grads = lora_linear_backward(g, h, weight, saved, ctx.scales, need_h,
-                                                        ctx.needs_input_grad[6], needs)
-        del h, saved  # each (N, inter) tensor is let go as soon as it is spent: this runs at the step's peak
-        for i, noise in noises.items():
-            if need_h:
-                grad_h += grads[3 * i] * noise  # through the dropout, as autograd would
-            grads[3 * i] = None
-        del noises
+        grad_h, grad_bias, grads = lora_linear_backward(g, h, unstash_weight(ctx, weight), weights, masks, hs,
+                                                        ctx.scales, ctx.drops, need_gate or need_up, needs[5],
+                                                        needs[9:])
+        del h  # each (N, inter) tensor is let go as soon as it is spent: this runs at the step's peak
         grad_gate = grad_up = None
-        if need_h:
+        if need_gate or need_up:
             grad_h = grad_h.to(a.dtype)  # the product's gradient in the dtype it was formed in
             if need_up:  # (N, inter); into a's buffer where a is surely a new tensor: one allocation less
                 grad_up = a.mul_(grad_h) if _is_silu(ctx.act) else grad_h * a
             del a
             if need_gate:  # d(a·up)/da = up (in place: grad_h is spent after this), then act's backward
                 grad_gate = _act_backward(ctx.act, gate, grad_h.mul_(up))
-        return grad_gate, grad_up, None, None, None, None, grad_bias, None, *grads
+        return grad_gate, grad_up, None, None, None, grad_bias, None, None, None, *grads
 
 
 def _act_backward(act: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
