@@ -36,7 +36,7 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def lorakit_model(base, precision: str, checkpointing: bool = False):
+def lorakit_model(base, precision: str, checkpointing: bool = False, dropout: float = 0.0):
     model = copy.deepcopy(base)
     if checkpointing:  # recompute each decoder layer in the backward: memory for ~1 more forward of time
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name, as lorakit train
@@ -45,14 +45,15 @@ def lorakit_model(base, precision: str, checkpointing: bool = False):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if precision == "bf16":
         model.to(torch.bfloat16)  # frozen base in bf16; adapters stay fp32 masters
-    lorakit.inject(model, lorakit.LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear"))
+    lorakit.inject(model, lorakit.LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear", lora_dropout=dropout))
     return model.train()
 
 
-def peft_model(base):
+def peft_model(base, dropout: float = 0.0):
     import peft
 
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear"))
+    config = peft.LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear", lora_dropout=dropout)
+    model = peft.get_peft_model(copy.deepcopy(base), config)
     return model.train()
 
 
@@ -104,7 +105,8 @@ def time_steps(precision: str, shape: dict, batch_size: int, seq: int, rounds: i
     return {"precision": precision, "shape": shape, "batch": [batch_size, seq], "trainable": counts[0], **t}
 
 
-def peak_memory(which: str, precision: str, shape: dict, batch_size: int, seq: int, checkpointing: bool = False) -> float:
+def peak_memory(which: str, precision: str, shape: dict, batch_size: int, seq: int, checkpointing: bool = False,
+                dropout: float = 0.0) -> float:
     """Peak RSS above the resident model during one training step, in MB, measured in a fresh process.
 
     glibc is told to mmap every large block, so freed tensors leave the RSS at once and the
@@ -112,6 +114,7 @@ def peak_memory(which: str, precision: str, shape: dict, batch_size: int, seq: i
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     args = json.dumps({"which": which, "precision": precision, "shape": shape, "batch": batch_size, "seq": seq,
+                       "dropout": dropout,
                        "checkpointing": checkpointing, "threads": torch.get_num_threads()})
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", args], cwd=root, env=env,
@@ -125,10 +128,10 @@ def _measure_peak(spec: dict) -> None:
     base = llama(spec["shape"])
     batch = token_batch(spec["shape"]["vocab_size"], spec["batch"], spec["seq"])
     if spec["which"] == "lorakit":
-        model = lorakit_model(base, spec["precision"], spec["checkpointing"])
+        model = lorakit_model(base, spec["precision"], spec["checkpointing"], spec["dropout"])
         step = make_step(model, batch, spec["precision"], lorakit_loss)
     else:
-        step = make_step(peft_model(base), batch, spec["precision"], peft_loss)
+        step = make_step(peft_model(base, spec["dropout"]), batch, spec["precision"], peft_loss)
     del base
     step()
 
@@ -220,15 +223,17 @@ def run_memory(quick: bool = False) -> list[dict]:
     full, seq, batch_size = (LLAMA_SMALL, 64, 2) if quick else (LLAMA_25M, 256, 8)
     bf16_batch, bf16_seq = (2, 64) if quick else (2, 128)
     rows, peft_mb = [], {}
-    runs = [("fp32", full, batch_size, seq, False), ("bf16", LLAMA_SMALL, bf16_batch, bf16_seq, False),
-            ("fp32", full, batch_size, seq, True)]
-    for precision, shape, b, s, ckpt in runs:
-        ours = peak_memory("lorakit", precision, shape, b, s, checkpointing=ckpt)
-        if (precision, b) not in peft_mb:
-            peft_mb[precision, b] = peak_memory("peft", precision, shape, b, s)
-        theirs = peft_mb[precision, b]
+    # (precision, shape, batch, seq, lorakit with activation checkpointing, lora_dropout for both)
+    runs = [("fp32", full, batch_size, seq, False, 0.0), ("bf16", LLAMA_SMALL, bf16_batch, bf16_seq, False, 0.0),
+            ("fp32", full, batch_size, seq, True, 0.0), ("fp32", full, batch_size, seq, False, 0.05)]
+    for precision, shape, b, s, ckpt, dropout in runs:
+        ours = peak_memory("lorakit", precision, shape, b, s, checkpointing=ckpt, dropout=dropout)
+        if (precision, b, dropout) not in peft_mb:
+            peft_mb[precision, b, dropout] = peak_memory("peft", precision, shape, b, s, dropout=dropout)
+        theirs = peft_mb[precision, b, dropout]
         rows.append({"id": 4, "benchmark": f"peak step memory above the model, {precision}"
-                     + (", lorakit with activation checkpointing" if ckpt else ""),
+                     + (", lorakit with activation checkpointing" if ckpt else "")
+                     + (f", both with lora_dropout {dropout}" if dropout else ""),
                      "lorakit_mb": ours, "peft_mb": theirs, "value": ours / theirs, "unit": "x PEFT",
                      "target": "<= 0.6x PEFT", "met": ours / theirs <= 0.6,
                      "setup": f"{'25M' if shape is LLAMA_25M else 'small'} model, batch {b}x{s}"})
