@@ -28,6 +28,7 @@ import lorakit
 from benchmarks.common import LLAMA_25M, LLAMA_SMALL, interleaved, llama, ms, token_batch
 from lorakit.base import resolve_dtype
 from lorakit.losses import causal_lm_loss
+from lorakit.train import enable_activation_checkpointing
 
 R = 16
 
@@ -39,10 +40,7 @@ def _autocast(precision: str):
 def lorakit_model(base, precision: str, checkpointing: bool = False, dropout: float = 0.0):
     model = copy.deepcopy(base)
     if checkpointing:  # recompute each decoder layer in the backward: memory for ~1 more forward of time
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name, as lorakit train
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)  # as `lorakit train --activation-checkpointing`
     if precision == "bf16":
         model.to(torch.bfloat16)  # frozen base in bf16; adapters stay fp32 masters
     lorakit.inject(model, lorakit.LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear", lora_dropout=dropout))

@@ -19,6 +19,7 @@ import lorakit
 from conftest import VOCAB, build, randomize_adapters
 from lorakit import mlp
 from lorakit.losses import causal_lm_loss
+from lorakit.train import enable_activation_checkpointing
 
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
@@ -227,10 +228,7 @@ def test_a_forward_replaced_on_the_instance_is_left_alone():
 def test_activation_checkpointing_with_lean_blocks_gives_the_same_gradients():
     model = _model("llama", ALL)
     oracle = _plain(model)
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name, as lorakit train
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     loss, grads = _loss_and_grads(model)
     want_loss, want = _loss_and_grads(oracle)
     assert torch.equal(loss, want_loss)

@@ -155,11 +155,7 @@ def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world
     if config.activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise UserError("this base does not support activation checkpointing; leave out --activation-checkpointing")
-        # non-reentrant: works with a frozen embedding (no input that requires grad) and with DDP
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if config.compile:
         # In place (nn.Module.compile): module names, and so the saved adapter's keys, stay the same.
         (model.get_decoder() if hasattr(model, "get_decoder") else model).compile()
@@ -394,6 +390,15 @@ def _cli_args(config: TrainConfig) -> list[str]:
             continue
         args += [flag] if value is True else [flag, str(value)]
     return args
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward (a transformers model), non-reentrant: works with a
+    frozen embedding (no input that requires grad) and with DDP."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ---- CLI ------------------------------------------------------------------------------------------
