@@ -123,3 +123,28 @@ def make_tiny_base(directory, vocab_size: int = 300, hidden: int = 32, layers: i
 def tiny_base(tmp_path_factory):
     """Path of a tiny random causal LM directory with its own tokenizer (built once per session)."""
     return make_tiny_base(tmp_path_factory.mktemp("tiny_base"))
+
+
+# -- precision policy ------------------------------------------------------------------------------
+# `--dtype auto` picks bf16 or fp32 by the CPU (lorakit.base.cpu_has_fast_bf16; LORAKIT_CPU_BF16=0|1
+# overrides it). A test that compares numbers pins its precision; a test that goes through `auto` on
+# purpose carries the `auto_dtype` marker, and `make test` runs those under both policies. This guard
+# keeps the rule true: a test that resolves `auto` without the marker fails.
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "auto_dtype: resolves --dtype auto (the CPU policy); `make test` runs "
+                                       "these under both LORAKIT_CPU_BF16=0 and =1")
+
+
+@pytest.fixture(autouse=True)
+def _auto_dtype_is_declared(request, monkeypatch):
+    import lorakit.base
+
+    asked = []
+    policy = lorakit.base.cpu_has_fast_bf16
+    monkeypatch.setattr(lorakit.base, "cpu_has_fast_bf16", lambda: asked.append(True) or policy())
+    yield
+    if asked and request.node.get_closest_marker("auto_dtype") is None:
+        pytest.fail("this test let --dtype auto choose its precision: pin it (e.g. --dtype fp32) or mark the "
+                    "test @pytest.mark.auto_dtype so that it runs under both CPU policies", pytrace=False)

@@ -76,6 +76,7 @@ def test_eval_json_reports_base_adapted_and_scales(tiny_base, adapter, tmp_path,
     assert by_scale[1] == pytest.approx(result["adapted"]["perplexity"], rel=1e-6)
 
 
+@pytest.mark.auto_dtype
 def test_generate_cli_errors(tiny_base, capsys):
     assert main(["generate", "--base", str(tiny_base), "--prompt", "x", "--compare"]) == 2
     assert "--compare needs" in capsys.readouterr().err

@@ -25,7 +25,8 @@ def test_playground_streams_base_and_a_mix_side_by_side(tmp_path):
     from playwright.sync_api import sync_playwright
 
     paths = make_adapters(tmp_path, {"legal": 8, "poetry": 16})
-    config = ServeConfig(adapters={k: str(v) for k, v in paths.items()}, api_key="k", max_tokens=64)
+    config = ServeConfig(adapters={k: str(v) for k, v in paths.items()}, api_key="k", max_tokens=64,
+                         dtype="fp32")
     with live_server(config) as (url, _, _), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})

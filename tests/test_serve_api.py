@@ -278,7 +278,8 @@ def test_load_serve_unload_while_a_request_is_in_flight(server, client, oracle):
 
 def test_overload_answers_429(adapters):
     root, paths = adapters
-    config = ServeConfig(adapters={"legal": str(paths["legal"])}, max_batch=1, max_waiting=1, max_tokens=64)
+    config = ServeConfig(adapters={"legal": str(paths["legal"])}, max_batch=1, max_waiting=1, max_tokens=64,
+                         dtype="fp32")
     with live_server(config) as (url, engine, _):
         body = {"model": "legal", "prompt": "The", "max_tokens": 64, "temperature": 0}
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -290,7 +291,7 @@ def test_overload_answers_429(adapters):
 
 def test_load_is_off_without_adapter_dir(adapters):
     _, paths = adapters
-    with live_server(ServeConfig(adapters={"legal": str(paths["legal"])})) as (url, _, _):
+    with live_server(ServeConfig(adapters={"legal": str(paths["legal"])}, dtype="fp32")) as (url, _, _):
         r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "t", "lora_path": str(paths["tech"])})
         assert r.status_code == 403 and "--adapter-dir" in r.json()["error"]["message"]
         r = httpx.post(url + "/v1/completions", json={"model": "legal", "prompt": "x", "max_tokens": 2})

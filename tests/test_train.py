@@ -93,6 +93,7 @@ def test_init_from_continues_an_adapter(tiny_base, text_file, tmp_path):
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.auto_dtype
 def test_cli_errors_are_one_line(tiny_base, text_file, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -112,6 +113,7 @@ def test_cli_errors_are_one_line(tiny_base, text_file, tmp_path, capsys):
         assert message in err and "Traceback" not in err and err.count("\n") == 1, err
 
 
+@pytest.mark.auto_dtype
 def test_base_that_is_not_a_causal_lm_is_refused(tmp_path, text_file, capsys):
     from transformers import ViTConfig
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -26,8 +27,24 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@functools.cache
+CPU_BF16_ENV = "LORAKIT_CPU_BF16"
+
+
 def cpu_has_fast_bf16() -> bool:
+    """Whether `auto` picks bf16 on this CPU: the `LORAKIT_CPU_BF16` environment variable (0 or 1) if
+    set, so one machine can run under either policy; else the hardware check (AMX-BF16 or AVX-512-BF16
+    matmuls, about 4x faster than fp32; without them bf16 matmuls are 20-30x slower than fp32)."""
+    setting = os.environ.get(CPU_BF16_ENV, "").strip()
+    if setting:
+        if setting not in ("0", "1"):
+            raise UserError(f"{CPU_BF16_ENV}={setting!r} is not 0 or 1; set it to 1 (bf16 under auto), "
+                            "0 (fp32 under auto), or unset it (the CPU decides)")
+        return setting == "1"
+    return _cpu_flags_have_fast_bf16()
+
+
+@functools.cache
+def _cpu_flags_have_fast_bf16() -> bool:
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):
@@ -36,7 +53,11 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 where bf16 matmuls are fast on this device, else fp32; or an explicit name."""
+    """'auto' -> bf16 where bf16 matmuls are fast on this device, else fp32; or an explicit name.
+
+    On a CPU, "fast" is `cpu_has_fast_bf16()`: measured, not assumed (BENCHMARKS.md); on CUDA,
+    a GPU that supports bf16.
+    """
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
