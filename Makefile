@@ -8,13 +8,18 @@ STAMP   := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# llama-cpp-python (a test dependency: the GGUF tests load our files in llama.cpp) has no wheel on PyPI
+# and builds from source; these flags keep that build to the CPU library the tests use (no multimodal
+# library, no BLAS, no GPU backends).
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF
+
 # torch is pinned and installed first: the pin takes the local CPU build; a looser
 # requirement would pull several GB of CUDA wheels.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 # The playground's test drives Debian's chromium (Playwright with executable_path, no browser download).

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lorakit.evaluate", "perplexity of base vs adapted model on some data"),
     "demo": ("lorakit.demo", "train and compare an adapter on a shipped corpus in ~3 minutes"),
     "merge": ("lorakit.export", "fold adapters into the base weights and write a plain transformers model"),
+    "gguf": ("lorakit.gguf", "write adapters, bases or merged models as GGUF files for llama.cpp and Ollama"),
     "quantize": ("lorakit.quantize_cli", "write an NF4 (4-bit) copy of a base model for QLoRA training"),
     "combine": ("lorakit.algebra", "mix adapters into one new adapter: exact weighted sum, TIES, DARE, SVD"),
     "inspect": ("lorakit.inspection", "what an adapter holds: config, size, per-module rank, norm, spectrum"),

@@ -482,7 +482,7 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.float32) ->
         tensors.update(load_file(str(file)))
     for key in [k for k in tensors if k.endswith(f".weight.{QUANT_STATE}")]:
         name = key[: -len(f".weight.{QUANT_STATE}")]
-        q = _from_bnb(tensors, f"{name}.weight", dtype)
+        q = from_bnb(tensors, f"{name}.weight", dtype)
         old = model.get_submodule(name)
         if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != tuple(q.shape):
             raise UserError(f"{directory}: NF4 weight {name} of shape {tuple(q.shape)} does not fit the model's "
@@ -502,7 +502,8 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.float32) ->
     return model.eval()
 
 
-def _from_bnb(tensors: dict[str, torch.Tensor], key: str, dtype: torch.dtype) -> NF4Tensor:
+def from_bnb(tensors: dict[str, torch.Tensor], key: str, dtype: torch.dtype) -> NF4Tensor:
+    """The NF4 weight saved under `key` in bitsandbytes' layout; its tensors are popped from `tensors`."""
     state = json.loads(bytes(tensors.pop(f"{key}.{QUANT_STATE}").tolist()))
     tensors.pop(f"{key}.quant_map", None)
     tensors.pop(f"{key}.nested_quant_map", None)
