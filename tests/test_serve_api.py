@@ -131,8 +131,9 @@ def test_concurrent_requests_for_different_adapters_get_their_own_outputs(client
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "nope", "prompt": "x"}, 404, "model"),
     ({"model": "legal", "prompt": "x", "temperature": 5}, 400, "temperature"),
-    ({"model": "legal", "prompt": "x", "n": 2}, 400, "n"),
-    ({"model": "legal", "prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"model": "legal", "prompt": "x", "n": 200}, 400, "n"),
+    ({"model": "legal", "prompt": "x", "logprobs": 30}, 400, "logprobs"),
+    ({"model": "legal", "prompt": "x", "suffix": "end"}, 400, "suffix"),
     ({"model": "legal", "prompt": "x", "max_tokens": 65}, 400, "max_tokens"),  # the server's cap is 64
     ({"model": "legal", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
     ({"model": "legal"}, 400, "prompt"),

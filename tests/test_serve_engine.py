@@ -10,6 +10,7 @@ import torch
 import lorakit
 from lorakit.generate import Sampling, stream_tokens
 from lorakit.serve.engine import Engine, GenerationRequest, Overloaded, Stopped
+from lorakit.serve.sampling import SamplingParams
 from tests.conftest import VOCAB, build, randomize_adapters
 
 RANKS = {"a": 2, "b": 6, "c": 3}  # adapters of different ranks share the batch
@@ -36,19 +37,21 @@ class Collect:
     """emit() target: the tokens and the finish reason of one request."""
 
     def __init__(self):
-        self.tokens, self.finish, self.done = [], None, threading.Event()
+        self.tokens, self.scores, self.finish, self.done = [], [], None, threading.Event()
 
-    def __call__(self, token, finish):
+    def __call__(self, token, finish, scores=None):
         if token is not None:
             self.tokens.append(token)
+            self.scores.append(scores)
         else:
             self.finish = finish
             self.done.set()
 
 
-def run(engine: Engine, ids, mix, max_tokens=12, **kw) -> tuple[GenerationRequest, Collect]:
+def run(engine: Engine, ids, mix, max_tokens=12, prompt_logprobs=None, **kw) -> tuple[GenerationRequest, Collect]:
     out = Collect()
-    request = GenerationRequest(ids, mix, max_tokens, out, temperature=kw.pop("temperature", 0), **kw)
+    sampling = SamplingParams(temperature=kw.pop("temperature", 0), **kw)
+    request = GenerationRequest(ids, mix, max_tokens, out, sampling=sampling, prompt_logprobs=prompt_logprobs)
     engine.submit(request)
     return request, out
 
@@ -233,3 +236,96 @@ def test_models_with_sliding_window_caches_are_refused():
                                              num_attention_heads=4, num_key_value_heads=2, sliding_window=8))
     with pytest.raises(UserError, match="full-attention models only"):
         Engine(model, eos_id=None)
+
+
+def full_logprobs(model, ids: list[int], mix: dict[str, float]) -> torch.Tensor:
+    """log_softmax of the model with `mix` applied (or none) over the whole sequence, in one plain forward."""
+    with torch.no_grad():
+        if mix:
+            lorakit.set_adapters(model, mix)
+            logits = model(torch.tensor([ids])).logits[0]
+        else:
+            with lorakit.disable_adapters(model):
+                logits = model(torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.double(), -1)  # (L, V): row t predicts token t + 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_logprobs_of_prompt_and_generated_tokens_equal_log_softmax_alone_and_in_a_mixed_batch(family):
+    model = adapted(family)
+    batch = list(zip(prompts(len(MIXES), seed=5), MIXES))
+    engine = Engine(model, eos_id=None, max_batch=8).start()
+    try:
+        alone = []
+        for ids, mix in batch:
+            request, out = run(engine, ids, mix, max_tokens=6, prompt_logprobs=2, logprobs=3)
+            assert out.done.wait(30)
+            alone.append((request, out))
+        together = [run(engine, ids, mix, max_tokens=6, prompt_logprobs=2, logprobs=3) for ids, mix in batch]
+        for _, out in together:
+            assert out.done.wait(30)
+    finally:
+        engine.stop()
+    assert engine.stats.max_batch_seen > 1
+    for (ids, mix), results in zip(batch, zip(alone, together)):
+        for request, out in results:
+            sequence = ids + out.tokens
+            reference = full_logprobs(model, sequence, mix)
+            assert request.prompt_scores[0] is None and len(request.prompt_scores) == len(ids)
+            for t in range(1, len(ids)):
+                score = request.prompt_scores[t]
+                assert score.logprob == pytest.approx(reference[t - 1, ids[t]].item(), abs=1e-4)
+                assert [i for i, _ in score.top] == reference[t - 1].topk(2).indices.tolist()
+            for k, (token, score) in enumerate(zip(out.tokens, out.scores)):
+                position = len(ids) - 1 + k
+                assert score.logprob == pytest.approx(reference[position, token].item(), abs=1e-4)
+                assert token == score.top[0][0]  # greedy: the chosen token is the likeliest
+                assert [lp for _, lp in score.top] == pytest.approx(reference[position].topk(3).values.tolist(),
+                                                                    abs=1e-4)
+
+
+def test_max_tokens_zero_only_scores_the_prompt_and_does_not_join_the_batch():
+    model = adapted("llama")
+    ids = prompts(1, seed=6)[0]
+    engine = Engine(model, eos_id=None).start()
+    try:
+        request, out = run(engine, ids, {"b": 1.0}, max_tokens=0, prompt_logprobs=0)
+        assert out.done.wait(30)
+    finally:
+        engine.stop()
+    assert out.tokens == [] and out.finish == "length" and engine.stats.steps == 0
+    reference = full_logprobs(model, ids, {"b": 1.0})
+    assert [s.logprob for s in request.prompt_scores[1:]] == pytest.approx(
+        [reference[t - 1, ids[t]].item() for t in range(1, len(ids))], abs=1e-4)
+
+
+def test_one_row_with_broken_logits_ends_alone(monkeypatch):
+    """A row whose logits are NaN (think: a broken adapter) ends with 'error'; its batch-mates go on."""
+    model = adapted("llama")
+    batch = list(zip(prompts(3, seed=7), [{"a": 1.0}, {"b": 1.0}, {}]))
+    expected = [reference(model, ids, mix) for ids, mix in batch]
+    import lorakit.serve.engine as engine_module
+
+    real = engine_module.choose
+
+    def poisoned(logits, rows):
+        logits = logits.clone()
+        for i, row in enumerate(rows):
+            if row.params.presence_penalty == 0.25:  # the marked request
+                logits[i, 0] = float("nan")
+        return real(logits, rows)
+
+    monkeypatch.setattr(engine_module, "choose", poisoned)
+    engine = Engine(model, eos_id=None).start()
+    gate = threading.Event()
+    try:
+        engine.call(lambda _: gate.wait(30))  # all three start together
+        outs = [run(engine, ids, mix)[1] for ids, mix in batch]
+        bad = run(engine, batch[0][0], {"c": 1.0}, presence_penalty=0.25)[1]
+        gate.set()
+        for out in [*outs, bad]:
+            assert out.done.wait(30)
+    finally:
+        engine.stop()
+    assert bad.finish == "error" and bad.tokens == []
+    assert [out.tokens for out in outs] == expected and engine.alive() is False

@@ -51,7 +51,10 @@ def test_text_stream_keeps_a_leading_space_that_a_sentencepiece_decoder_would_dr
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "x"}, "model"),
     ({"model": "m", "prompt": 5}, "prompt"),
-    ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+    ({"model": "m", "prompt": ["a", [1, 2]]}, "prompt"),  # strings and token lists mixed
+    ({"model": "m", "prompt": []}, "prompt"),
+    ({"model": "m", "prompt": [[1, -2]]}, "prompt"),
+    ({"model": "m", "prompt": ["x"] * 300}, "prompt"),
     ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"model": "m", "prompt": "x", "max_tokens": 1.5}, "max_tokens"),
     ({"model": "m", "prompt": "x", "temperature": -1}, "temperature"),
@@ -59,13 +62,50 @@ def test_text_stream_keeps_a_leading_space_that_a_sentencepiece_decoder_would_dr
     ({"model": "m", "prompt": "x", "seed": True}, "seed"),
     ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
-    ({"model": "m", "prompt": "x", "echo": True}, "echo"),
+    ({"model": "m", "prompt": "x", "echo": "yes"}, "echo"),
+    ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"model": "m", "prompt": "x", "logprobs": -1}, "logprobs"),
+    ({"model": "m", "prompt": "x", "logprobs": True}, "logprobs"),
+    ({"model": "m", "prompt": "x", "logprobs": 2.5}, "logprobs"),
+    ({"model": "m", "prompt": "x", "n": 0}, "n"),
+    ({"model": "m", "prompt": "x", "n": 129}, "n"),
+    ({"model": "m", "prompt": "x", "n": "2"}, "n"),
+    ({"model": "m", "prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+    ({"model": "m", "prompt": "x", "best_of": 21}, "best_of"),
+    ({"model": "m", "prompt": "x", "best_of": 3, "stream": True}, "best_of"),
+    ({"model": "m", "prompt": ["x"] * 20, "best_of": 20}, "prompt"),  # 400 rows
+    ({"model": "m", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": "m", "prompt": "x", "frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"model": "m", "prompt": "x", "frequency_penalty": "high"}, "frequency_penalty"),
+    ({"model": "m", "prompt": "x", "logit_bias": [1]}, "logit_bias"),
+    ({"model": "m", "prompt": "x", "logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"model": "m", "prompt": "x", "logit_bias": {"the": 1}}, "logit_bias"),
+    ({"model": "m", "prompt": "x", "logit_bias": {"99999999999999": 1}}, "logit_bias"),
+    ({"model": "m", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias.5"),
+    ({"model": "m", "prompt": "x", "logit_bias": {"5": None}}, "logit_bias.5"),
+    ({"model": "m", "prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"model": "m", "prompt": "x", "suffix": "end"}, "suffix"),
     ({"model": "m", "prompt": "x", "adapters": ["a"]}, "adapters"),
     ({"model": "m", "prompt": "x", "adapters": {"a": 99}}, "adapters.a"),
 ])
 def test_bad_completion_fields_name_the_field(body, param):
     with pytest.raises(ApiError) as err:
         parse_request(body, chat=False)
+    assert err.value.status == 400 and err.value.param == param
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"logprobs": 3}, "logprobs"),  # a boolean in chat
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+    ({"echo": True}, "echo"),  # completions only
+    ({"best_of": 2}, "best_of"),
+    ({"n": 0}, "n"),
+    ({"max_tokens": 0}, "max_tokens"),
+])
+def test_bad_chat_fields_name_the_field(body, param):
+    with pytest.raises(ApiError) as err:
+        parse_request({"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}, chat=True)
     assert err.value.status == 400 and err.value.param == param
 
 
@@ -88,3 +128,59 @@ def test_defaults_and_accepted_forms():
         "max_completion_tokens": 7}, chat=True)
     assert chat.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
     assert chat.max_tokens == 7
+
+
+def test_new_fields_parse_to_what_the_engine_needs():
+    params = parse_request({"model": "m", "prompt": [[1, 2], [3]], "echo": True, "max_tokens": 0, "logprobs": 3,
+                            "n": 2, "best_of": 4, "presence_penalty": 0.5, "frequency_penalty": -1,
+                            "logit_bias": {"7": -100, "8": 3.5}, "seed": 5}, chat=False)
+    assert params.prompts == [[1, 2], [3]] and params.echo and params.max_tokens == 0
+    assert (params.n, params.best_of, params.logprobs) == (2, 4, 3)
+    row = params.sampling(0, scored=True)
+    assert (row.presence_penalty, row.frequency_penalty, row.logit_bias, row.seed) == (0.5, -1.0, {7: -100.0, 8: 3.5}, 5)
+    assert params.sampling(1, scored=True).seed not in (None, 5, 6)  # other choices: derived seeds
+    assert parse_request({"model": "m", "prompt": "x", "best_of": 3}, chat=False).sampling(0, scored=True).logprobs == 0
+    chat = parse_request({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                          "top_logprobs": 4, "n": 3}, chat=True)
+    assert (chat.logprobs, chat.n) == (4, 3)
+    assert parse_request({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+                         chat=True).logprobs == 0
+    assert parse_request({"model": "m", "prompt": "x", "logprobs": False}, chat=False).logprobs is None
+
+
+# -- property tests over the generation fields ------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                       max_size=3), max_leaves=6)
+FIELDS = ["logprobs", "top_logprobs", "echo", "n", "best_of", "presence_penalty", "frequency_penalty", "logit_bias",
+          "seed", "max_tokens", "temperature", "top_p", "stream", "prompt"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=5), st.booleans())
+def test_any_values_of_the_fields_give_params_or_a_400_naming_one(fields, chat):
+    body = {"model": "m", "prompt": "x", "messages": [{"role": "user", "content": "x"}], **fields}
+    try:
+        params = parse_request(body, chat=chat)
+    except ApiError as err:
+        assert err.status == 400 and err.param and err.message
+        return
+    assert 1 <= params.n <= params.best_of <= 128 and params.logprobs in (None, *range(21))
+    assert -2 <= params.presence_penalty <= 2 and -2 <= params.frequency_penalty <= 2
+    assert all(isinstance(k, int) and k >= 0 and -100 <= v <= 100 for k, v in params.logit_bias.items())
+    assert params.max_tokens is None or params.max_tokens >= (0 if params.echo else 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(presence=st.floats(-2, 2), frequency=st.floats(-2, 2), n=st.integers(1, 8), logprobs=st.integers(0, 20),
+       bias=st.dictionaries(st.integers(0, 10**6).map(str), st.floats(-100, 100), max_size=4))
+def test_valid_values_are_kept_exactly(presence, frequency, n, logprobs, bias):
+    params = parse_request({"model": "m", "prompt": "x", "presence_penalty": presence, "frequency_penalty": frequency,
+                            "n": n, "logprobs": logprobs, "logit_bias": bias}, chat=False)
+    row = params.sampling(0, scored=False)
+    assert (row.presence_penalty, row.frequency_penalty, row.logprobs, params.n) == (presence, frequency, logprobs, n)
+    assert row.logit_bias == {int(k): v for k, v in bias.items()}

@@ -25,8 +25,8 @@ from starlette.exceptions import HTTPException
 
 from lorakit.errors import UserError
 from lorakit.serve.engine import Engine, GenerationRequest, Overloaded, Stopped
-from lorakit.serve.protocol import (ApiError, GenerationParams, TextStream, chunk_body, completion_body, new_id,
-                                    parse_request, usage)
+from lorakit.serve.choices import Answer, Choice, TokenText, chunk_body, new_id
+from lorakit.serve.protocol import ApiError, GenerationParams, TextStream, parse_request
 
 if TYPE_CHECKING:
     from lorakit.serve.app import ServeConfig
@@ -117,6 +117,7 @@ class Api:
         self.context = engine.context
         self.vocab = engine.model.get_input_embeddings().num_embeddings  # ids the model can embed
         self.template = bool(getattr(tokenizer, "chat_template", None))
+        self.names = TokenText(tokenizer)
         # Without a chat template of its own the base sees "### Role:" headers; it must not write the next turn.
         self.chat_stops = [] if self.template else ["\n" + SIMPLE_CHAT_TEMPLATE.split("{")[0]]
 
@@ -192,78 +193,62 @@ class Api:
     async def generate(self, request: Request, chat: bool):
         params = parse_request(await self.read_json(request), chat)
         mix = self.registry.mix(params)
-        ids = self.prompt_ids(params, chat)
-        max_tokens = self.budget(params, len(ids))
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(token, finish):  # called on the engine thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (token, finish))
-            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-                pass
-
-        job = GenerationRequest(ids, mix, max_tokens, emit, temperature=params.temperature, top_p=params.top_p,
-                                top_k=params.top_k, seed=params.seed)
+        self.check_logit_bias(params)
+        prompts = self.prompt_ids(params, chat)
+        budgets = [self.budget(params, len(ids)) for ids in prompts]
+        rows = len(prompts) * params.best_of
+        if rows > self.engine.max_waiting:
+            raise ApiError(400, f"this request needs {rows} rows ({len(prompts)} prompts x {params.best_of}); the "
+                                f"server queues at most {self.engine.max_waiting} (--max-waiting)", param="n")
+        names = self.names if not params.tokens_as_ids else TokenText(self.tokenizer, as_ids=True)
+        answer = Answer(params.best_of, params.n, chat, names, params.logprobs)
+        stops = params.stop + (self.chat_stops if chat else [])
+        scoring = params.logprobs if params.echo else None  # the prompt's own log-probabilities
+        for prompt, ids, budget in zip(params.prompts or [None], prompts, budgets):
+            echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=True)) \
+                if params.echo else ""
+            for j in range(params.best_of):
+                job = GenerationRequest(ids, mix, budget, answer.emitter(), prompt_logprobs=scoring,
+                                        sampling=params.sampling(j, scored=params.best_of > params.n))
+                answer.add_row(job, Choice(len(answer.jobs), TextStream(self.tokenizer, stops, context=ids), echo),
+                               ids)
         try:
-            self.engine.submit(job)
+            self.engine.submit(*answer.jobs)
         except Overloaded as err:
             raise ApiError(429, f"server is busy ({err}); retry shortly", code="server_busy") from None
         except Stopped:
             raise ApiError(503, "server is shutting down", code="unavailable") from None
-        stream = TextStream(self.tokenizer, params.stop + (self.chat_stops if chat else []), context=ids)
-        pieces = self.pieces(job, queue, stream)
         rid, model = new_id(chat), params.model
+        events = answer.events(self.engine.cancel)
         if not params.stream:
-            texts, finish = [], None
-            async for text, finish in pieces:
-                texts.append(text)
-                if len(texts) % 8 == 0 and await request.is_disconnected():
-                    self.engine.cancel(job)  # nobody is reading: free the row now
+            count = 0
+            async for _ in events:
+                count += 1
+                if count % 8 == 0 and await request.is_disconnected():
+                    await events.aclose()  # nobody is reading: free the rows now
                     return PlainTextResponse("", status_code=499)
-            use = usage(len(ids), job.generated)
-            return completion_body(rid, model, "".join(texts), finish, chat, use)
+            return answer.body(rid, model)
 
-        async def events():
+        async def stream():
             try:
                 if chat:
-                    yield _sse(chunk_body(rid, model, "", None, chat, first=True))
-                async for text, finish in pieces:
-                    if text or finish:
-                        yield _sse(chunk_body(rid, model, text, finish, chat))
+                    for i in range(len(answer.choices)):
+                        yield _sse(chunk_body(rid, model, i, "", None, chat, first=True))
+                async for choice, text, tokens, finish in events:
+                    logprobs = answer.logprobs_of(tokens) if tokens else None
+                    if text or finish or logprobs:
+                        yield _sse(chunk_body(rid, model, choice.index, text, finish, chat, logprobs))
                 if params.include_usage:
                     yield _sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                                "created": int(time.time()), "model": model, "choices": [],
-                                "usage": usage(len(ids), job.generated)})
+                                "created": int(time.time()), "model": model, "choices": [], "usage": answer.usage()})
             except ApiError as err:  # the status line is sent already: report in the stream, as vLLM does
                 yield _sse(err.body())
+            finally:
+                await events.aclose()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def pieces(self, job: GenerationRequest, queue: asyncio.Queue, stream: TextStream):
-        """(text, finish reason) pairs until the end; cancels the job if the consumer stops early."""
-        try:
-            while True:
-                token, finish = await queue.get()
-                if token is not None:
-                    text = stream.add(token)
-                    if stream.stopped:
-                        self.engine.cancel(job)
-                        yield text, "stop"
-                        return
-                    if text:
-                        yield text, None
-                    continue
-                if finish == "unavailable":
-                    raise ApiError(503, "server is shutting down", code="unavailable")
-                if finish == "error":
-                    raise ApiError(500, "generation failed inside the server; see its log", code="internal_error")
-                yield stream.flush(), finish
-                return
-        finally:
-            self.engine.cancel(job)  # a no-op after a normal end; frees the row when the client disconnects
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -287,24 +272,36 @@ class Api:
             raise ApiError(400, "request body must be a JSON object")
         return data
 
-    def prompt_ids(self, params: GenerationParams, chat: bool) -> list[int]:
+    def check_logit_bias(self, params: GenerationParams) -> None:
+        bad = [t for t in params.logit_bias if t >= self.vocab]
+        if bad:
+            raise ApiError(400, f"'logit_bias' token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1})",
+                           param="logit_bias")
+
+    def prompt_ids(self, params: GenerationParams, chat: bool) -> list[list[int]]:
+        """Each prompt's token ids (one for a chat)."""
+        if chat:
+            return [self.chat_ids(params.messages)]
+        return [self.completion_ids(prompt) for prompt in params.prompts]
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
         from lorakit.data import render_chat_prompt
 
-        if chat:
-            try:
-                text = render_chat_prompt(params.messages, self.tokenizer)
-            except Exception as err:  # the tokenizer's template may refuse a conversation (e.g. role order)
-                raise ApiError(400, f"the model's chat template refused these messages: {err}",
-                               param="messages") from None
-            # a tokenizer's own template writes its start token into the text (as training saw it)
-            return self.tokenizer(text, add_special_tokens=not self.template).input_ids
-        if isinstance(params.prompt, list):
-            bad = [t for t in params.prompt if not 0 <= t < self.vocab]
+        try:
+            text = render_chat_prompt(messages, self.tokenizer)
+        except Exception as err:  # the tokenizer's template may refuse a conversation (e.g. role order)
+            raise ApiError(400, f"the model's chat template refused these messages: {err}", param="messages") from None
+        # a tokenizer's own template writes its start token into the text (as training saw it)
+        return self.tokenizer(text, add_special_tokens=not self.template).input_ids
+
+    def completion_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not 0 <= t < self.vocab]
             if bad:
                 raise ApiError(400, f"'prompt' token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1})",
                                param="prompt")
-            return list(params.prompt)
-        ids = self.tokenizer(params.prompt).input_ids
+            return list(prompt)
+        ids = self.tokenizer(prompt).input_ids
         if not ids:
             raise ApiError(400, "'prompt' is empty", param="prompt")
         return ids
@@ -313,7 +310,7 @@ class Api:
         """max_tokens checked against the context and the server's cap (400 naming the limit)."""
         context, cap = self.context, self.config.max_tokens
         room = context - n_prompt if context else cap
-        if context and room < 1:
+        if context and room < (0 if params.max_tokens == 0 else 1):
             raise ApiError(400, f"This model's maximum context length is {context} tokens; the prompt alone is "
                                 f"{n_prompt} tokens. Shorten the prompt.", param="prompt", code="context_length_exceeded")
         if params.max_tokens is None:

@@ -15,8 +15,11 @@ attention mask, and each row's position ids count only its own tokens. A request
 the same function alone or in a batch; only the floating-point summation order of the matmuls
 can differ, far below what changes a greedy choice in practice (tests check the outputs are equal).
 
-Requests talk to the engine through `submit` (from any thread) and a callback `emit(token, finish)`
-that the engine thread calls for every token and once with a finish reason ("stop", "length").
+Requests talk to the engine through `submit` (from any thread) and a callback `emit(token, finish, scores)`
+that the engine thread calls for every token and once with a finish reason ("stop", "length", "error",
+"unavailable"); `scores` are the token's log-probabilities when the request asked for them. A request
+that asked for its prompt's log-probabilities finds them in `prompt_scores` before its first emit.
+How tokens are chosen and scored is `lorakit.serve.sampling`'s.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import inspect
-import secrets
 import sys
 import threading
 from collections.abc import Callable
@@ -37,9 +39,9 @@ from torch import nn
 from lorakit.adapters import delete_adapter, lora_layers
 from lorakit.base import autocast
 from lorakit.errors import UserError
-from lorakit.generate import Sampling, next_token
+from lorakit.serve.sampling import RowSampler, SamplingParams, TokenScores, choose, position_scores
 
-Emit = Callable[[int | None, str | None], None]
+Emit = Callable[[int | None, str | None, TokenScores | None], None]
 
 
 class Overloaded(RuntimeError):
@@ -52,30 +54,27 @@ class Stopped(RuntimeError):
 
 @dataclass(eq=False)
 class GenerationRequest:
-    """One generation: prompt token ids, an adapter mix ({internal adapter name: scale}; {} = the base)."""
+    """One generation: prompt token ids, an adapter mix ({internal adapter name: scale}; {} = the base).
+
+    `max_tokens` 0 only scores the prompt (with `prompt_logprobs` set): no token is generated.
+    """
 
     prompt_ids: list[int]
     adapters: dict[str, float]
     max_tokens: int
     emit: Emit
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    seed: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's log-probability and the k likeliest
+    prompt_scores: list[TokenScores | None] | None = None  # set by the engine: None for the first token
     cancelled: bool = False
     generated: int = 0
     finished: bool = False
-
-    def sampling(self) -> Sampling:
-        return Sampling(max_new_tokens=self.max_tokens, temperature=self.temperature or 1.0, top_k=self.top_k,
-                        top_p=self.top_p, seed=0, greedy=self.temperature == 0)
 
 
 @dataclass(eq=False)
 class _Row:
     request: GenerationRequest
-    sampling: Sampling
-    generator: torch.Generator
+    sampler: RowSampler
     last: int  # the token to feed at the next step
     length: int  # real tokens in the cache so far (= the next position id)
     done: str | None = None  # finish reason once finished
@@ -152,15 +151,17 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    def submit(self, request: GenerationRequest) -> None:
-        """Queue a request; raises Overloaded when `max_waiting` requests already wait."""
+    def submit(self, *requests: GenerationRequest) -> None:
+        """Queue requests, all or none (the rows of one HTTP request); raises Overloaded when they would
+        take the queue past `max_waiting`."""
         with self._lock:
             if not self.alive():
                 raise Stopped("the engine is not running")
-            if len(self._waiting) >= self.max_waiting:
+            if len(self._waiting) + len(requests) > self.max_waiting:
                 raise Overloaded(f"{len(self._waiting)} requests are already waiting")
-            self._users.update(request.adapters.keys())
-            self._waiting.append(request)
+            for request in requests:
+                self._users.update(request.adapters.keys())
+                self._waiting.append(request)
             self._lock.notify_all()
 
     def cancel(self, request: GenerationRequest) -> None:
@@ -268,12 +269,12 @@ class Engine:
         return self.__dict__["_routing_list"]
 
     @torch.no_grad()
-    def _forward(self, rows: list[dict[str, float]], **inputs):
+    def _forward(self, rows: list[dict[str, float]], every_position: bool = False, **inputs):
         for layer in self._layers:
             layer.row_adapters = rows
         try:
             with autocast(self.device, self.dtype):
-                return self.model(**inputs, use_cache=True, **self._last_logits_only)
+                return self.model(**inputs, use_cache=True, **({} if every_position else self._last_logits_only))
         finally:
             for layer in self._layers:
                 layer.row_adapters = None
@@ -295,18 +296,27 @@ class Engine:
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
                             device=self.device)  # (n, P)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens from 0
-        out = self._forward([r.adapters for r in requests], input_ids=ids, attention_mask=mask,
-                            position_ids=positions, past_key_values=DynamicCache())
+        scoring = any(r.prompt_logprobs is not None for r in requests)
+        out = self._forward([r.adapters for r in requests], every_position=scoring, input_ids=ids,
+                            attention_mask=mask, position_ids=positions, past_key_values=DynamicCache())
         self.stats.prefills += len(requests)
         self.stats.prefill_batches += 1
-        rows = []
+        rows = [_Row(r, RowSampler(r.sampling), last=-1, length=len(r.prompt_ids)) for r in requests]
         for i, request in enumerate(requests):
-            sampling = request.sampling()
-            seed = request.seed if request.seed is not None else secrets.randbits(63)
-            generator = torch.Generator().manual_seed(seed)
-            row = _Row(request, sampling, generator, last=-1, length=len(request.prompt_ids))
-            self._accept(row, next_token(out.logits[i, -1], sampling, generator))
-            rows.append(row)
+            if request.prompt_logprobs is not None:
+                n = len(request.prompt_ids)  # its tokens are the last n columns; column c predicts column c + 1
+                request.prompt_scores = [None, *position_scores(out.logits[i, width - n:-1], ids[i, width - n + 1:],
+                                                                request.prompt_logprobs)]
+        scoring_only = [row for row in rows if row.request.max_tokens == 0]
+        for row in scoring_only:
+            row.done = "length"
+            self._finish(row.request, "length")
+        sampling = [(i, row) for i, row in enumerate(rows) if not row.done]
+        if sampling:
+            last = out.logits[[i for i, _ in sampling], -1]  # (m, V)
+            tokens, scores = choose(last, [row.sampler for _, row in sampling])
+            for (_, row), token, score in zip(sampling, tokens, scores):
+                self._accept(row, token, score)
         self._join(rows, out.past_key_values, mask)
 
     def _join(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
@@ -344,25 +354,25 @@ class Engine:
         self.stats.steps += 1
         self.stats.row_steps += len(rows)
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
-        logits = out.logits[:, -1].float()  # (n, V)
-        greedy = logits.argmax(-1).tolist()
-        for i, row in enumerate(rows):
+        tokens, scores = choose(out.logits[:, -1], [row.sampler for row in rows])  # logits (n, V)
+        for row, token, score in zip(rows, tokens, scores):
             row.length += 1
-            token = greedy[i] if row.sampling.greedy else next_token(logits[i], row.sampling, row.generator)
-            self._accept(row, token)
+            self._accept(row, token, score)
         self._drop_finished()
 
-    def _accept(self, row: _Row, token: int) -> None:
-        """Deliver one sampled token, or finish the row (end of text, length, cancelled)."""
+    def _accept(self, row: _Row, token: int | None, scores: TokenScores | None) -> None:
+        """Deliver one sampled token, or finish the row (end of text, length, cancelled, broken logits)."""
         request = row.request
         if request.cancelled:
             row.done = "stop"
+        elif token is None:  # this row's logits were not finite: it alone ends
+            row.done = "error"
         elif token in _as_set(self.eos_id):
             row.done = "stop"
         else:
             request.generated += 1
             self.stats.tokens += 1
-            request.emit(token, None)
+            request.emit(token, None, scores)
             row.last = token
             if request.generated >= request.max_tokens:
                 row.done = "length"
@@ -377,7 +387,7 @@ class Engine:
         request.finished = True
         with self._lock:
             self._users.subtract(request.adapters.keys())
-        request.emit(None, reason)
+        request.emit(None, reason, None)
 
     def _drop_finished(self) -> None:
         keep = [i for i, row in enumerate(self._rows) if not row.done and not row.request.cancelled]
