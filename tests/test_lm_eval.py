@@ -58,7 +58,8 @@ def test_served_adapter_scores_like_transformers_with_peft(adapters, evaluate):
     with live_server(config) as (url, engine, _):
         served_acc, served = evaluate("local-completions", {
             "model": "legal", "base_url": url + "/v1/completions", "tokenizer_backend": "huggingface",
-            "tokenizer": str(BASE_DIR), "num_concurrent": 2, "max_retries": 1, "batch_size": 4})
+            "tokenizer": str(BASE_DIR), "num_concurrent": 2, "max_retries": 1, "batch_size": 4,
+            "add_bos_token": True})  # as the hf model does for a tokenizer that adds <s> (this one)
         assert engine.stats.prefill_batches < engine.stats.prefills  # the prompts of a request share a forward
     peft_acc, reference = evaluate("hf", {"pretrained": str(BASE_DIR), "peft": str(adapters["legal"]),
                                           "dtype": "float32", "device": "cpu"}, batch_size=8)
@@ -82,7 +83,8 @@ def test_an_adapter_mix_through_the_server_equals_set_adapters_in_process(adapte
     config = ServeConfig(adapters={k: str(v) for k, v in adapters.items()}, dtype="fp32")
     with live_server(config) as (url, _, _):
         client = MixCompletions(model="lorakit/embedded", base_url=url + "/v1/completions",
-                                tokenizer_backend="huggingface", tokenizer=str(BASE_DIR), max_retries=1, batch_size=4)
+                                tokenizer_backend="huggingface", tokenizer=str(BASE_DIR), max_retries=1, batch_size=4,
+                                add_bos_token=True)
         served_acc, served = evaluate(client)
 
     model, tokenizer = load_base(None, dtype=torch.float32)
