@@ -268,7 +268,6 @@ class Engine:
             self.__dict__["_routing_list"] = [row.request.adapters for row in rows]
         return self.__dict__["_routing_list"]
 
-    @torch.no_grad()
     def _forward(self, rows: list[dict[str, float]], every_position: bool = False, **inputs):
         for layer in self._layers:
             layer.row_adapters = rows
@@ -279,6 +278,7 @@ class Engine:
             for layer in self._layers:
                 layer.row_adapters = None
 
+    @torch.inference_mode()  # not no_grad: no version counters or view tracking either (jobs stay outside)
     def _admit(self, requests: list[GenerationRequest]) -> None:
         """Prefill the new prompts in one forward (left-padded), sample each first token, join the batch."""
         from transformers import DynamicCache
@@ -342,6 +342,7 @@ class Engine:
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])  # (rows, L)
         self._rows += rows
 
+    @torch.inference_mode()
     def _step(self) -> None:
         """One token for every running row, in one forward pass."""
         rows = self._rows

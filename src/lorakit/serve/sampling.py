@@ -112,15 +112,17 @@ def choose(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[int | Non
     with their own generator, so a seeded row gets the same token alone or in any batch.
     """
     z = logits.float()  # (n, V)
-    lse = torch.logsumexp(z, dim=-1)  # (n,): NaN or inf when a row's logits are not finite
     adjusted = z
     special = [i for i, row in enumerate(rows) if row.params.adjusts]
     if special:
         adjusted = z.clone()
         for i in special:
             rows[i].adjust(adjusted[i])
-    argmax = adjusted.argmax(dim=-1).tolist()
-    finite = torch.isfinite(lse).tolist()
+    argmax = adjusted.argmax(dim=-1)  # (n,)
+    # argmax returns a NaN's position if there is one, and the row's maximum is finite only if no
+    # logit is +inf or all are -inf: one gather checks every row (a logsumexp only where logprobs are asked)
+    finite = torch.isfinite(z.gather(1, argmax[:, None])[:, 0] + adjusted.gather(1, argmax[:, None])[:, 0]).tolist()
+    argmax = argmax.tolist()
     tokens: list[int | None] = []
     for i, row in enumerate(rows):
         if not finite[i]:
@@ -132,6 +134,7 @@ def choose(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[int | Non
     scores: list[TokenScores | None] = [None] * len(rows)
     wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None and tokens[i] is not None]
     if wanted:
+        lse = torch.logsumexp(z, dim=-1)  # (n,)
         for i, s in zip(wanted, _scores(z, lse, wanted, [tokens[i] for i in wanted],
                                         max(rows[i].params.logprobs for i in wanted))):
             k = rows[i].params.logprobs
