@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -52,10 +53,21 @@ def test_playground_streams_base_and_a_mix_side_by_side(tmp_path):
         page.fill("#temperature", "0")
         page.click("#generate")
         page.wait_for_function("document.getElementById('status-base').dataset.done === '1' && "
-                               "document.getElementById('status-adapted').dataset.done === '1'", timeout=60_000)
+                               "document.getElementById('status-adapted').dataset.done === '1'", timeout=180_000)  # a shared 2-core machine can be slow
         base, adapted = page.text_content("#out-base"), page.text_content("#out-adapted")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+
+        # on request, each token's probability, for the base and the adapted pane side by side
+        page.check("#show-probs")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('status-base').dataset.done === '1' && "
+                               "document.getElementById('status-adapted').dataset.done === '1'", timeout=180_000)  # a shared 2-core machine can be slow
+        shown = {which: page.eval_on_selector_all(f"#out-{which} .tok", "els => els.map(e => [e.textContent, "
+                                                  "parseFloat(e.dataset.p), e.title])") for which in ("base", "adapted")}
+        assert page.text_content("#out-base") == base and page.text_content("#out-adapted") == adapted
+        page.hover("#out-adapted .tok >> nth=2")
+        page.screenshot(path=str(ARTIFACTS / "playground-probs.png"), full_page=True)
         browser.close()
 
         # what the page streamed is what the API answers for the same requests
@@ -68,5 +80,21 @@ def test_playground_streams_base_and_a_mix_side_by_side(tmp_path):
         assert base == api({})
         assert adapted == api({"legal": 0.5, "poetry": 1.0})
         assert base != adapted
+
+        # the probabilities shown are the API's, token by token, and differ between the panes
+        def probabilities(adapters):
+            r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k"}, timeout=60, json={
+                "model": "lorakit/embedded", "prompt": "The ship", "max_tokens": 30, "temperature": 0, "seed": 0,
+                "adapters": adapters, "logprobs": 1})
+            return [math.exp(lp) for lp in r.json()["choices"][0]["logprobs"]["token_logprobs"]]
+
+        for which, adapters in (("base", {}), ("adapted", {"legal": 0.5, "poetry": 1.0})):
+            spans = shown[which]
+            assert "".join(text for text, _, _ in spans) == (base if which == "base" else adapted)[len("The ship"):]
+            expected = probabilities(adapters)
+            assert len(spans) <= len(expected) and len(spans) >= len(expected) - 2  # a chunk can hold 2 tokens
+            assert all(0 < p <= 1 and "p = " in title for _, p, title in spans)
+            assert min(p for _, p, _ in spans) == pytest.approx(min(expected), abs=1e-3)
+        assert [p for _, p, _ in shown["base"]] != [p for _, p, _ in shown["adapted"]]
     assert not errors
     assert (ARTIFACTS / "playground.png").stat().st_size > 10_000
