@@ -30,18 +30,19 @@ import torch
 from torch import nn
 
 from lorakit import distributed
+from lorakit.adapters import disable_adapters, inject, trainable_parameters
 from lorakit.base import autocast, base_name, load_base, resolve_dtype
 from lorakit.checkpoint import load_checkpoint, save_checkpoint
-from lorakit.cli import add_options, option, options
 from lorakit.config import LoraConfig
-from lorakit.data import IGNORE, batch_at, collate, load_examples
+from lorakit.data import batch_at, collate, load_examples
 from lorakit.errors import UserError
 from lorakit.evaluate import mean_nll, perplexity
-from lorakit.adapters import disable_adapters, inject, trainable_parameters
 from lorakit.files import atomic_write_bytes
 from lorakit.io import load_adapter, save_adapter
-from lorakit.losses import causal_lm_loss
+from lorakit.losses import IGNORE, causal_lm_loss
+from lorakit.modules import parse_names
 from lorakit.nf4 import BaseMemory, base_memory, quantize
+from lorakit.options import add_options, option, options
 from lorakit.plots import plot_loss
 
 
@@ -104,12 +105,9 @@ class TrainConfig:
             raise UserError(f"--quantize {self.quantize} is not supported; use --quantize nf4 (or leave it out)")
 
     def lora_config(self) -> LoraConfig:
-        targets: str | list[str] = self.targets
-        names = [t.strip() for t in self.targets.split(",") if t.strip()]
-        if self.targets != "all-linear" and names and all(n.replace(".", "_").isidentifier() for n in names):
-            targets = names  # a list of module names; anything else is a regex over full names
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
-                          base_model_name_or_path=base_name(self.base))
+        # a list of module names; anything else ("all-linear", a regex over full names) stays a string
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=parse_names(self.targets), base_model_name_or_path=base_name(self.base))
 
 
 # Fields that must not change between a run and its --resume.
@@ -131,8 +129,64 @@ def train(config: TrainConfig, should_stop: Callable[[int], bool] | None = None)
 
 
 def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world: distributed.World) -> dict:
-    # ---- setup --------------------------------------------------------------------------------
-    say = _say if world.main and not config.quiet else (lambda text: None)
+    """Setup, loop, save; every rank runs this, rank 0 alone writes files and prints."""
+    say = _say if world.main and not config.quiet else _silent
+    run = _setup(config, world)
+    say(_describe(run, config, world))
+    base_eval = _base_eval(run, config) if run.eval_examples and world.main else None
+    history = _read_metrics(run.out / "metrics.jsonl", upto=run.state["step"]) if world.main else []
+
+    stopped = False
+    with _progress(config, world, run) as bar:
+        for step in range(run.state["step"], run.total_steps):
+            record = _train_step(run, config, world, step)
+            last = step + 1 == run.total_steps
+            if world.main:
+                _record(run, config, record, history, last)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+                bar.update(1)
+            stopped = _should_stop(world, should_stop, step + 1) and not last
+            if ((step + 1) % config.checkpoint_every == 0 and not last) or stopped:
+                _checkpoint(run, config, world)
+            if stopped:
+                break
+
+    if not world.main:
+        distributed.barrier(world)
+        return {"rank": world.rank, "step": run.state["step"], "interrupted": stopped}
+    plot_loss(history, run.out / "loss.png")
+    if stopped:
+        return _interrupted(run, config, world, say)
+    return _save(run, config, world, history, base_eval, say)
+
+
+@dataclass
+class _Run:
+    """What a training run holds between setup, loop and save."""
+
+    out: Path
+    device: torch.device
+    dtype: torch.dtype
+    model: nn.Module
+    tokenizer: object
+    memory: BaseMemory
+    examples: list
+    stats: object
+    eval_examples: list | None
+    params: list[nn.Parameter]
+    step_loss: nn.Module  # `_StepLoss`, wrapped in DDP when there are several ranks
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    counts: object
+    state: dict  # step, tokens, train_seconds: what a checkpoint restores
+
+
+# ---- setup ----------------------------------------------------------------------------------------
+
+
+def _setup(config: TrainConfig, world: distributed.World) -> _Run:
+    """Output directory, base, data, adapter, optimizer and schedule; the checkpoint's state on --resume."""
     out = _prepare_out(config) if world.main else config.out
     distributed.barrier(world)
     torch.manual_seed(config.seed)
@@ -142,12 +196,35 @@ def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world
     if config.quantize:
         quantize(model, config.quantize)  # before inject: the adapter's layers wrap the NF4 base
     memory = base_memory(model)
+    seq_len = _seq_len(config, model)
+    examples, stats = load_examples(config.data, tokenizer, seq_len, config.labels)
+    eval_examples = load_examples(config.eval_data, tokenizer, seq_len, "all")[0] if config.eval_data else None
+    _add_adapter(config, model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    step_loss = _step_loss(model, world, device)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    global_rows = config.batch_size * config.grad_accum * world.size
+    total_steps = config.steps or max(1, math.ceil(config.epochs * len(examples) / global_rows))
+    warmup = int(config.warmup * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps))
+    state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
+    if config.resume:
+        state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler, _resume_view(config))
+    return _Run(out, device, dtype, model, tokenizer, memory, examples, stats, eval_examples, params,
+                step_loss, optimizer, scheduler, total_steps, trainable_parameters(model),
+                state)
+
+
+def _seq_len(config: TrainConfig, model: nn.Module) -> int:
     max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     if config.seq_len is not None and config.seq_len > max_len:
         raise UserError(f"--seq-len {config.seq_len} is over this model's maximum of {max_len}; lower it")
-    seq_len = config.seq_len or min(256, max_len)
-    examples, stats = load_examples(config.data, tokenizer, seq_len, config.labels)
-    eval_examples = load_examples(config.eval_data, tokenizer, seq_len, "all")[0] if config.eval_data else None
+    return config.seq_len or min(256, max_len)
+
+
+def _add_adapter(config: TrainConfig, model: nn.Module) -> None:
+    """A new adapter (or --init-from's, trainable), then the memory and speed options that act on it."""
     if config.init_from is not None:
         load_adapter(model, config.init_from, adapter="default", trainable=True)
     else:
@@ -159,115 +236,130 @@ def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world
     if config.compile:
         # In place (nn.Module.compile): module names, and so the saved adapter's keys, stay the same.
         (model.get_decoder() if hasattr(model, "get_decoder") else model).compile()
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+
+
+def _step_loss(model: nn.Module, world: distributed.World, device: torch.device) -> nn.Module:
+    """The objective as a module; under several ranks wrapped in DDP, which all-reduces the adapter
+    gradients (the frozen base has none) and syncs the init."""
     step_loss = _StepLoss(model)
-    if world.active:  # DDP all-reduces the adapter gradients (the frozen base has none) and syncs the init
-        with warnings.catch_warnings():  # newer torch renames the flag; its meaning here is unchanged
-            warnings.simplefilter("ignore", FutureWarning)
-            step_loss = torch.nn.parallel.DistributedDataParallel(
-                step_loss, device_ids=[world.local_rank] if device.type == "cuda" else None,
-                broadcast_buffers=False)  # the frozen base (NF4 codes are buffers) is the same on every rank
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    global_rows = config.batch_size * config.grad_accum * world.size
-    total_steps = config.steps or max(1, math.ceil(config.epochs * len(examples) / global_rows))
-    warmup = int(config.warmup * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps))
-    state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
-    if config.resume:
-        state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler, _resume_view(config))
-    counts = trainable_parameters(model)
+    if not world.active:
+        return step_loss
+    with warnings.catch_warnings():  # newer torch renames the flag; its meaning here is unchanged
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.nn.parallel.DistributedDataParallel(
+            step_loss, device_ids=[world.local_rank] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # the frozen base (NF4 codes are buffers) is the same on every rank
+
+
+def _describe(run: _Run, config: TrainConfig, world: distributed.World) -> str:
+    """Two lines on what is about to run: base, precision, data; parameters and steps."""
     ranks = f" x {world.size} ranks" if world.active else ""
-    nf4_note = f", NF4 at {memory.nf4_bits_per_param:.3f} bits/param" if memory.nf4_params else ""
-    say(f"base {base_name(config.base)} ({dtype_name(dtype)} on {device.type}{nf4_note}); "
-        f"data: {stats.summary()}")
-    say(f"{counts}; {total_steps} steps of {config.batch_size}x{config.grad_accum} rows{ranks}")
+    nf4_note = f", NF4 at {run.memory.nf4_bits_per_param:.3f} bits/param" if run.memory.nf4_params else ""
+    return (f"base {base_name(config.base)} ({dtype_name(run.dtype)} on {run.device.type}{nf4_note}); "
+            f"data: {run.stats.summary()}\n"
+            f"{run.counts}; {run.total_steps} steps of {config.batch_size}x{config.grad_accum} rows{ranks}")
 
-    base_eval = None
-    if eval_examples and world.main:
-        with disable_adapters(model):
-            base_eval = mean_nll(model, eval_examples, tokenizer.pad_token_id, config.batch_size, config.eval_batches)[0]
-    metrics_path = out / "metrics.jsonl"
-    history = _read_metrics(metrics_path, upto=state["step"]) if world.main else []
 
-    # ---- loop ---------------------------------------------------------------------------------
+def _base_eval(run: _Run, config: TrainConfig) -> float:
+    """The base's held-out loss, to set the adapter's against."""
+    with disable_adapters(run.model):
+        return mean_nll(run.model, run.eval_examples, run.tokenizer.pad_token_id, config.batch_size,
+                        config.eval_batches)[0]
+
+
+# ---- loop -----------------------------------------------------------------------------------------
+
+
+def _progress(config: TrainConfig, world: distributed.World, run: _Run):
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=state["step"], disable=config.quiet or not world.main, unit="step",
-               dynamic_ncols=True)
-    stopped = False
-    for step in range(state["step"], total_steps):
-        t0 = time.perf_counter()
-        # This rank's slice of each global micro-batch: rank r takes rows [r*b, (r+1)*b).
-        batches = [collate(batch_at(examples, step * config.grad_accum + micro, config.batch_size * world.size,
-                                    config.seed)[world.rank * config.batch_size:(world.rank + 1) * config.batch_size],
-                           tokenizer.pad_token_id) for micro in range(config.grad_accum)]
-        # Weight every learned token of the whole step (all micro-batches, all ranks) equally, so
-        # N ranks with batch b train exactly like one process with batch N*b.
-        learned = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
-        step_tokens = distributed.all_sum(world, sum(learned))
-        loss_sum, tokens = 0.0, 0
-        for micro, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            sync = micro == len(batches) - 1 or not world.active
-            with autocast(device, dtype), (nullcontext() if sync else step_loss.no_sync()):
-                loss = step_loss(batch, learned[micro] * world.size / max(step_tokens, 1))
-            loss.backward()
-            loss_sum += loss.item() / world.size
-            tokens += int(batch["attention_mask"].sum())
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        loss_sum = distributed.all_sum(world, loss_sum)  # the step's mean loss over every learned token
-        tokens = distributed.all_sum(world, tokens)
-        state = {"step": step + 1, "tokens": state["tokens"] + tokens, "train_seconds": state["train_seconds"] + seconds}
-        last = step + 1 == total_steps
-        if world.main:
-            record = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
-                      "tokens_per_s": tokens / seconds}
-            if eval_examples and ((step + 1) % config.eval_every == 0 or last):
-                model.eval()
-                record["eval_loss"] = mean_nll(model, eval_examples, tokenizer.pad_token_id, config.batch_size,
-                                               config.eval_batches)[0]
-                record["eval_perplexity"] = perplexity(record["eval_loss"])
-                model.train()
-            history.append(record)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / seconds:,.0f}", refresh=False)
-            bar.update(1)
-        stop = should_stop is not None and should_stop(step + 1)
-        stop = distributed.all_sum(world, int(stop)) > 0 and not last  # every rank stops at the same step
-        if ((step + 1) % config.checkpoint_every == 0 and not last) or stop:
-            if world.main:
-                save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, _resume_view(config))
-            distributed.barrier(world)
-        if stop:
-            stopped = True
-            break
-    bar.close()
+    return tqdm(total=run.total_steps, initial=run.state["step"], disable=config.quiet or not world.main,
+                unit="step", dynamic_ncols=True)
 
-    # ---- save ---------------------------------------------------------------------------------
-    if not world.main:
-        distributed.barrier(world)
-        return {"rank": world.rank, "step": state["step"], "interrupted": stopped}
-    plot_loss(history, out / "loss.png")
-    if stopped:
-        distributed.barrier(world)
-        say(f"interrupted at step {state['step']}/{total_steps}; checkpoint saved. Resume with:\n"
-            f"  lorakit train {shlex.join(a for a in _cli_args(config) if a != '--overwrite')} --resume")
-        return {"interrupted": True, "step": state["step"], "total_steps": total_steps}
-    model.eval()
-    save_adapter(model, out)
-    summary = _summary(config, counts, stats, state, history, base_eval, total_steps, memory)
-    summary["world_size"] = world.size
-    atomic_write_bytes(out / "training_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+
+def _train_step(run: _Run, config: TrainConfig, world: distributed.World, step: int) -> dict:
+    """One optimizer step over `grad_accum` micro-batches; updates `run.state`, returns the step's record."""
+    t0 = time.perf_counter()
+    # This rank's slice of each global micro-batch: rank r takes rows [r*b, (r+1)*b).
+    pad_id = run.tokenizer.pad_token_id
+    batches = [collate(batch_at(run.examples, step * config.grad_accum + micro, config.batch_size * world.size,
+                                config.seed)[world.rank * config.batch_size:(world.rank + 1) * config.batch_size],
+                       pad_id) for micro in range(config.grad_accum)]
+    # Weight every learned token of the whole step (all micro-batches, all ranks) equally, so
+    # N ranks with batch b train exactly like one process with batch N*b.
+    learned = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
+    step_tokens = distributed.all_sum(world, sum(learned))
+    loss_sum, tokens = 0.0, 0
+    for micro, batch in enumerate(batches):
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        sync = micro == len(batches) - 1 or not world.active
+        with autocast(run.device, run.dtype), (nullcontext() if sync else run.step_loss.no_sync()):
+            loss = run.step_loss(batch, learned[micro] * world.size / max(step_tokens, 1))
+        loss.backward()
+        loss_sum += loss.item() / world.size
+        tokens += int(batch["attention_mask"].sum())
+    if config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t0
+    loss_sum = distributed.all_sum(world, loss_sum)  # the step's mean loss over every learned token
+    tokens = distributed.all_sum(world, tokens)
+    state = run.state
+    run.state = {"step": step + 1, "tokens": state["tokens"] + tokens,
+                 "train_seconds": state["train_seconds"] + seconds}
+    return {"step": step + 1, "loss": loss_sum, "lr": run.scheduler.get_last_lr()[0], "tokens": run.state["tokens"],
+            "tokens_per_s": tokens / seconds}
+
+
+def _record(run: _Run, config: TrainConfig, record: dict, history: list[dict], last: bool) -> None:
+    """Add the held-out loss when due, then append the step's record to the history and metrics.jsonl."""
+    if run.eval_examples and (record["step"] % config.eval_every == 0 or last):
+        run.model.eval()
+        record["eval_loss"] = mean_nll(run.model, run.eval_examples, run.tokenizer.pad_token_id, config.batch_size,
+                                       config.eval_batches)[0]
+        record["eval_perplexity"] = perplexity(record["eval_loss"])
+        run.model.train()
+    history.append(record)
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _should_stop(world: distributed.World, should_stop: Callable[[int], bool] | None, step: int) -> bool:
+    """The caller's stop request (Ctrl-C), agreed by every rank so that all stop at the same step."""
+    stop = should_stop is not None and should_stop(step)
+    return distributed.all_sum(world, int(stop)) > 0
+
+
+def _checkpoint(run: _Run, config: TrainConfig, world: distributed.World) -> None:
+    if world.main:
+        save_checkpoint(run.out / "checkpoint", run.model, run.optimizer, run.scheduler, run.state,
+                        _resume_view(config))
     distributed.barrier(world)
-    say(f"adapter saved to {out} ({summary['adapter_bytes'] / 1e6:.2f} MB); "
+
+
+# ---- save -----------------------------------------------------------------------------------------
+
+
+def _interrupted(run: _Run, config: TrainConfig, world: distributed.World, say: Callable[[str], None]) -> dict:
+    distributed.barrier(world)
+    say(f"interrupted at step {run.state['step']}/{run.total_steps}; checkpoint saved. Resume with:\n"
+        f"  lorakit train {shlex.join(a for a in _cli_args(config) if a != '--overwrite')} --resume")
+    return {"interrupted": True, "step": run.state["step"], "total_steps": run.total_steps}
+
+
+def _save(run: _Run, config: TrainConfig, world: distributed.World, history: list[dict], base_eval: float | None,
+          say: Callable[[str], None]) -> dict:
+    """The adapter and the run's summary into --out; the checkpoint goes."""
+    run.model.eval()
+    save_adapter(run.model, run.out)
+    summary = _summary(config, run.counts, run.stats, run.state, history, base_eval, run.total_steps, run.memory)
+    summary["world_size"] = world.size
+    atomic_write_bytes(run.out / "training_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    shutil.rmtree(run.out / "checkpoint", ignore_errors=True)
+    distributed.barrier(world)
+    say(f"adapter saved to {run.out} ({summary['adapter_bytes'] / 1e6:.2f} MB); "
         f"{summary['tokens_per_s']:,.0f} tokens/s; final train loss {summary['final_train_loss']:.3f}"
         + (f"; eval perplexity {summary['eval_perplexity_base']:.2f} -> {summary['eval_perplexity_adapted']:.2f}"
            if base_eval is not None else ""))
@@ -378,6 +470,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def _say(text: str) -> None:
     print(text, flush=True)
+
+
+def _silent(text: str) -> None:
+    pass
 
 
 def _cli_args(config: TrainConfig) -> list[str]:
