@@ -6,7 +6,7 @@
 
 Benchmarks: layer (one LoRA linear), train (1-3: step speed, vs forward), memory (4: peak step
 memory, each run in a fresh process), compile (1-3 with torch.compile
-on both sides), inference (5),
+on both sides), inference (5), decode (8: the serving engine's step, 8 adapters in one batch),
 load (6), e2e (7: `lorakit train` tokens/s and MFU). Timings are medians after warm-up, lorakit and
 PEFT interleaved. The machine is shared: the load average is printed before and after, and numbers
 taken with the load above the core count are noise, not results.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks import end_to_end, inference, layer, load, train_step  # noqa: E402
+from benchmarks import decode, end_to_end, inference, layer, load, train_step  # noqa: E402
 from benchmarks.common import load_average, machine  # noqa: E402
 
 SUITES = {
@@ -35,6 +35,7 @@ SUITES = {
     "memory": lambda a: train_step.run_memory(quick=a.quick),
     "compile": lambda a: train_step.run_compiled(rounds=3 * a.rounds, quick=a.quick),
     "inference": lambda a: inference.run(rounds=2 * a.rounds, repeats=1, quick=a.quick),
+    "decode": lambda a: decode.run(steps=40 * a.rounds, quick=a.quick),
     "load": lambda a: load.run(rounds=6 if a.quick else 30, quick=a.quick),
     "e2e": lambda a: end_to_end.run(quick=a.quick),
 }

@@ -1,6 +1,6 @@
 """The fast paths of the LoRA layer against plain autograd over the explicit math.
 
-`LoraLinear` (the fused base + LoRA Function) and the gathered per-row path must give the values and
+`FusedLoraLinear` (the fused base + LoRA Function) and the gathered per-row path must give the values and
 gradients that autograd gives for y = x·Wᵀ + b + Σ w·s·B·A·dropout(x), and save no more than they need.
 """
 
@@ -15,7 +15,8 @@ from conftest import build, logits, randomize_adapters
 from torch import nn
 
 import lorakit
-from lorakit.layers import LoraLayer, LoraLinear
+from lorakit.fused import FusedLoraLinear
+from lorakit.layers import LoraLayer
 
 
 def _layer(kind: str = "linear", r: int = 4, dropout: float = 0.0, bias: str = "none", dtype=torch.float32):
@@ -55,7 +56,7 @@ def _grads(layer: LoraLayer, x: torch.Tensor, out: torch.Tensor, g: torch.Tensor
 @pytest.mark.parametrize("bias", ["none", "lora_only"])
 def test_fused_values_and_gradients_match_autograd(kind, bias):
     layer = _layer(kind, bias=bias)
-    assert layer._fusable()
+    assert layer.fusable()
     x = torch.randn(3, 5, 12, requires_grad=True)
     g = torch.randn(3, 5, 10)
     fast = layer(x)
@@ -104,13 +105,13 @@ def test_function_passes_gradcheck_in_float64():
     A2, B2 = (torch.randn(s, dtype=f64, requires_grad=True) for s in ((3, 5), (4, 3)))
 
     def f(x, b, A1, B1, A2, B2):
-        return LoraLinear.apply(x, W, b, (0.5, -2.0), (0.0, 0.0), (f64, f64), A1, B1, A2, B2)
+        return FusedLoraLinear.apply(x, W, b, (0.5, -2.0), (0.0, 0.0), (f64, f64), A1, B1, A2, B2)
 
     assert torch.autograd.gradcheck(f, (x, b, A1, B1, A2, B2))
 
     def dropped(x, b, A1, B1, A2, B2):  # the same mask on every call: the function is then smooth
         torch.manual_seed(3)
-        return LoraLinear.apply(x, W, b, (0.5, -2.0), (0.5, 0.0), (f64, f64), A1, B1, A2, B2)
+        return FusedLoraLinear.apply(x, W, b, (0.5, -2.0), (0.5, 0.0), (f64, f64), A1, B1, A2, B2)
 
     assert torch.autograd.gradcheck(dropped, (x, b, A1, B1, A2, B2))
 
@@ -164,12 +165,12 @@ def test_hooked_or_trainable_base_takes_the_plain_path():
     layer = _layer()
     seen = []
     handle = layer.base.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    assert not layer._fusable()
+    assert not layer.fusable()
     layer(torch.randn(2, 12))
     assert seen == [(2, 10)]
     handle.remove()
     layer.base.weight.requires_grad_(True)
-    assert not layer._fusable()
+    assert not layer.fusable()
     x = torch.randn(5, 12, requires_grad=True)
     out = layer(x)
     assert torch.allclose(out, _oracle(layer, x), atol=1e-5)
@@ -272,7 +273,7 @@ def test_per_row_stack_is_rebuilt_when_adapters_change():
 
 
 def test_fused_dropout_equals_nn_dropout_with_the_same_seed_and_keeps_a_byte_mask():
-    """Dropout inside `LoraLinear` draws what `nn.Dropout` draws (CPU) and keeps x plus a bool mask,
+    """Dropout inside `FusedLoraLinear` draws what `nn.Dropout` draws (CPU) and keeps x plus a bool mask,
     not the dropped-out copy and its float noise."""
     layer = _layer(r=4)
     layer.add_adapter("b", r=3, scaling=0.7, dropout=0.0, init=False)

@@ -286,11 +286,11 @@ def test_lora_on_nf4_base_equals_base_at_init_and_explicit_math(ids):
 
 @pytest.mark.parametrize("chunk", [None, 300])  # the weight dequantized whole, or a few rows at a time
 def test_lora_on_nf4_base_fast_path_equals_the_plain_ops_path(monkeypatch, chunk):
-    """`LoraLinear` over an NF4 weight (dequantized inside, never saved) against base(x) + plain LoRA ops."""
+    """`FusedLoraLinear` over an NF4 weight (dequantized inside, never saved) against base(x) + plain LoRA ops."""
     if chunk:
         monkeypatch.setattr(nf4, "_CHUNK", chunk)
     layer = _qlora().model.layers[0].self_attn.q_proj
-    assert layer._fusable()  # an NF4 base takes the fused path unless a hook watches it
+    assert layer.fusable()  # an NF4 base takes the fused path unless a hook watches it
     with torch.no_grad():
         layer.lora_B["default"].normal_()
     x = torch.randn(2, 5, 32)

@@ -18,7 +18,9 @@ from lorakit import mlp
 from lorakit.config import DEFAULT_TARGETS, LoraConfig
 from lorakit.errors import UserError
 from lorakit.layers import LoraLayer, SavedModule, base_kind
+from lorakit.modules import matches, output_head, set_module
 from lorakit.nf4 import NF4Linear
+from lorakit.routing import RowRouting, RowSpec
 
 ALL_LINEAR = "all-linear"
 
@@ -66,13 +68,6 @@ def _base_modules(model: nn.Module, wrappers: list | None = None) -> Iterator[tu
 # -- matching -------------------------------------------------------------------------------------
 
 
-def _matches(names: list[str] | str, key: str) -> bool:
-    """PEFT's rule: a string is a regex over the full name; a list matches exactly or as a '.'-suffix."""
-    if isinstance(names, str):
-        return re.fullmatch(names, key) is not None
-    return key in names or any(key.endswith("." + n) for n in names)
-
-
 def _layer_index_ok(config: LoraConfig, key: str) -> bool:
     wanted = config.layers_to_transform
     if wanted is None or wanted == []:
@@ -107,14 +102,14 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
         targets = DEFAULT_TARGETS[model_type]
     modules = list(_base_modules(model)) if modules is None else modules
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = output_head(model)
         found = [n for n, m in modules if base_kind(m) in ("linear", "conv1d") and m is not head]
     else:
-        found = [n for n, m in modules if n and _matches(targets, n)]
+        found = [n for n, m in modules if n and matches(targets, n)]
         if not isinstance(targets, str):
             found = [n for n in found if _layer_index_ok(config, n)]
     if config.exclude_modules:
-        found = [n for n in found if not _matches(config.exclude_modules, n)]
+        found = [n for n in found if not matches(config.exclude_modules, n)]
     if config.modules_to_save:
         found = [n for n in found if not any(re.match(rf"(^|.*\.){m}($|\..*)", n) for m in config.modules_to_save)]
     kinds = dict(modules)
@@ -152,7 +147,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initi
 
     saved = []  # modules_to_save, checked before anything changes
     for pattern in config.modules_to_save or []:
-        hits = [n for n, _ in modules if n and _matches([pattern], n)]
+        hits = [n for n, _ in modules if n and matches([pattern], n)]
         if not hits:
             raise UserError(f"modules_to_save entry {pattern!r} matches no module in the model")
         saved += hits
@@ -178,15 +173,13 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initi
 
 
 def _wrap(model: nn.Module, name: str, kind: type) -> LoraLayer | SavedModule:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    module = getattr(parent, child)
+    module = model.get_submodule(name)
     if isinstance(module, kind):
         return module
     if isinstance(module, (LoraLayer, SavedModule)):
         raise UserError(f"module {name!r} is both a LoRA target and in modules_to_save; choose one")
     wrapper = kind(module).train(module.training)
-    setattr(parent, child, wrapper)
+    set_module(model, name, wrapper)
     return wrapper
 
 
@@ -237,16 +230,11 @@ def _remove(model: nn.Module, adapter: str) -> None:
                 raise UserError(f"adapter {adapter!r} is merged; unmerge(model) before deleting it")
             module.delete_adapter(adapter)
             if not module.lora_A:
-                _replace(model, name, module.base)
+                set_module(model, name, module.base)
         elif isinstance(module, SavedModule) and adapter in module.copies:
             module.delete_adapter(adapter)
             if not module.copies:
-                _replace(model, name, module.base)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+                set_module(model, name, module.base)
 
 
 # -- which adapters run ---------------------------------------------------------------------------
@@ -297,27 +285,29 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def per_row_adapters(model: nn.Module, rows: list[str | dict[str, float] | None]) -> Iterator[nn.Module]:
+def per_row_adapters(model: nn.Module, rows: list[RowSpec] | RowRouting) -> Iterator[nn.Module]:
     """Inside the block, batch row i uses its own adapters: rows[i] is a name (weight 1), a
     {name: weight} mix, or None (the base alone).
 
-    For a mixed batch of requests for different adapters in one forward pass.
+    For a mixed batch of requests for different adapters in one forward pass. `rows` may be a
+    `lorakit.routing.RowRouting` made once and handed over for many forwards (a server's decode
+    steps): it keeps the stacked weights and gather indices between them.
     """
+    routing = rows if isinstance(rows, RowRouting) else RowRouting(rows)
     known = adapter_configs(model)
-    for spec in rows:
-        for name in ([spec] if isinstance(spec, str) else spec or ()):
-            if name not in known:
-                raise UserError(f"no adapter named {name!r}; the model has {sorted(known) or 'none'}")
+    for name in routing.adapters():
+        if name not in known:
+            raise UserError(f"no adapter named {name!r}; the model has {sorted(known) or 'none'}")
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged for layer in layers):
         raise UserError("per-row adapters need unmerged weights; unmerge(model) first")
     for layer in layers:
-        layer.row_adapters = list(rows)
+        layer.routing = routing
     try:
         yield model
     finally:
         for layer in layers:
-            layer.row_adapters = None
+            layer.routing = None
 
 
 # -- merge / unload -------------------------------------------------------------------------------
@@ -363,9 +353,9 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         if isinstance(module, LoraLayer):
             if module.merged and not merge:
                 module.unmerge()
-            _replace(model, name, module.base)
+            set_module(model, name, module.base)
         elif isinstance(module, SavedModule):
-            _replace(model, name, module.current() if merge else module.base)
+            set_module(model, name, module.current() if merge else module.base)
         else:
             mlp.uninstall(module)
     model.__dict__.pop("lorakit_configs", None)

@@ -25,7 +25,8 @@ import textwrap
 import torch
 from torch import nn
 
-from lorakit.layers import LoraLayer, lora_linear_backward, lora_linear_forward, stash_weight, unstash_weight
+from lorakit.fused import compute_dtype, fused_backward, fused_forward, stash_weight, unstash_weight
+from lorakit.layers import LoraLayer
 
 
 def _expected_bodies(arg: str) -> set[str]:
@@ -87,27 +88,27 @@ def lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(down, LoraLayer) or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return type(self).forward(self, x)  # (down_proj is plain again once its last adapter is deleted)
     gate, up = self.gate_proj(x), self.up_proj(x)  # (..., inter) each; in this order, as the block's forward
-    if down.disabled or down.row_adapters is not None or not down._fusable() \
+    if down.disabled or down.routing is not None or not down.fusable() \
             or not (gate.requires_grad or up.requires_grad):  # down_proj takes another path, or no gradient
         return down(self.act_fn(gate) * up)
-    dtype = down.compute_dtype(gate)
+    dtype = compute_dtype(gate)
     gate2, up2 = gate.reshape(-1, down.in_features), up.reshape(-1, down.in_features)  # (N, inter)
     y = GatedDown.apply(gate2, up2, self.act_fn, dtype, *down.fused_args(down.running(), dtype))
     return y.view(*x.shape[:-1], down.out_features)  # (..., hidden)
 
 
 class GatedDown(torch.autograd.Function):
-    """y = LoraLinear(act(gate) * up) for down_proj, keeping gate and up (not act's output nor the product).
+    """y = FusedLoraLinear(act(gate) * up) for down_proj, keeping gate and up (not act's output nor the product).
 
     Arguments: gate, up (N, inter); act (a parameter-free elementwise module); the dtype the product
-    is cast to (autocast's); then down_proj's `LoraLinear` arguments after x. What `LoraLinear` would
+    is cast to (autocast's); then down_proj's `FusedLoraLinear` arguments after x. What that would
     keep of its input (the product) is recomputed in the backward, dropout masks aside.
     """
 
     @staticmethod
     def forward(ctx, gate, up, act, dtype, weight, bias, scales, drops, downs, *weights):
         h = (act(gate) * up).to(dtype)  # (N, inter): freed when this returns
-        y, masks, hs = lora_linear_forward(h, weight, bias, scales, drops, downs, weights)
+        y, masks, hs = fused_forward(h, weight, bias, scales, drops, downs, weights)
         ctx.act, ctx.dtype, ctx.scales, ctx.drops = act, dtype, scales, drops
         ctx.save_for_backward(gate, up, stash_weight(ctx, weight), *weights, *masks, *hs)
         return y
@@ -121,9 +122,8 @@ class GatedDown(torch.autograd.Function):
         need_gate, need_up = needs[:2]
         a = ctx.act(gate)  # (N, inter)
         h = (a * up).to(ctx.dtype)  # (N, inter): the product, recomputed
-        grad_h, grad_bias, grads = lora_linear_backward(g, h, unstash_weight(ctx, weight), weights, masks, hs,
-                                                        ctx.scales, ctx.drops, need_gate or need_up, needs[5],
-                                                        needs[9:])
+        grad_h, grad_bias, grads = fused_backward(g, h, unstash_weight(ctx, weight), weights, masks, hs,
+                                                  ctx.scales, ctx.drops, need_gate or need_up, needs[5], needs[9:])
         del h  # each (N, inter) tensor is let go as soon as it is spent: this runs at the step's peak
         grad_gate = grad_up = None
         if need_gate or need_up:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import UserError
+from lorakit.modules import matches, output_head, set_module
 
 # The 16 NF4 levels: quantiles of N(0, 1) scaled to [-1, 1], with an exact 0 (QLoRA, appendix E).
 NF4_LEVELS = torch.tensor([
@@ -333,16 +334,14 @@ def quantize(target, kind: str = "nf4", *, blocksize: int = 64, double_quant: bo
         return _quantize_tensor(target, blocksize, double_quant)
     if getattr(target, "lorakit_configs", None):
         raise UserError("the model already has adapters; quantize the base first, then inject or load them")
-    from lorakit.adapters import _matches  # PEFT's name rule, shared with target_modules
-
-    head = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None
+    head = output_head(target)
     linear = [(n, m) for n, m in target.named_modules() if isinstance(m, nn.Linear)]
     if include is None:
         chosen = [n for n, m in linear if m is not head]
     else:
-        chosen = [n for n, _ in linear if _matches(include, n)]
+        chosen = [n for n, _ in linear if matches(include, n)]
         other = [(n, m) for n, m in target.named_modules()
-                 if n and _matches(include, n) and not isinstance(m, nn.Linear)]
+                 if n and matches(include, n) and not isinstance(m, nn.Linear)]
         if other and not chosen:
             raise UserError(f"include={include!r} names {other[0][0]!r}, a {type(other[0][1]).__name__}; "
                             "NF4 quantizes Linear layers only")
@@ -350,7 +349,7 @@ def quantize(target, kind: str = "nf4", *, blocksize: int = 64, double_quant: bo
         raise UserError("no Linear layers to quantize in this model (GPT-2's Conv1D layers are not supported); "
                         "check include=")
     for name in chosen:
-        _replace(target, name, NF4Linear.from_linear(target.get_submodule(name), blocksize, double_quant))
+        set_module(target, name, NF4Linear.from_linear(target.get_submodule(name), blocksize, double_quant))
     return target
 
 
@@ -363,13 +362,8 @@ def dequantize(model: nn.Module) -> nn.Module:
             linear.weight = nn.Parameter(module.weight, requires_grad=False)
             if module.bias is not None:
                 linear.bias = module.bias
-            _replace(model, name, linear)
+            set_module(model, name, linear)
     return model
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 @dataclass(frozen=True)
@@ -487,7 +481,7 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.float32) ->
         if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != tuple(q.shape):
             raise UserError(f"{directory}: NF4 weight {name} of shape {tuple(q.shape)} does not fit the model's "
                             f"{type(old).__name__}; the directory is corrupt")
-        _replace(model, name, NF4Linear(q, None if old.bias is None else nn.Parameter(old.bias, requires_grad=False)))
+        set_module(model, name, NF4Linear(q, None if old.bias is None else nn.Parameter(old.bias, requires_grad=False)))
     result = model.load_state_dict(tensors, strict=False)
     if result.unexpected_keys:
         raise UserError(f"{directory}: {result.unexpected_keys[0]} fits no weight of this model; "

@@ -7,7 +7,7 @@ A single thread owns the model. It loops:
        (left-padded to the longest), sample each one's first token, and join their KV cache to the
        running batch's
     3. one decode step for every running row: row i applies its own adapter mix (the gathered per-row
-       low-rank product of `LoraLayer`, S-LoRA/Punica style), then each row samples its next token
+       low-rank product of `lorakit.routing`, S-LoRA/Punica style), then each row samples its next token
     4. drop finished or cancelled rows from the batch and its cache
 
 The batch's KV cache is left-padded: rows that joined later have zeros in front, masked out by the
@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters import delete_adapter, lora_layers
+from lorakit.adapters import delete_adapter, per_row_adapters
 from lorakit.base import autocast
 from lorakit.errors import UserError
+from lorakit.routing import AdapterStacks, RowRouting
 from lorakit.serve.sampling import RowSampler, SamplingParams, TokenScores, choose, position_scores
 
 Emit = Callable[[int | None, str | None, TokenScores | None], None]
@@ -115,7 +116,8 @@ class Engine:
         self._mask: torch.Tensor | None = None  # (rows, L): 1 where the cache holds a real token
         self._users: collections.Counter[str] = collections.Counter()  # adapter -> requests holding it
         self._retiring: set[str] = set()
-        self._layers = [layer for _, layer in lora_layers(self.model)]
+        self._stacks = AdapterStacks()  # each LoRA layer's adapters stacked for the gathered product
+        self._routing: tuple[tuple[_Row, ...], RowRouting] | None = None  # the running rows' routing
         self._thread: threading.Thread | None = None
         # Only the last position's logits are needed: skip the (P, vocab) projection where the model allows.
         accepts = inspect.signature(self.model.forward).parameters
@@ -243,8 +245,8 @@ class Engine:
             future.set_exception(err)
         else:
             future.set_result(result)
-        finally:
-            self._layers = [layer for _, layer in lora_layers(self.model)]
+        finally:  # adapters may have come or gone: restack them (and free the old stacks) on next use
+            self._stacks, self._routing = AdapterStacks(), None
 
     def _guard(self, step: Callable, requests: list[GenerationRequest] | None = None) -> None:
         """An unexpected failure ends the requests involved (`requests`, else the running rows') with
@@ -258,25 +260,17 @@ class Engine:
                 self._rows, self._cache, self._mask = [], None, None
             self.last_error = err
 
-    @property
-    def _routing(self) -> list[dict[str, float]]:
-        """Each running row's adapter mix. The same list object until rows join or leave: the LoRA
-        layers recognise it and reuse their per-row gather indices from the previous step."""
+    def _running_routing(self) -> RowRouting:
+        """The running rows' adapter mixes: one routing until rows join or leave, so that decode steps
+        reuse its gather indices (and every routing the engine makes shares its stacked weights)."""
         rows = tuple(self._rows)
-        if self.__dict__.get("_routing_rows") != rows:
-            self.__dict__["_routing_rows"] = rows
-            self.__dict__["_routing_list"] = [row.request.adapters for row in rows]
-        return self.__dict__["_routing_list"]
+        if self._routing is None or self._routing[0] != rows:
+            self._routing = rows, RowRouting([row.request.adapters for row in rows], stacks=self._stacks)
+        return self._routing[1]
 
-    def _forward(self, rows: list[dict[str, float]], every_position: bool = False, **inputs):
-        for layer in self._layers:
-            layer.row_adapters = rows
-        try:
-            with autocast(self.device, self.dtype):
-                return self.model(**inputs, use_cache=True, **({} if every_position else self._last_logits_only))
-        finally:
-            for layer in self._layers:
-                layer.row_adapters = None
+    def _forward(self, routing: RowRouting, every_position: bool = False, **inputs):
+        with per_row_adapters(self.model, routing), autocast(self.device, self.dtype):
+            return self.model(**inputs, use_cache=True, **({} if every_position else self._last_logits_only))
 
     @torch.inference_mode()  # not no_grad: no version counters or view tracking either (jobs stay outside)
     def _admit(self, requests: list[GenerationRequest]) -> None:
@@ -297,8 +291,8 @@ class Engine:
                             device=self.device)  # (n, P)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens from 0
         scoring = any(r.prompt_logprobs is not None for r in requests)
-        out = self._forward([r.adapters for r in requests], every_position=scoring, input_ids=ids,
-                            attention_mask=mask, position_ids=positions, past_key_values=DynamicCache())
+        out = self._forward(RowRouting([r.adapters for r in requests], stacks=self._stacks), every_position=scoring,
+                            input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache())
         self.stats.prefills += len(requests)
         self.stats.prefill_batches += 1
         rows = [_Row(r, RowSampler(r.sampling), last=-1, length=len(r.prompt_ids)) for r in requests]
@@ -317,7 +311,7 @@ class Engine:
             tokens, scores = choose(last, [row.sampler for _, row in sampling])
             for (_, row), token, score in zip(sampling, tokens, scores):
                 self._accept(row, token, score)
-        self._join(rows, out.past_key_values, mask)
+        self._join(rows, out.cache, mask)
 
     def _join(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
         """Append prefilled rows (their cache and (n, P) mask) to the batch, leaving out the finished ones:
@@ -349,9 +343,9 @@ class Engine:
         ids = torch.tensor([[row.last] for row in rows], device=self.device)  # (n, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)  # (n, L+1)
         positions = torch.tensor([[row.length] for row in rows], device=self.device)  # (n, 1)
-        out = self._forward(self._routing, input_ids=ids, attention_mask=self._mask,
-                            position_ids=positions, past_key_values=self._cache)
-        self._cache = out.past_key_values
+        out = self._forward(self._running_routing(), input_ids=ids, attention_mask=self._mask,
+                            position_ids=positions, cache=self._cache)
+        self._cache = out.cache
         self.stats.steps += 1
         self.stats.row_steps += len(rows)
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))

@@ -1,0 +1,237 @@
+"""Per-row adapters for a mixed batch: row b of the batch applies its own adapter mix.
+
+    routing = RowRouting(["legal", None, {"legal": 0.5, "poetry": 1.0}])   # one entry per batch row
+    with lorakit.per_row_adapters(model, routing):                         # (a plain list works too)
+        logits = model(input_ids).logits
+
+For a layer with base output y and input x, each row b gets
+
+    y[b] += Σ_{(a, w) in mix[b]}  w · s_a · B_a · A_a · x[b]            s_a = the adapter's alpha / r
+
+computed BGMV-style (Punica, S-LoRA), so the cost is that of one adapter whatever the adapter count:
+
+    As  = [0; A_1; …; A_n]       (1+n, r, in)     every adapter of the layer behind a zero slot,
+    Bts = [0; B_1ᵀ; …; B_nᵀ]     (1+n, r, out)    zero-padded to the largest rank
+    index[b, j] = slot of row b's j-th adapter (0: none),  scale[b, j] = w · s_a      (batch, k)
+    h = x[b] · As[index[b]]ᵀ · scale[b]                    (batch, L, k·r)    a row of k adapters = rank k·r
+    y[b] += h · Bts[index[b]]                              (batch, L, out)
+
+An Embedding base, or an adapter with dropout in training mode, takes the plain loop over adapters
+(`_add_one_by_one`) instead.
+
+Everything this needs between forwards lives here, in plain view: `AdapterStacks` owns each layer's
+stacked (As, Bts), rebuilt only when the layer's adapters change; a `RowRouting` owns the mixes and,
+per layer, the gather indices. A server decoding many steps with the same rows keeps one `RowRouting`
+and one `AdapterStacks` (shared by the routings of later batches), so a step pays for neither.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from lorakit.errors import UserError
+
+RowSpec = str | dict[str, float] | None
+"""One row's adapters: a name (weight 1), a {name: weight} mix, or None (the base alone)."""
+
+
+class RoutedLayer(Protocol):
+    """What routing reads of a LoRA layer (`lorakit.layers.LoraLayer` has it)."""
+
+    kind: str
+    in_features: int
+    out_features: int
+    lora_A: nn.ParameterDict  # name -> (r, in)
+    lora_B: nn.ParameterDict  # name -> (out, r)
+    scaling: dict[str, float]
+
+    def dropping(self, name: str) -> bool: ...
+
+    def project_down(self, x: torch.Tensor, name: str, weight: float) -> torch.Tensor: ...
+
+
+# -- the stacked weights ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterStack:
+    """Every adapter of one layer stacked behind a zero slot, zero-padded to one rank."""
+
+    key: tuple  # (name, storage, version) of each weight: the stack is stale once one differs
+    slots: dict[str, int]  # adapter name -> its slot (from 1; slot 0 is all zeros)
+    A: torch.Tensor  # (1+n, r, in)
+    Bt: torch.Tensor  # (1+n, r, out)
+
+
+class AdapterStacks:
+    """Each layer's `AdapterStack`, built on first use.
+
+    Inference reuses a stack until an adapter of its layer is added or removed or its weights are
+    changed in place by ordinary ops (a server swapping adapters rebuilds it once per swap, not once per
+    token; writes through `.data` bypass the version counter: use a new `AdapterStacks` after those).
+    Under autograd a stack is built for every forward, so that gradients reach the parameters.
+    """
+
+    def __init__(self) -> None:
+        self._stacks: dict[nn.Module, AdapterStack] = {}  # not buffers: never saved, moved or counted
+
+    def get(self, layer: RoutedLayer) -> AdapterStack:
+        A, B = layer.lora_A._parameters, layer.lora_B._parameters  # the dicts themselves: no module lookups
+        key = tuple((n, A[n].data_ptr(), A[n]._version, B[n].data_ptr(), B[n]._version) for n in sorted(A))
+        if torch.is_grad_enabled():
+            return _stack(layer, key)
+        cached = self._stacks.get(layer)
+        if cached is None or cached.key != key:
+            cached = self._stacks[layer] = _stack(layer, key)
+        return cached
+
+
+def _stack(layer: RoutedLayer, key: tuple) -> AdapterStack:
+    names = [k[0] for k in key]
+    ranks = [layer.lora_A[n].shape[0] for n in names]
+    first = layer.lora_A[names[0]]
+    zero_A = first.new_zeros(1, max(ranks), layer.in_features)  # (1, r, in)
+    zero_Bt = first.new_zeros(1, max(ranks), layer.out_features)  # (1, r, out)
+    if len(set(ranks)) == 1:
+        A = torch.cat([zero_A, torch.stack([layer.lora_A[n] for n in names])])  # (1+n, r, in)
+        Bt = torch.cat([zero_Bt, torch.stack([layer.lora_B[n].t() for n in names])])  # (1+n, r, out)
+    else:
+        A = zero_A.new_zeros(1 + len(names), max(ranks), layer.in_features)
+        Bt = zero_Bt.new_zeros(1 + len(names), max(ranks), layer.out_features)
+        for i, (n, r) in enumerate(zip(names, ranks), start=1):
+            A[i, :r] = layer.lora_A[n]
+            Bt[i, :r] = layer.lora_B[n].t()
+    return AdapterStack(key, {n: i for i, n in enumerate(names, start=1)}, A, Bt)
+
+
+# -- the routing --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LayerRoute:
+    """A routing as one layer sees it: only the adapters the layer holds."""
+
+    held: tuple[str, ...]  # the layer's adapters when this was made
+    mixes: list[dict[str, float]]  # per row
+    names: list[str]  # every adapter some row applies, in order of first use
+    stack: AdapterStack | None = None  # what `index` points into
+    index: torch.Tensor | None = None  # (batch, k) slots
+    scale: torch.Tensor | None = None  # (batch, k) w · s per slot
+
+
+class RowRouting:
+    """Which adapters each row of a batch applies; see the module docstring for the maths.
+
+    `rows[i]` is a name (weight 1), a {name: weight} mix, or None (the base alone). Names are checked
+    against a model by `lorakit.per_row_adapters`; a layer skips the adapters it does not hold.
+    `stacks` may be shared by several routings (a server's batches) to keep the stacked weights.
+    """
+
+    def __init__(self, rows: Sequence[RowSpec], stacks: AdapterStacks | None = None):
+        if isinstance(rows, (str, dict)) or not isinstance(rows, Sequence):
+            raise UserError(f"per-row adapters take one entry per batch row (a list), got {type(rows).__name__}")
+        self.mixes: list[dict[str, float]] = [_mix(i, spec) for i, spec in enumerate(rows)]
+        # every name a row gives, also at weight 0, so that a misspelt one is reported, not skipped
+        self._named = list(dict.fromkeys(n for spec in rows for n in ([spec] if isinstance(spec, str) else spec or ())))
+        self.stacks = stacks if stacks is not None else AdapterStacks()
+        self._layers: dict[nn.Module, _LayerRoute] = {}
+
+    def __len__(self) -> int:
+        return len(self.mixes)
+
+    def adapters(self) -> list[str]:
+        """Every adapter some row names (also at weight 0), in order of first use."""
+        return list(self._named)
+
+    def apply(self, layer: RoutedLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result (the base's output for x) plus each row's own adapter mix."""
+        if len(self.mixes) != x.shape[0]:
+            raise ValueError(f"per-row adapters name {len(self.mixes)} rows but the batch has {x.shape[0]}")
+        route = self._route(layer)
+        if not route.names:
+            return result
+        if layer.kind == "embedding" or any(layer.dropping(n) for n in route.names):
+            return _add_one_by_one(layer, x, result, route)
+        stack = self.stacks.get(layer)
+        if route.stack is not stack or route.index.device != x.device:  # new stack: new slots
+            route.index, route.scale = _gather_index(route.mixes, stack, layer.scaling, x.device)
+            route.stack = stack
+        return _add_gathered(layer, x, result, stack, route.index, route.scale)
+
+    def _route(self, layer: RoutedLayer) -> _LayerRoute:
+        held = tuple(layer.lora_A.keys())
+        route = self._layers.get(layer)
+        if route is None or route.held != held:
+            mixes = [{n: w for n, w in mix.items() if n in layer.lora_A} for mix in self.mixes]
+            route = self._layers[layer] = _LayerRoute(held, mixes, list(dict.fromkeys(n for m in mixes for n in m)))
+        return route
+
+
+def _mix(row: int, spec: RowSpec) -> dict[str, float]:
+    """A row's spec as {name: weight}, zero weights dropped ('a' means {'a': 1.0}, None means {})."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        return {spec: 1.0}
+    if not isinstance(spec, dict):
+        raise UserError(f"row {row} of the per-row adapters is a {type(spec).__name__}; give an adapter name, "
+                        "a {name: weight} dict, or None for the base")
+    mix = {}
+    for name, weight in spec.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise UserError(f"row {row}: the weight of adapter {name!r} must be a finite number, got {weight!r}")
+        if weight != 0:
+            mix[name] = float(weight)
+    return mix
+
+
+def _gather_index(mixes: list[dict[str, float]], stack: AdapterStack, scaling: dict[str, float],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, scale), both (batch, k): each row's slots in `stack` and w · s for each; k = the most
+    adapters one row mixes. Empty slots (and base-only rows) gather the zero slot: exact zeros."""
+    k = max(1, max(len(m) for m in mixes))
+    index = [[0] * k for _ in mixes]
+    scale = [[0.0] * k for _ in mixes]
+    for row, mix in enumerate(mixes):
+        for j, (name, weight) in enumerate(mix.items()):
+            index[row][j], scale[row][j] = stack.slots[name], scaling[name] * weight
+    return torch.tensor(index, device=device), torch.tensor(scale, dtype=stack.A.dtype, device=device)
+
+
+def _add_gathered(layer: RoutedLayer, x: torch.Tensor, result: torch.Tensor, stack: AdapterStack,
+                  index: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Gather each row's A and B and do two batched matmuls (the module docstring's last two lines).
+
+    The work is that of a single adapter (plus gathering a few rank-r matrices), where a loop over
+    adapters would pay per adapter for its own small matmuls and a copy of the output.
+    """
+    batch, k = index.shape
+    r, out = stack.A.shape[1], layer.out_features
+    xb = x.reshape(batch, -1, layer.in_features).to(stack.A.dtype)  # (batch, L, in)
+    A = stack.A[index].reshape(batch, k * r, layer.in_features)  # (batch, k·r, in)
+    h = torch.bmm(xb, A.transpose(1, 2))  # (batch, L, k·r)
+    h = (h.view(batch, -1, k, r) * scale.view(batch, 1, k, 1)).view(batch, -1, k * r)  # scaled at rank r
+    Bt = stack.Bt[index].reshape(batch, k * r, out).to(result.dtype)  # (batch, k·r, out)
+    flat = result.reshape(batch, -1, out)  # (batch, L, out)
+    if torch.is_grad_enabled():
+        return torch.baddbmm(flat, h.to(result.dtype), Bt).view_as(result)
+    return flat.baddbmm_(h.to(result.dtype), Bt).view_as(result)  # in place: inference makes no copy
+
+
+def _add_one_by_one(layer: RoutedLayer, x: torch.Tensor, result: torch.Tensor, route: _LayerRoute) -> torch.Tensor:
+    """One adapter at a time, over the rows that use it (Embedding bases, or dropout in training mode)."""
+    for name in route.names:
+        rows = [i for i, mix in enumerate(route.mixes) if name in mix]
+        weights = torch.tensor([route.mixes[i][name] for i in rows], device=x.device)  # (n,)
+        index = torch.tensor(rows, device=x.device)
+        h = layer.project_down(x.index_select(0, index), name, 1.0).to(result.dtype)  # (n, ..., r)
+        h = h * weights.to(h.dtype).view(-1, *[1] * (h.dim() - 1))
+        delta = h @ layer.lora_B[name].to(result.dtype).t()  # (n, ..., out)
+        result = result.index_add(0, index, delta)
+    return result
