@@ -5,29 +5,26 @@ A checkpoint is a directory:
     optimizer.safetensors                            AdamW moments and steps, torch RNG state(s)
     state.json                                       step, tokens, time, LR schedule, param groups,
                                                      and the settings a resume must not change
-It is written whole into `<dir>.tmp` and then swapped in by renames, so a crash leaves the previous
-checkpoint (as `<dir>` or, mid-swap, `<dir>.old`, which load falls back to).
+It is written whole beside `<dir>` and then swapped in (`lorakit.files.staged_directory`), so a crash
+leaves the previous checkpoint (as `<dir>` or, mid-swap, `previous_directory(<dir>)`, which load
+falls back to).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lorakit.errors import UserError
-from lorakit.files import atomic_write_bytes
+from lorakit.files import atomic_write_bytes, previous_directory, staged_directory
 from lorakit.io import adapter_state_dict, load_tensors, save_adapter, save_tensors
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, state: dict, settings: dict) -> None:
-    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp)
     opt = optimizer.state_dict()
     tensors = {f"optimizer.{index}.{key}": value for index, slots in opt["state"].items()
                for key, value in slots.items()}
@@ -35,14 +32,11 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    save_tensors(tmp / "optimizer.safetensors", tensors)
     meta = {**state, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(), "settings": settings}
-    atomic_write_bytes(tmp / "state.json", (json.dumps(meta, indent=2) + "\n").encode())
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
+    with staged_directory(directory) as staging:
+        save_adapter(model, staging)
+        save_tensors(staging / "optimizer.safetensors", tensors)
+        atomic_write_bytes(staging / "state.json", (json.dumps(meta, indent=2) + "\n").encode())
 
 
 @torch.no_grad()
@@ -50,7 +44,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
                     scheduler, settings: dict) -> dict:
     """Restore adapter, optimizer, scheduler and RNG in place; return {step, tokens, train_seconds}."""
     if not (directory / "state.json").is_file():
-        old = directory.with_name(directory.name + ".old")
+        old = previous_directory(directory)
         if not (old / "state.json").is_file():
             raise UserError(f"no checkpoint in {directory}; start without --resume")
         directory = old

@@ -1,13 +1,17 @@
-"""Atomic file writes: a temp file beside the target, fsync, then rename over it.
+"""Atomic writes: a file or a whole directory is written beside its target, then renamed over it.
 
-Readers (and a crash) see the old file or the new one, never half of one. No torch import here,
-so the light commands (bigram) can use it too.
+Readers (and a crash) see the old file or the new one, never half of one; for a directory, the old
+one stays (as `previous_directory(out)` while the new one is renamed in) until the new one is in
+place. No torch import here, so the light commands (bigram) can use it too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from lorakit.errors import UserError
@@ -47,3 +51,42 @@ def save_png(fig, path: str | Path, make_parents: bool = True) -> None:
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue(), make_parents=make_parents)
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | Path) -> Iterator[Path]:
+    """A new, empty directory beside `out` to write into; when the block ends normally it replaces
+    `out` whole (`replace_directory`), when it raises it is removed and `out` is left as it was."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as err:
+        raise UserError(f"cannot write to {out.parent} ({err.strerror}); choose a writable directory") from None
+    try:
+        yield staging
+        replace_directory(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def replace_directory(staging: Path, out: Path) -> None:
+    """Move `staging` to `out`; an existing `out` is kept (as `previous_directory(out)`) until the new
+    one is in place, and put back if the move fails."""
+    old, moved = previous_directory(out), out.exists()
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        if moved:
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def previous_directory(out: Path) -> Path:
+    """Where `replace_directory` keeps the old `out` during the swap (a reader's fallback after a crash)."""
+    return out.with_name(f".{out.name}.old")
