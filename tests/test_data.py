@@ -7,7 +7,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from lorakit.data import IGNORE, batch_at, collate, load_examples
+from lorakit.data import batch_at, collate, load_examples
+from lorakit.losses import IGNORE
 from lorakit.errors import UserError
 
 

@@ -14,7 +14,8 @@ from conftest import TOKENIZER_TEXT, randomize_adapters
 import lorakit
 import lorakit.cli
 from lorakit import export, inspection
-from lorakit.base import EMBEDDED_BASE, attach_adapters, load_base
+from lorakit.base import EMBEDDED_BASE, load_base
+from lorakit.io import attach_adapters
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorakit.cli import main
-from lorakit.generate import Sampling, generate, next_token
+from lorakit.generate import GenerateConfig, Sampling, generate, next_token
 from lorakit.train import TrainConfig, train
 
 
@@ -26,8 +26,8 @@ def adapter(tiny_base, tmp_path_factory):
 def _gen(tiny_base, adapters, compare=False, **kw):
     sink = io.StringIO()
     sampling = Sampling(max_new_tokens=12, **kw)
-    texts = generate("the crew", adapters, base=str(tiny_base), sampling=sampling, compare=compare, dtype="fp32",
-                     out=sink)
+    config = GenerateConfig(prompt="the crew", adapters=adapters, base=str(tiny_base), compare=compare, dtype="fp32")
+    texts = generate(config, sampling, out=sink)
     return texts, sink
 
 

@@ -31,10 +31,11 @@ import torch
 from torch import Tensor
 
 from lorakit.adapters import adapter_configs
-from lorakit.base import parse_adapter_spec
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import UserError
-from lorakit.io import PREFIX, adapter_state_dict, read_adapter, write_adapter
+from lorakit.io import (EMBEDDING_COPY, EMBEDDING_FACTORS, FACTOR_SUFFIXES, PREFIX, adapter_state_dict, factor_keys,
+                        parse_adapter_spec, read_adapter, write_adapter)
+from lorakit.options import add_options, default_of, option, options
 
 METHODS: dict[str, str] = {
     "linear": "Σ wᵢ·ΔWᵢ exactly, ranks stacked; --rank R compresses it by truncated SVD",
@@ -46,8 +47,6 @@ METHODS: dict[str, str] = {
     "magnitude_prune": "trim each ΔWᵢ to --density by magnitude, then sum",
 }
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-
-_FACTOR_KEYS = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,7 @@ class Adapter:
         """module path -> its factors, for every module the adapter changes."""
         out: dict[str, Factors] = {}
         for key, A in self.tensors.items():
-            for a_suffix, b_suffix in _FACTOR_KEYS.items():
+            for a_suffix, b_suffix in FACTOR_SUFFIXES.items():
                 if not key.endswith(a_suffix):
                     continue
                 path = key.removeprefix(PREFIX)[: -len(a_suffix)]
@@ -104,12 +103,12 @@ class Adapter:
                 if B is None or B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
                     raise UserError(f"{self.name}: module {path!r} lacks a matching {b_suffix[1:]}; "
                                     "the adapter is incomplete, re-save it")
-                out[path] = Factors(A, B, self.config.scaling_for(path), a_suffix == ".lora_embedding_A")
+                out[path] = Factors(A, B, self.config.scaling_for(path), a_suffix == EMBEDDING_FACTORS[0])
         return out
 
     def extras(self) -> dict[str, Tensor]:
         """Tensors that are not LoRA factors (biases, modules_to_save, PEFT's embedding copies)."""
-        factor_suffixes = (*_FACTOR_KEYS, *_FACTOR_KEYS.values())
+        factor_suffixes = (*FACTOR_SUFFIXES, *FACTOR_SUFFIXES.values())
         return {k: v for k, v in self.tensors.items() if not k.endswith(factor_suffixes)}
 
 
@@ -142,9 +141,9 @@ def combine(adapters: Sequence[AdapterLike | tuple[AdapterLike, float]], method:
     config = _result_config(sources, {p: f.rank for p, f in results.items()})
     tensors = _shared_extras(sources)
     for path, f in results.items():
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if f.embedding else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{PREFIX}{path}.{a_key}"] = f.A.float().contiguous()
-        tensors[f"{PREFIX}{path}.{b_key}"] = (f.B.float() * f.scale).contiguous()  # scale 1 in the config
+        a_key, b_key = factor_keys(path, f.embedding)
+        tensors[a_key] = f.A.float().contiguous()
+        tensors[b_key] = (f.B.float() * f.scale).contiguous()  # scale 1 in the config
     name = f"{method} of " + " + ".join(f"{w:g}×{a.name}" for a, w in weighted)
     return Adapter(config, tensors, name=name, error=errors)
 
@@ -331,7 +330,7 @@ def _shared_extras(sources: list[Adapter]) -> dict[str, Tensor]:
     shared: dict[str, Tensor] = {}
     for adapter in sources:
         for key, tensor in adapter.extras().items():
-            if not key.endswith(".base_layer.weight"):
+            if not key.endswith(EMBEDDING_COPY):
                 raise UserError(f"{adapter.name} also trains {key.removeprefix(PREFIX)} (bias or modules_to_save); "
                                 "combine mixes LoRA updates only, so re-train it with bias='none' and no modules_to_save")
             if key in shared and not torch.equal(shared[key], tensor):
@@ -374,11 +373,28 @@ def _result_config(sources: list[Adapter], ranks: dict[str, int]) -> LoraConfig:
 # -- command --------------------------------------------------------------------------------------
 
 
-def cmd_combine(adapters: list[str], method: str, out: Path, rank: int | None = None,
-                density: float | None = None, seed: int = 0, overwrite: bool = False) -> Adapter:
-    if (out / CONFIG_NAME).exists() and not overwrite:
+@dataclass(kw_only=True)
+class CombineConfig:
+    """Everything `lorakit combine` takes; each field's help is its --help (defaults: `combine`'s)."""
+
+    adapters: list[str] = option("adapter directories, each with an optional weight (default 1; negative subtracts)",
+                                 positional=True, metavar="ADAPTER[:WEIGHT]")
+    method: str = option("how to combine, see above", default=default_of(combine, "method"))
+    out: Path = option("directory to write the new adapter to")
+    rank: int | None = option("rank of the result; compresses by truncated SVD and prints the error it costs",
+                              default=default_of(combine, "rank"))
+    density: float | None = option("fraction of entries kept, in (0, 1], for ties, dare_* and magnitude_prune",
+                                   default=default_of(combine, "density"))
+    seed: int = option("seed of DARE's random drop", default=default_of(combine, "seed"))
+    overwrite: bool = option("replace an adapter already in --out", default=False)
+
+
+def cmd_combine(config: CombineConfig) -> Adapter:
+    """`lorakit combine`: `combine`, saved, and what it cost."""
+    out = Path(config.out)
+    if (out / CONFIG_NAME).exists() and not config.overwrite:
         raise UserError(f"{out} already holds an adapter; pass --overwrite or choose another --out")
-    result = combine(adapters, method=method, rank=rank, density=density, seed=seed)
+    result = combine(config.adapters, method=config.method, rank=config.rank, density=config.density, seed=config.seed)
     result.save(out)
     ranks = [f.rank for f in result.modules().values()]
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
@@ -409,19 +425,5 @@ def register(subparsers) -> None:
         "  lorakit combine a b --method ties --density 0.5 --rank 8 --out adapters/ties",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]",
-                   help="adapter directories, each with an optional weight (default 1; negative subtracts)")
-    p.add_argument("--method", default="linear", help="how to combine (default linear, see above)")
-    p.add_argument("--out", type=Path, required=True, help="directory to write the new adapter to")
-    p.add_argument("--rank", type=int, default=None,
-                   help="rank of the result; compresses by truncated SVD and prints the error it costs")
-    p.add_argument("--density", type=float, default=None,
-                   help="fraction of entries kept, in (0, 1], for ties, dare_* and magnitude_prune")
-    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drop (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
-    p.set_defaults(func=lambda a: _exit0(cmd_combine(a.adapters, a.method, a.out, a.rank, a.density,
-                                                     a.seed, a.overwrite)))
-
-
-def _exit0(result: object) -> int:
-    return 0
+    add_options(p, CombineConfig)
+    p.set_defaults(func=lambda a: cmd_combine(CombineConfig(**options(a, CombineConfig))))

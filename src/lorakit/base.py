@@ -1,4 +1,4 @@
-"""Loading a base model (the embedded one by default) and putting adapters on it at chosen scales.
+"""Loading a base model (the embedded one by default), and the precision it runs in.
 
 `--base` is a local transformers model directory or a hub id (for users who are online); without
 it, the small Llama that ships inside the package is used. Precision: "auto" runs bf16 where the
@@ -13,14 +13,24 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from lorakit import nf4
 from lorakit.errors import UserError
+from lorakit.options import option
 
 EMBEDDED_BASE = Path(__file__).parent / "assets" / "base"
 CORPORA = Path(__file__).parent / "assets" / "corpora"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def base_option():
+    """The `--base` flag of every command that loads a base model (a config dataclass field)."""
+    return option("base model directory or hub id (default: the embedded base)", default=None)
+
+
+def dtype_option():
+    """The `--dtype` flag of every command that runs a model: its compute precision (`resolve_dtype`)."""
+    return option("compute precision: auto (bf16 where fast), bf16, fp16 or fp32", default="auto")
 
 
 def default_device() -> torch.device:
@@ -115,31 +125,3 @@ def load_base(base: str | Path | None = None, dtype: torch.dtype = torch.float32
     model.to(device)
     model.eval()
     return model, tokenizer
-
-
-def parse_adapter_spec(spec: str) -> tuple[Path, float]:
-    """'adapters/a:0.5' -> (Path('adapters/a'), 0.5); a bare path has scale 1."""
-    path, sep, scale = spec.rpartition(":")
-    if sep:
-        try:
-            return Path(path), float(scale)
-        except ValueError:
-            pass
-    return Path(spec), 1.0
-
-
-def attach_adapters(model: nn.Module, specs: list[str]) -> dict[str, float]:
-    """Load each 'PATH[:SCALE]' adapter onto `model` and activate them together at their scales."""
-    import lorakit
-
-    weights: dict[str, float] = {}
-    for spec in specs:
-        path, scale = parse_adapter_spec(spec)
-        name = path.name or "adapter"
-        while name in weights:
-            name += "_"
-        lorakit.load_adapter(model, path, adapter=name)
-        weights[name] = scale
-    if weights:
-        lorakit.set_adapters(model, weights)
-    return weights

@@ -1,7 +1,9 @@
 """The `lorakit` command: a table from command name to the module that implements it.
 
-Each command module exposes `register(subparsers)`, which adds its argparse parser and sets
-`func` to a small adapter around a plain typed function that Python users can call too. Only the
+Each command module exposes `register(subparsers)`, which adds its argparse parser (its flags from
+a config dataclass, through `lorakit.options`) and sets `func` to a small adapter around a plain
+typed function that Python users can call too; `func` returns an exit code, or anything else (a
+result for Python callers) for 0. Only the
 module of the command being run is imported, so `lorakit --help` and `lorakit bigram` stay fast.
 `main` turns `UserError` into a one-line message and exit code 2: user mistakes never print a
 traceback.
@@ -10,10 +12,8 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import sys
-from pathlib import Path
 
 from lorakit.errors import UserError
 
@@ -32,37 +32,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lorakit.serve.app", "serve many adapters on one base: OpenAI-compatible API, batching, playground"),
     "bigram": ("lorakit.bigram.cli", "the count-based bigram model and its LoRA grids"),
 }
-
-
-def option(text: str, **kw):
-    """A config dataclass field whose `text` is its command-line --help (one source for both)."""
-    return dataclasses.field(metadata={"help": text}, **kw)
-
-
-# a field's annotation (a string under `from __future__ import annotations`) -> argparse type
-_TYPES = {"int": int, "int | None": int, "float": float, "Path": Path, "Path | None": Path}
-
-
-def add_options(parser: argparse.ArgumentParser, config: type, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per field of the dataclass `config` made with `option` (bools become switches)."""
-    for f in dataclasses.fields(config):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata["help"].replace("%", "%%")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=text)
-            continue
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required or f.default is dataclasses.MISSING else f.default
-        shown = "" if default is None else f" (default {default})"
-        parser.add_argument(flag, type=_TYPES.get(str(f.type), str), required=required, default=default,
-                            help=text + shown)
-
-
-def options(args: argparse.Namespace, config: type, skip: tuple[str, ...] = ()) -> dict:
-    """The parsed values of `add_options`' flags, by field name: `config(**options(args, config), ...)`."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if f.name not in skip}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -94,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lorakit {args.command}: interrupted", file=sys.stderr)
         return 130
-    return int(result or 0)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 if __name__ == "__main__":

@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import UserError
-
-IGNORE = -100  # label value the loss skips (PyTorch / transformers convention)
+from lorakit.losses import IGNORE  # the label the loss skips: no loss on prompts, other turns, padding
 
 # The documented fallback chat format for tokenizers without a chat template. Each turn is
 # "### Role:\n<content>\n\n"; assistant content is followed by the end-of-text token, so the model

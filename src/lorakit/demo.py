@@ -11,14 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.base import CORPORA, EMBEDDED_BASE, attach_adapters, default_device, load_base, resolve_dtype
+from lorakit.adapters import disable_adapters
+from lorakit.base import CORPORA, EMBEDDED_BASE, default_device, dtype_option, load_base, resolve_dtype
 from lorakit.data import load_examples
 from lorakit.errors import UserError
 from lorakit.evaluate import mean_nll, perplexity
 from lorakit.generate import Sampling, stream_text, stream_tokens
-from lorakit.adapters import disable_adapters
+from lorakit.io import attach_adapters
+from lorakit.options import add_options, option, options
 from lorakit.train import TrainConfig, train
 
 DEFAULT_CORPUS = "kjv"
@@ -31,10 +34,26 @@ def corpora() -> list[str]:
     return sorted(p.name for p in CORPORA.iterdir() if (p / "train.txt").is_file()) if CORPORA.is_dir() else []
 
 
-def run_demo(corpus: str = DEFAULT_CORPUS, out: Path = Path("runs/demo"), steps: int = 150,
-             seq_len: int = 128, batch_size: int = 8, r: int = 16, lr: float = 2e-3, seed: int = 0,
-             dtype: str = "auto") -> dict:
-    """Train on `corpus` and report; returns the numbers it printed (also in out/demo_report.json)."""
+# The demo's training run, beside what `lorakit demo` lets a user choose.
+SEQ_LEN, BATCH_SIZE, RANK, LR = 128, 8, 16, 2e-3
+
+
+@dataclass
+class DemoConfig:
+    """Everything `lorakit demo` takes; each field's help is its --help."""
+
+    corpus: str = option("shipped domain corpus", default=DEFAULT_CORPUS)
+    out: Path = option("where the adapter goes", default=Path("runs/demo"))
+    steps: int = option("training steps", default=150)
+    seed: int = option("random seed", default=0)
+    dtype: str = dtype_option()
+
+
+def run_demo(config: DemoConfig | None = None) -> dict:
+    """Train on the corpus and report; returns the numbers it printed (also in out/demo_report.json)."""
+    config = config or DemoConfig()
+    corpus, out, steps, seed, dtype = config.corpus, Path(config.out), config.steps, config.seed, config.dtype
+    seq_len, r = SEQ_LEN, RANK
     if not (EMBEDDED_BASE / "config.json").is_file():
         raise UserError(f"the embedded base is missing from {EMBEDDED_BASE}; reinstall lorakit")
     if corpus not in corpora():
@@ -43,10 +62,9 @@ def run_demo(corpus: str = DEFAULT_CORPUS, out: Path = Path("runs/demo"), steps:
     general_held = CORPORA / "general" / "heldout.txt"
     started = time.perf_counter()
     _header(f"1. Train a rank-{r} adapter on '{corpus}' ({domain_train.stat().st_size / 1e6:.1f} MB of text)")
-    config = TrainConfig(data=domain_train, out=out, steps=steps, seq_len=seq_len, batch_size=batch_size, r=r,
-                         alpha=2 * r, lr=lr, seed=seed, dtype=dtype, eval_data=domain_held,
-                         eval_every=max(1, steps // 3), eval_batches=8, overwrite=True, checkpoint_every=steps)
-    summary = train(config)
+    summary = train(TrainConfig(data=domain_train, out=out, steps=steps, seq_len=seq_len, batch_size=BATCH_SIZE, r=r,
+                                alpha=2 * r, lr=LR, seed=seed, dtype=dtype, eval_data=domain_held,
+                                eval_every=max(1, steps // 3), eval_batches=8, overwrite=True, checkpoint_every=steps))
 
     _header("2. Held-out perplexity (lower is better)")
     device = default_device()
@@ -119,11 +137,5 @@ def register(subparsers) -> None:
         description="The whole story on the embedded base: train an adapter on a shipped domain corpus, then "
                     "compare perplexity, generations and sizes.\n\nexample:\n  lorakit demo --corpus jargon",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"shipped domain corpus (default {DEFAULT_CORPUS})")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the adapter goes (default runs/demo)")
-    p.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (default auto)")
-    p.set_defaults(func=lambda args: run_demo(args.corpus, args.out, steps=args.steps, seed=args.seed,
-                                              dtype=args.dtype) and 0)
-
+    add_options(p, DemoConfig)
+    p.set_defaults(func=lambda a: run_demo(DemoConfig(**options(a, DemoConfig))))

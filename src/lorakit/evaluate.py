@@ -11,16 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.base import attach_adapters, autocast, default_device, load_base, resolve_dtype
-from lorakit.data import IGNORE, Example, collate, load_examples
-from lorakit.errors import UserError
 from lorakit.adapters import disable_adapters, set_adapters
+from lorakit.base import autocast, base_option, default_device, dtype_option, load_base, resolve_dtype
+from lorakit.data import Example, collate, load_examples
+from lorakit.errors import UserError
+from lorakit.io import adapters_option, attach_adapters
+from lorakit.losses import IGNORE
+from lorakit.options import add_options, option, options
 
 
 @torch.no_grad()
@@ -51,27 +55,43 @@ def perplexity(nll: float) -> float:
     return math.exp(min(nll, 50.0))
 
 
-def evaluate(data: Path, adapters: list[str], base: str | None = None, scales: list[float] | None = None,
-             seq_len: int = 256, batch_size: int = 8, max_batches: int | None = 50,
-             dtype: str = "auto") -> dict:
-    """Perplexity on `data` for the base, the adapted model, and each scale of the adapter mix."""
+@dataclass
+class EvalConfig:
+    """Everything `lorakit eval` takes; each field's help is its --help."""
+
+    data: Path = option(".txt or .jsonl file to score")
+    adapters: list[str] = adapters_option("to mix several")
+    base: str | None = base_option()
+    scales: str | None = option("also score the adapter mix at these scales, e.g. 0,0.5,1,2", default=None)
+    seq_len: int = option("tokens per scored row", default=256)
+    batch_size: int = option("rows per forward pass", default=8)
+    max_batches: int | None = option("score at most this many batches", default=50)
+    dtype: str = dtype_option()
+    json: bool = option("print the result as JSON", default=False)
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Perplexity on `config.data` for the base, the adapted model, and each scale of the adapter mix."""
     device = default_device()
-    model, tokenizer = load_base(base, dtype=resolve_dtype(dtype, device), device=device)
-    examples, stats = load_examples(data, tokenizer, seq_len=min(seq_len, _max_len(model)), labels="all")
-    weights = attach_adapters(model, adapters) if adapters else {}
+    scales = _parse_scales(config.scales)
+    model, tokenizer = load_base(config.base, dtype=resolve_dtype(config.dtype, device), device=device)
+    examples = load_examples(config.data, tokenizer, seq_len=min(config.seq_len, _max_len(model)), labels="all")[0]
+    weights = attach_adapters(model, config.adapters) if config.adapters else {}
+    pad, size, most = tokenizer.pad_token_id, config.batch_size, config.max_batches
     with disable_adapters(model):
-        base_nll, tokens = mean_nll(model, examples, tokenizer.pad_token_id, batch_size, max_batches)
-    result = {"data": str(data), "tokens": tokens, "base": {"nll": base_nll, "perplexity": perplexity(base_nll)}}
+        base_nll, tokens = mean_nll(model, examples, pad, size, most)
+    result = {"data": str(config.data), "tokens": tokens,
+              "base": {"nll": base_nll, "perplexity": perplexity(base_nll)}}
     if weights:
-        nll, _ = mean_nll(model, examples, tokenizer.pad_token_id, batch_size, max_batches)
+        nll, _ = mean_nll(model, examples, pad, size, most)
         result["adapted"] = {"nll": nll, "perplexity": perplexity(nll), "adapters": weights}
         result["change"] = perplexity(nll) / perplexity(base_nll) - 1
-    for scale in scales or []:
+    for scale in scales:
         set_adapters(model, {name: w * scale for name, w in weights.items()})
         if scale == 0:
             nll = base_nll  # exactly the base: every update is multiplied by zero
         else:
-            nll, _ = mean_nll(model, examples, tokenizer.pad_token_id, batch_size, max_batches)
+            nll, _ = mean_nll(model, examples, pad, size, most)
         result.setdefault("scales", []).append({"scale": scale, "nll": nll, "perplexity": perplexity(nll)})
     return result
 
@@ -104,25 +124,13 @@ def register(subparsers) -> None:
         description="Perplexity on data for the base, the adapted model and chosen adapter scales.\n\n"
                     "example:\n  lorakit eval --adapter adapters/mine --data held_out.txt --scales 0,0.5,1,2 --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help=".txt or .jsonl file to score")
-    p.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="adapter directory, optionally with a scale; repeat to mix several")
-    p.add_argument("--base", help="base model directory or hub id (default: the embedded base)")
-    p.add_argument("--scales", help="also score the adapter mix at these scales, e.g. 0,0.5,1,2")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per scored row (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
-    p.add_argument("--max-batches", type=int, default=50, help="score at most this many batches (default 50)")
-    p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (default auto)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_options(p, EvalConfig)
+    p.set_defaults(func=lambda a: _run(EvalConfig(**options(a, EvalConfig))))
 
-    def run(args) -> int:
-        result = evaluate(args.data, args.adapter, base=args.base, scales=_parse_scales(args.scales),
-                          seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
-                          dtype=args.dtype)
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            _print_table(result)
-        return 0
 
-    p.set_defaults(func=run)
+def _run(config: EvalConfig) -> None:
+    result = evaluate(config)
+    if config.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_table(result)

@@ -13,16 +13,18 @@ again) and the model is written in NF4; that last rounding is an error of its ow
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lorakit import nf4
 from lorakit.adapters import lora_layers, unload
-from lorakit.base import DTYPES, EMBEDDED_BASE, attach_adapters, load_base, parse_adapter_spec
+from lorakit.base import DTYPES, EMBEDDED_BASE, base_option, load_base
 from lorakit.errors import UserError
+from lorakit.files import staged_directory
+from lorakit.io import adapters_option, attach_adapters, parse_adapter_spec
+from lorakit.options import add_options, default_of, option, options
 
 
 def merge_export(adapters: list[str], out: str | Path, base: str | Path | None = None, dtype: str = "fp32",
@@ -40,7 +42,7 @@ def merge_export(adapters: list[str], out: str | Path, base: str | Path | None =
         raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if not adapters:
         raise UserError("nothing to merge: give at least one adapter, e.g. --adapter adapters/legal")
-    _check_out(out, overwrite)
+    check_out(out, overwrite)
 
     model, _ = load_base(base, dtype=torch.float32, device=torch.device("cpu"))
     if stay_quantized:
@@ -56,24 +58,16 @@ def merge_export(adapters: list[str], out: str | Path, base: str | Path | None =
         attach_adapters(model, adapters)
     model = unload(model, merge=True)
     model.to(DTYPES[dtype])  # NF4 layers keep their bytes and take dtype as their compute dtype
-    tokenizer = _fresh_tokenizer(base)  # load_base may have set a pad token; ship the base's own files
+    tokenizer = fresh_tokenizer(base)  # load_base may have set a pad token; ship the base's own files
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    except OSError as err:
-        raise UserError(f"cannot write to {out.parent} ({err.strerror}); choose a writable --out") from None
     hf_logging.disable_progress_bar()  # a bar for writing one shard is noise
     try:
-        if stay_quantized:
-            nf4.save_quantized(model, staging)
-        else:
-            model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with staged_directory(out) as staging:
+            if stay_quantized:
+                nf4.save_quantized(model, staging)
+            else:
+                model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     finally:
         hf_logging.enable_progress_bar()
     return out
@@ -92,7 +86,7 @@ def _merge_into_nf4(model) -> float:
     return (error / update) ** 0.5 if update else 0.0
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     if not overwrite:
@@ -103,37 +97,34 @@ def _check_out(out: Path, overwrite: bool) -> None:
                         "choose another --out")
 
 
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Move `staging` to `out`; an existing `out` is kept until the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    try:
-        staging.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fresh_tokenizer(base: str | Path | None):
+def fresh_tokenizer(base: str | Path | None):
     from transformers import AutoTokenizer
 
     source = EMBEDDED_BASE if base is None or str(base) == "lorakit/embedded" else Path(base).expanduser()
     return AutoTokenizer.from_pretrained(source if Path(source).exists() else str(base))
 
 
-def cmd_merge(adapters: list[str], out: Path, base: str | None = None, dtype: str = "fp32",
-              overwrite: bool = False, stay_quantized: bool = False) -> Path:
-    merge_export(adapters, out, base=base, dtype=dtype, overwrite=overwrite, stay_quantized=stay_quantized)
-    mixed = " + ".join(f"{scale:g}×{path}" for path, scale in map(parse_adapter_spec, adapters))
+@dataclass(kw_only=True)
+class MergeConfig:
+    """Everything `lorakit merge` takes; each field's help is its --help (defaults: `merge_export`'s)."""
+
+    base: str | None = base_option()
+    adapters: list[str] = adapters_option("to merge several", required=True)
+    out: Path = option("model directory to write")
+    dtype: str = option("weights dtype of the written model: fp32, bf16 or fp16", default=default_of(merge_export, "dtype"))
+    overwrite: bool = option("replace an existing model directory at --out", default=False)
+    stay_quantized: bool = option("write NF4 weights: merge into the 4-bit base and quantize again (lossy; the error is "
+                                  "printed). Default: a full-precision model, also from an NF4 base", default=False)
+
+
+def cmd_merge(config: MergeConfig) -> Path:
+    """`lorakit merge`: `merge_export` and a line on what was written."""
+    out = merge_export(config.adapters, config.out, base=config.base, dtype=config.dtype, overwrite=config.overwrite,
+                       stay_quantized=config.stay_quantized)
+    mixed = " + ".join(f"{scale:g}×{path}" for path, scale in map(parse_adapter_spec, config.adapters))
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    print(f"wrote {out}: {base or 'the embedded base'} + {mixed}, merged, "
-          f"{'nf4' if stay_quantized else dtype}, {size / 1e6:.1f} MB")
+    print(f"wrote {out}: {config.base or 'the embedded base'} + {mixed}, merged, "
+          f"{'nf4' if config.stay_quantized else config.dtype}, {size / 1e6:.1f} MB")
     return out
 
 
@@ -150,18 +141,5 @@ def register(subparsers) -> None:
         "  lorakit merge --base big-nf4 --adapter adapters/q --out merged-nf4 --stay-quantized",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--base", default=None, help="base model directory or hub id (default: the embedded base)")
-    p.add_argument("--adapter", action="append", default=[], required=True, metavar="PATH[:SCALE]",
-                   help="an adapter directory and its scale (default 1); repeat to merge several")
-    p.add_argument("--out", type=Path, required=True, help="model directory to write")
-    p.add_argument("--dtype", default="fp32", help="weights dtype of the written model: fp32 (default), bf16, fp16")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model directory at --out")
-    p.add_argument("--stay-quantized", action="store_true",
-                   help="write NF4 weights: merge into the 4-bit base and quantize again (lossy; the error is "
-                        "printed). Default: a full-precision model, also from an NF4 base")
-    p.set_defaults(func=lambda a: _exit0(cmd_merge(a.adapter, a.out, a.base, a.dtype, a.overwrite,
-                                                   a.stay_quantized)))
-
-
-def _exit0(result: object) -> int:
-    return 0
+    add_options(p, MergeConfig)
+    p.set_defaults(func=lambda a: cmd_merge(MergeConfig(**options(a, MergeConfig))))

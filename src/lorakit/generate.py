@@ -18,21 +18,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorakit.base import attach_adapters, autocast, default_device, load_base, resolve_dtype
+from lorakit.adapters import disable_adapters
+from lorakit.base import autocast, base_option, default_device, dtype_option, load_base, resolve_dtype
 from lorakit.data import render_chat_prompt
 from lorakit.errors import UserError
-from lorakit.adapters import disable_adapters
+from lorakit.io import adapters_option, attach_adapters
+from lorakit.options import add_options, option, options
 
 
 @dataclass
 class Sampling:
-    max_new_tokens: int = 80
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 0.95
-    seed: int = 0
-    greedy: bool = False
-    stop_at_eos: bool = True
+    """How each next token is chosen; each field's help is `lorakit generate`'s --help."""
+
+    max_new_tokens: int = option("tokens to generate at most", default=80)
+    temperature: float = option("sampling temperature", default=0.8)
+    top_k: int = option("sample among the k likeliest tokens; 0: off", default=50)
+    top_p: float = option("nucleus sampling mass", default=0.95)
+    seed: int = option("random seed", default=0)
+    greedy: bool = option("always take the likeliest token", default=False)
+    stop_at_eos: bool = option("keep going past the end-of-text token", default=True)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -72,13 +76,13 @@ def stream_tokens(model: nn.Module, input_ids: list[int], sampling: Sampling, eo
     generator = torch.Generator().manual_seed(sampling.seed)
     max_len = getattr(model.config, "max_position_embeddings", None)
     ids = torch.tensor([input_ids], device=device)
-    past = None
+    cache = None  # transformers' KV cache (its `cache` argument, 5.24 on; `past_key_values` before)
     for i in range(sampling.max_new_tokens):
         if max_len is not None and len(input_ids) + i >= max_len:
             return
         with torch.no_grad(), autocast(device, dtype), (disable_adapters(model) if base else nullcontext()):
-            out = model(input_ids=ids, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+            out = model(input_ids=ids, cache=cache, use_cache=True)
+        cache = out.cache
         token = next_token(out.logits[0, -1], sampling, generator)
         if sampling.stop_at_eos and token == eos_id:
             return
@@ -99,27 +103,41 @@ def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
         shown = text
 
 
-def generate(prompt: str, adapters: list[str], base: str | None = None, sampling: Sampling | None = None,
-             compare: bool = False, chat: bool = False, dtype: str = "auto", out=None) -> dict[str, str]:
-    """Generate from `prompt` with the adapters at their scales; stream to `out`; return the texts."""
+@dataclass
+class GenerateConfig:
+    """What `lorakit generate` takes besides `Sampling`; each field's help is its --help."""
+
+    prompt: str = option("text to continue")
+    adapters: list[str] = adapters_option("to mix several")
+    base: str | None = base_option()
+    compare: bool = option("also show the base's output, same seed", default=False)
+    chat: bool = option("wrap the prompt as a user turn of a chat", default=False)
+    dtype: str = dtype_option()
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise UserError("--prompt is empty; give the model some text to continue")
+
+
+def generate(config: GenerateConfig, sampling: Sampling | None = None, out=None) -> dict[str, str]:
+    """Generate from the prompt with the adapters at their scales; stream to `out`; return the texts."""
     sampling = sampling or Sampling()
     out = out or sys.stdout
-    if not prompt:
-        raise UserError("--prompt is empty; give the model some text to continue")
     device = default_device()
-    model, tokenizer = load_base(base, dtype=resolve_dtype(dtype, device), device=device)
-    weights = attach_adapters(model, adapters) if adapters else {}
-    if compare and not weights:
+    model, tokenizer = load_base(config.base, dtype=resolve_dtype(config.dtype, device), device=device)
+    weights = attach_adapters(model, config.adapters) if config.adapters else {}
+    if config.compare and not weights:
         raise UserError("--compare needs at least one --adapter to compare against the base")
+    chat, prompt = config.chat, config.prompt
     text = render_chat_prompt([{"role": "user", "content": prompt}], tokenizer) if chat else prompt
     # a tokenizer's own chat template writes the start token into the text already (as in training)
     specials = not (chat and getattr(tokenizer, "chat_template", None))
     input_ids = tokenizer(text, add_special_tokens=specials).input_ids
     label = " + ".join(f"{n}:{w:g}" for n, w in weights.items()) or "base"
-    runs = {"base": True, label: False} if compare else {label: not weights}
+    runs = {"base": True, label: False} if config.compare else {label: not weights}
     results = {}
     for name, use_base in runs.items():
-        if compare:
+        if config.compare:
             print(f"── {name} " + "─" * max(0, 60 - len(name)), file=out)
         print(prompt if not chat else f"[user] {prompt}\n[assistant] ", end="", file=out, flush=True)
         pieces = []
@@ -139,28 +157,6 @@ def register(subparsers) -> None:
                     '  lorakit generate --adapter adapters/mine --prompt "The ship" --compare\n'
                     '  lorakit generate --adapter adapters/a:1.0 --adapter adapters/b:0.5 --prompt "..."',
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="adapter directory, optionally with a scale; repeat to mix several")
-    p.add_argument("--base", help="base model directory or hub id (default: the embedded base)")
-    p.add_argument("--compare", action="store_true", help="also show the base's output, same seed")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of a chat")
-    p.add_argument("--max-new-tokens", type=int, default=80, help="tokens to generate at most (default 80)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0: off (default 50)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--greedy", action="store_true", help="always take the likeliest token")
-    p.add_argument("--no-stop-at-eos", action="store_true", help="keep going past the end-of-text token")
-    p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (default auto)")
-
-    def run(args) -> int:
-        sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, greedy=args.greedy,
-                            stop_at_eos=not args.no_stop_at_eos)
-        generate(args.prompt, args.adapter, base=args.base, sampling=sampling, compare=args.compare,
-                 chat=args.chat, dtype=args.dtype)
-        return 0
-
-    p.set_defaults(func=run)
-
+    add_options(p, GenerateConfig)
+    add_options(p, Sampling)
+    p.set_defaults(func=lambda a: generate(GenerateConfig(**options(a, GenerateConfig)), Sampling(**options(a, Sampling))))

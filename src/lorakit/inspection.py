@@ -22,12 +22,14 @@ import torch
 from lorakit import nf4
 from lorakit.adapters import disable_adapters
 from lorakit.algebra import Adapter, low_rank_svd
-from lorakit.base import EMBEDDED_BASE, attach_adapters, default_device, load_base
+from lorakit.base import EMBEDDED_BASE, base_option, default_device, load_base
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.data import load_examples
 from lorakit.errors import UserError
 from lorakit.files import save_png
-from lorakit.io import WEIGHTS_NAME
+from lorakit.io import EMBEDDING_COPY, WEIGHTS_NAME, adapters_option, attach_adapters
+from lorakit.modules import output_head
+from lorakit.options import add_options, default_of, option, options
 
 # -- inspect --------------------------------------------------------------------------------------
 
@@ -73,7 +75,7 @@ def inspect_adapter(adapter: str | Path, plot: str | Path | None = None) -> Adap
             norm=float(S.square().sum().sqrt()), singular_values=[float(s) for s in S],
             effective_rank=effective_rank(S),
         ))
-    trainable = sum(t.numel() for k, t in loaded.tensors.items() if not k.endswith(".base_layer.weight"))
+    trainable = sum(t.numel() for k, t in loaded.tensors.items() if not k.endswith(EMBEDDING_COPY))
     report = AdapterReport(path=str(adapter), config=config, trainable_params=trainable,
                            bytes_on_disk=sum((Path(adapter) / n).stat().st_size for n in (CONFIG_NAME, WEIGHTS_NAME)),
                            base_params=base_parameter_count(config.base_model_name_or_path), layers=layers,
@@ -122,8 +124,18 @@ def _base_memory(adapter: Path, base: str | None) -> dict | None:
     return None
 
 
-def cmd_inspect(adapter: Path, plot: Path | None = None) -> AdapterReport:
-    r = inspect_adapter(adapter, plot)
+@dataclass
+class InspectConfig:
+    """Everything `lorakit inspect` takes; each field's help is its --help."""
+
+    adapter: Path = option("adapter directory", positional=True)
+    plot: Path | None = option("PNG to draw the spectra and per-module norms to", default=None)
+
+
+def cmd_inspect(config: InspectConfig) -> AdapterReport:
+    """`lorakit inspect`: `inspect_adapter`, printed as a table."""
+    plot = config.plot
+    r = inspect_adapter(config.adapter, plot)
     c = r.config
     targets = c.target_modules if isinstance(c.target_modules, str) else ", ".join(c.target_modules or [])
     if isinstance(c.target_modules, list) and len(c.target_modules) > 8:  # full paths, as combine writes them
@@ -209,7 +221,7 @@ def diff_adapters(adapters: list[str], base: str | None = None, data: str | Path
     sequences = (_data_contexts(Path(data), tokenizer, max_contexts, seq_len) if data is not None
                  else _prompt_contexts(tokenizer, prompts))
 
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = output_head(model).weight.shape[0]
     p_base_sum, p_adapted_sum = torch.zeros(vocab, dtype=torch.float64), torch.zeros(vocab, dtype=torch.float64)
     changes: list[ContextChange] = []
     for ids, positions in sequences:
@@ -277,13 +289,29 @@ def _tail(tokenizer, ids: list[int], tokens: int = 12, chars: int = 48) -> str:
     return text if len(text) <= chars else "…" + text[-chars:]
 
 
-def cmd_diff(adapters: list[str], base: str | None = None, data: Path | None = None,
-             prompts: list[str] | None = None, max_contexts: int = 2000, seq_len: int = 128, top: int = 15,
-             as_json: bool = False, plot: Path | None = None) -> DiffReport:
-    r = diff_adapters(adapters, base, data, prompts, max_contexts, seq_len, top)
+@dataclass
+class DiffConfig:
+    """Everything `lorakit diff` takes; each field's help is its --help (defaults: `diff_adapters`')."""
+
+    adapters: list[str] = adapters_option("to compare a mix", required=True)
+    base: str | None = base_option()
+    data: Path | None = option(".txt or .jsonl file (the formats train reads)", default=None)
+    prompts: list[str] | None = option("contexts given directly", default=None, nargs="+", metavar="TEXT")
+    max_contexts: int = option("contexts taken from --data", default=default_of(diff_adapters, "max_contexts"))
+    seq_len: int = option("tokens per window of --data", default=default_of(diff_adapters, "seq_len"))
+    top: int = option("contexts and tokens to list", default=default_of(diff_adapters, "top"))
+    json: bool = option("print the report as JSON instead of tables", default=False)
+    plot: Path | None = option("PNG bar chart of the tokens gained and lost", default=None)
+
+
+def cmd_diff(config: DiffConfig) -> DiffReport:
+    """`lorakit diff`: `diff_adapters`, printed as tables (or JSON), and its plot."""
+    adapters, plot = config.adapters, config.plot
+    r = diff_adapters(adapters, config.base, config.data, config.prompts, config.max_contexts, config.seq_len,
+                      config.top)
     if plot is not None:
         _plot_shifts(r, plot, title=f"{' + '.join(adapters)}: mean change of next-token probability")
-    if as_json:
+    if config.json:
         print(json.dumps(dataclasses.asdict(r), indent=2, ensure_ascii=False))
         return r
     kls = sorted(c.kl for c in r.top_contexts)
@@ -374,9 +402,8 @@ def register(subparsers) -> None:
         "example:\n  lorakit inspect adapters/legal --plot legal.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("adapter", type=Path, help="adapter directory")
-    p.add_argument("--plot", type=Path, default=None, help="PNG to draw the spectra and per-module norms to")
-    p.set_defaults(func=lambda a: _exit0(cmd_inspect(a.adapter, a.plot)))
+    add_options(p, InspectConfig)
+    p.set_defaults(func=lambda a: cmd_inspect(InspectConfig(**options(a, InspectConfig))))
 
     p = subparsers.add_parser(
         "diff",
@@ -388,19 +415,5 @@ def register(subparsers) -> None:
         '  lorakit diff --adapter adapters/pirate --prompts "The captain said" "We sail" --json',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--adapter", action="append", default=[], required=True, metavar="PATH[:SCALE]",
-                   help="adapter directory and scale (default 1); repeat to compare a mix")
-    p.add_argument("--base", default=None, help="base model directory or hub id (default: the embedded base)")
-    p.add_argument("--data", type=Path, default=None, help=".txt or .jsonl file (the formats train reads)")
-    p.add_argument("--prompts", nargs="+", default=None, metavar="TEXT", help="contexts given directly")
-    p.add_argument("--max-contexts", type=int, default=2000, help="contexts taken from --data (default 2000)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window of --data (default 128)")
-    p.add_argument("--top", type=int, default=15, help="contexts and tokens to list (default 15)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
-    p.add_argument("--plot", type=Path, default=None, help="PNG bar chart of the tokens gained and lost")
-    p.set_defaults(func=lambda a: _exit0(cmd_diff(a.adapter, a.base, a.data, a.prompts, a.max_contexts,
-                                                  a.seq_len, a.top, a.json, a.plot)))
-
-
-def _exit0(result: object) -> int:
-    return 0
+    add_options(p, DiffConfig)
+    p.set_defaults(func=lambda a: cmd_diff(DiffConfig(**options(a, DiffConfig))))

@@ -15,15 +15,26 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from lorakit.adapters import active_adapters, adapter_configs, delete_adapter, inject, set_adapters
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import UserError
 from lorakit.files import atomic_write_bytes
-from lorakit.adapters import active_adapters, adapter_configs, delete_adapter, inject, set_adapters
 from lorakit.layers import LoraLayer, SavedModule
+from lorakit.options import option
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+LINEAR_FACTORS = (".lora_A.weight", ".lora_B.weight")  # key suffixes of A and B for Linear and Conv1D
+EMBEDDING_FACTORS = (".lora_embedding_A", ".lora_embedding_B")  # ... and for Embedding (bare tensors)
+FACTOR_SUFFIXES = dict((LINEAR_FACTORS, EMBEDDING_FACTORS))  # A's suffix -> B's
+EMBEDDING_COPY = ".base_layer.weight"  # PEFT's copy of a whole base embedding matrix ("in case it was resized")
+
+
+def factor_keys(module: str, embedding: bool) -> tuple[str, str]:
+    """PEFT's keys of module `module`'s A and B ('base_model.model.<module>.lora_A.weight', ...)."""
+    a, b = EMBEDDING_FACTORS if embedding else LINEAR_FACTORS
+    return f"{PREFIX}{module}{a}", f"{PREFIX}{module}{b}"
 
 
 # -- tensors on disk ------------------------------------------------------------------------------
@@ -66,10 +77,9 @@ def _peft_params(model: nn.Module, adapter: str, config: LoraConfig):
         if isinstance(module, LoraLayer):
             inside = name + "."
             if adapter in module.lora_A:
-                a, b = ("lora_embedding_A", "lora_embedding_B") if module.kind == "embedding" else (
-                    "lora_A.weight", "lora_B.weight")
-                yield f"{PREFIX}{name}.{a}", module.lora_A[adapter]
-                yield f"{PREFIX}{name}.{b}", module.lora_B[adapter]
+                a, b = factor_keys(name, embedding=module.kind == "embedding")
+                yield a, module.lora_A[adapter]
+                yield b, module.lora_B[adapter]
             bias = getattr(module.base, "bias", None)
             if bias is not None and (config.bias == "all" or (config.bias == "lora_only" and adapter in module.lora_A)):
                 yield f"{PREFIX}{name}.base_layer.bias", bias
@@ -169,8 +179,8 @@ def _copy_into(model: nn.Module, adapter: str, config: LoraConfig, tensors: dict
     targets = dict(_peft_params(model, adapter, config))
     extra = [k for k in tensors if k not in targets]
     for key in extra:
-        if key.endswith(".base_layer.weight"):  # PEFT saves whole embedding matrices "in case they were resized"
-            base = model.get_submodule(key[len(PREFIX):-len(".base_layer.weight")]).base.weight
+        if key.endswith(EMBEDDING_COPY):  # PEFT saves whole embedding matrices "in case they were resized"
+            base = model.get_submodule(key[len(PREFIX):-len(EMBEDDING_COPY)]).base.weight
             if base.shape == tensors[key].shape and torch.equal(base.float(), tensors[key].float()):
                 continue
             raise UserError(f"{source}: {key} replaces the base's embedding matrix (resized vocabulary?); "
@@ -191,8 +201,7 @@ def _copy_into(model: nn.Module, adapter: str, config: LoraConfig, tensors: dict
     return targets
 
 
-_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".base_layer.bias",
-             ".base_layer.weight", ".bias", ".weight")
+_SUFFIXES = (*FACTOR_SUFFIXES, *FACTOR_SUFFIXES.values(), ".base_layer.bias", EMBEDDING_COPY, ".bias", ".weight")
 
 
 def _module_of(key: str) -> str:
@@ -202,3 +211,39 @@ def _module_of(key: str) -> str:
         if key.endswith(suffix):
             return key[: -len(suffix)]
     return key.rsplit(".", 1)[0]
+
+
+# -- adapters named on a command line -------------------------------------------------------------
+
+
+def adapters_option(use: str, required: bool = False):
+    """The repeatable `--adapter PATH[:SCALE]` flag of the commands that load adapters onto a base
+    (`attach_adapters`); `use` ends the help: 'to mix several', 'to merge several', ..."""
+    return option(f"adapter directory, optionally with a scale (default 1); repeat {use}", default_factory=list,
+                  flag="--adapter", metavar="PATH[:SCALE]", required=required)
+
+
+def parse_adapter_spec(spec: str) -> tuple[Path, float]:
+    """'adapters/a:0.5' -> (Path('adapters/a'), 0.5); a bare path has scale 1."""
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def attach_adapters(model: nn.Module, specs: list[str]) -> dict[str, float]:
+    """Load each 'PATH[:SCALE]' adapter onto `model` and activate them together at their scales."""
+    weights: dict[str, float] = {}
+    for spec in specs:
+        path, scale = parse_adapter_spec(spec)
+        name = path.name or "adapter"
+        while name in weights:
+            name += "_"
+        load_adapter(model, path, adapter=name)
+        weights[name] = scale
+    if weights:
+        set_adapters(model, weights)
+    return weights

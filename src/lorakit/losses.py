@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.modules import output_head
+
 IGNORE = -100  # label value the loss skips (PyTorch / transformers convention)
 
 # Config fields that change the logits after the head; a model with one of them set takes the plain path.
@@ -43,8 +45,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_eleme
 
 def _body_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:
     """(body giving last_hidden_state, plain Linear head), or (None, None) where that split is not safe."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = output_head(model)
     body = getattr(model, "base_model", model)
     config = getattr(model, "config", None)
     if type(head) is not nn.Linear or body is model or config is None:

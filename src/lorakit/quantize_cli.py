@@ -11,15 +11,16 @@ installed. Like `lorakit merge`, it is written beside --out and renamed into pla
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lorakit.base import load_base
-from lorakit.errors import UserError
-from lorakit.export import _check_out, _fresh_tokenizer, _replace_dir
+from lorakit.base import base_option, load_base
+from lorakit.export import check_out, fresh_tokenizer
+from lorakit.files import staged_directory
+from lorakit.modules import parse_names
+from lorakit.options import add_options, default_of, option, options
 from lorakit.nf4 import BaseMemory, base_memory, quantize, save_quantized
 
 
@@ -30,27 +31,32 @@ def quantize_base(out: str | Path, base: str | None = None, blocksize: int = 64,
     Returns the memory of the quantized model.
     """
     out = Path(out)
-    _check_out(out, overwrite)
+    check_out(out, overwrite)
     model, _ = load_base(base, dtype=torch.float32, device=torch.device("cpu"))
     before = base_memory(model)
     quantize(model, "nf4", blocksize=blocksize, double_quant=double_quant, include=include)
     memory = base_memory(model)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    except OSError as err:
-        raise UserError(f"cannot write to {out.parent} ({err.strerror}); choose a writable --out") from None
-    try:
+    with staged_directory(out) as staging:
         save_quantized(model, staging)
-        _fresh_tokenizer(base).save_pretrained(staging)
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        fresh_tokenizer(base).save_pretrained(staging)
     print(f"wrote {out}: {memory.nf4_params:,} of {memory.params:,} parameters in NF4 at "
           f"{memory.nf4_bits_per_param:.3f} bits each (constants included); weights "
           f"{before.bytes / 1e6:.2f} MB -> {memory.bytes / 1e6:.2f} MB")
     return memory
+
+
+@dataclass(kw_only=True)
+class QuantizeConfig:
+    """Everything `lorakit quantize` takes; each field's help is its --help (defaults: `quantize_base`'s)."""
+
+    base: str | None = base_option()
+    out: Path = option("model directory to write")
+    blocksize: int = option("values per absmax block, as in QLoRA", default=default_of(quantize_base, "blocksize"))
+    double_quant: bool = option("keep the absmax constants in fp32 (4.5 bits per weight instead of 4.127)",
+                                default=default_of(quantize_base, "double_quant"))
+    include: str | None = option("Linear layers to quantize: comma-separated names or a regex over full names "
+                                 "(default: every Linear layer but the output head)", default=None)
+    overwrite: bool = option("replace an existing model directory at --out", default=False)
 
 
 def register(subparsers) -> None:
@@ -66,26 +72,10 @@ def register(subparsers) -> None:
         "  lorakit quantize --out tiny-nf4 --include '.*_proj' --blocksize 128",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--base", default=None, help="base model directory or hub id (default: the embedded base)")
-    p.add_argument("--out", type=Path, required=True, help="model directory to write")
-    p.add_argument("--blocksize", type=int, default=64, help="values per absmax block (default 64, as QLoRA)")
-    p.add_argument("--no-double-quant", action="store_true",
-                   help="keep the absmax constants in fp32 (4.5 bits per weight instead of 4.127)")
-    p.add_argument("--include", default=None,
-                   help="Linear layers to quantize: comma-separated names or a regex over full names "
-                        "(default: every Linear layer but the output head)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model directory at --out")
-    p.set_defaults(func=lambda a: _exit0(quantize_base(a.out, a.base, a.blocksize, not a.no_double_quant,
-                                                       _include(a.include), a.overwrite)))
+    add_options(p, QuantizeConfig)
+    p.set_defaults(func=lambda a: _run(QuantizeConfig(**options(a, QuantizeConfig))))
 
 
-def _include(text: str | None) -> list[str] | str | None:
-    """'q_proj,v_proj' -> a list of names; anything else is a regex (as --targets in train)."""
-    if text is None:
-        return None
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    return names if names and all(n.replace(".", "_").isidentifier() for n in names) else text
-
-
-def _exit0(result: object) -> int:
-    return 0
+def _run(config: QuantizeConfig) -> BaseMemory:
+    include = None if config.include is None else parse_names(config.include)
+    return quantize_base(config.out, config.base, config.blocksize, config.double_quant, include, config.overwrite)

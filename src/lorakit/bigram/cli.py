@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.bigram.evaluate import (
@@ -30,6 +31,7 @@ from lorakit.bigram.model import (
 from lorakit.bigram.report import RowChange, RowEntry, probability_table, row_changes, row_entries
 from lorakit.bigram.tokens import BOUNDARY, detokenize, read_text, tokenize
 from lorakit.errors import UserError
+from lorakit.options import add_options, option, options
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
@@ -56,6 +58,24 @@ def load_adapters(base: Grid, specs: list[str]) -> list[tuple[LoraGrid, float]]:
     return adapters
 
 
+BASE_HELP = "base grid file written by `lorakit bigram train`"
+
+
+def lora_option():
+    return option("a LoRA grid and its scale (default 1); repeat to mix several", default_factory=list,
+                  flag="--lora", metavar="PATH[:SCALE]")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers separated by commas, got {text!r}")
+    return values
+
+
 def _size(n_bytes: float) -> str:
     """1234567 -> '1.2 MB' (decimal units, like the text sizes users quote)."""
     for unit in ("B", "KB", "MB"):
@@ -65,7 +85,16 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes:.1f} GB"
 
 
-def cmd_train(text: Path, out: Path) -> Grid:
+@dataclass(kw_only=True)
+class TrainGridConfig:
+    """`lorakit bigram train`."""
+
+    text: Path = option("UTF-8 text file", positional=True)
+    out: Path = option("base grid file to write", short="-o")
+
+
+def cmd_train(config: TrainGridConfig) -> Grid:
+    text, out = config.text, config.out
     start = time.perf_counter()
     content = read_text(text)
     grid = train_grid(content)
@@ -78,7 +107,17 @@ def cmd_train(text: Path, out: Path) -> Grid:
     return grid
 
 
-def cmd_adapt(base_path: Path, text: Path, out: Path) -> LoraGrid:
+@dataclass(kw_only=True)
+class AdaptConfig:
+    """`lorakit bigram adapt`."""
+
+    base: Path = option(BASE_HELP, positional=True)
+    text: Path = option("UTF-8 domain text file", positional=True)
+    out: Path = option("LoRA grid file to write", short="-o")
+
+
+def cmd_adapt(config: AdaptConfig) -> LoraGrid:
+    base_path, text, out = config.base, config.text, config.out
     base = load_grid(base_path)
     lora = adapt_grid(base, read_text(text))
     save_lora(lora, out)
@@ -92,18 +131,39 @@ def cmd_adapt(base_path: Path, text: Path, out: Path) -> LoraGrid:
     return lora
 
 
-def cmd_sample(
-    base_path: Path, loras: list[str], start: str | None, n: int, seed: int, smoothing: float
-) -> str:
-    base = load_grid(base_path)
-    mix = combine(base, load_adapters(base, loras))
-    text = detokenize(sample(mix, start, n, seed, smoothing))
+@dataclass(kw_only=True)
+class SampleConfig:
+    """`lorakit bigram sample`."""
+
+    base: Path = option(BASE_HELP, positional=True)
+    loras: list[str] = lora_option()
+    start: str | None = option("first word(s); default: a sentence start", default=None)
+    n: int = option("words to draw", default=30, flag="-n")
+    seed: int = option("random seed", default=0)
+    smoothing: float = option("add this to every cell of a row before drawing", default=0.0)
+
+
+def cmd_sample(config: SampleConfig) -> str:
+    base = load_grid(config.base)
+    mix = combine(base, load_adapters(base, config.loras))
+    text = detokenize(sample(mix, config.start, config.n, config.seed, config.smoothing))
     print(text)
     return text
 
 
-def cmd_diff(base_path: Path, lora_spec: str, top: int, plot: Path | None) -> list[RowChange]:
-    base = load_grid(base_path)
+@dataclass(kw_only=True)
+class GridDiffConfig:
+    """`lorakit bigram diff`."""
+
+    base: Path = option(BASE_HELP, positional=True)
+    lora: str = option("LoRA grid file, scale 1 unless given", positional=True, metavar="LORA[:SCALE]")
+    top: int = option("rows to list", default=20)
+    plot: Path | None = option("heatmap PNG of the top rows", default=None)
+
+
+def cmd_diff(config: GridDiffConfig) -> list[RowChange]:
+    lora_spec, top, plot = config.lora, config.top, config.plot
+    base = load_grid(config.base)
     [(lora, scale)] = load_adapters(base, [lora_spec])
     changes = row_changes(base, lora, scale, top)
     print(f"{'word':<14} {'weight':>7} {'JS bits':>7}  gained / lost next words (Δ probability)")
@@ -127,18 +187,28 @@ def _score_line(label: str, s: Score) -> str:
     return f"{label:<34} {s.log_likelihood / s.pairs:>12.3f} {s.perplexity:>11.1f}"
 
 
-def cmd_eval(
-    base_path: Path,
-    held_out: Path,
-    loras: list[str],
-    smoothing: float,
-    factors: list[float],
-    curve: Path | None = None,
-    fractions: list[float] | None = None,
-    curve_scale: float = 1.0,
-    plot: Path | None = None,
-) -> tuple[list[tuple[float, Score]], list[CurvePoint]]:
+@dataclass(kw_only=True)
+class GridEvalConfig:
+    """`lorakit bigram eval`."""
+
+    base: Path = option(BASE_HELP, positional=True)
+    held_out: Path = option("UTF-8 text to score", positional=True)
+    loras: list[str] = lora_option()
+    smoothing: float = option("add-k smoothing, must be > 0", default=DEFAULT_SMOOTHING)
+    factors: list[float] = option("multiply all LoRA scales by each of these", type=_floats,
+                                  default_factory=lambda: list(DEFAULT_FACTORS))
+    curve: Path | None = option("also score base, from-scratch and base+LoRA on growing prefixes of this text",
+                                default=None, metavar="DOMAIN.txt")
+    fractions: list[float] = option("prefix sizes for --curve", type=_floats, default_factory=lambda: list(DEFAULT_FRACTIONS))
+    curve_scale: float = option("LoRA scale on the curve", default=1.0)
+    plot: Path | None = option("PNG of the --curve", default=None)
+
+
+def cmd_eval(config: GridEvalConfig) -> tuple[list[tuple[float, Score]], list[CurvePoint]]:
     """Print the scale sweep (and the data curve); return both for Python callers."""
+    base_path, held_out, loras, smoothing = config.base, config.held_out, config.loras, config.smoothing
+    factors, curve, fractions, curve_scale, plot = (config.factors, config.curve, config.fractions,
+                                                    config.curve_scale, config.plot)
     if plot is not None and curve is None:
         raise UserError("--plot draws the --curve; add --curve DOMAIN.txt")
     base = load_grid(base_path)
@@ -171,7 +241,18 @@ def cmd_eval(
     return sweep, points
 
 
-def cmd_show(base_path: Path, row: str, loras: list[str], top: int) -> list[RowEntry]:
+@dataclass(kw_only=True)
+class ShowConfig:
+    """`lorakit bigram show`."""
+
+    base: Path = option(BASE_HELP, positional=True)
+    row: str = option("the current word")
+    loras: list[str] = lora_option()
+    top: int = option("next words to list", default=20)
+
+
+def cmd_show(config: ShowConfig) -> list[RowEntry]:
+    base_path, row, loras, top = config.base, config.row, config.loras, config.top
     # The same rules as training ("Saw" -> "saw"); "<s>" names the sentence-start row.
     tokens = [BOUNDARY] if row.strip() == BOUNDARY else [t for t in tokenize(row) if t != BOUNDARY]
     if len(tokens) != 1:
@@ -186,36 +267,33 @@ def cmd_show(base_path: Path, row: str, loras: list[str], top: int) -> list[RowE
     return entries
 
 
-def _exit0(result: object) -> int:
-    """The CLI has printed what matters; the return value of a cmd_* is for Python callers."""
-    return 0
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
-    if not values or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected finite numbers separated by commas, got {text!r}")
-    return values
-
-
-def _parser(sub, name: str, summary: str, example: str) -> argparse.ArgumentParser:
-    return sub.add_parser(
+def _parser(sub, name: str, summary: str, example: str, config: type) -> None:
+    p = sub.add_parser(
         name,
         help=summary,
         description=f"{summary}\n\nexample:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_options(p, config)
 
 
-_BASE_HELP = "base grid file written by `lorakit bigram train`"
-
-
-def _lora_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="a LoRA grid and its scale (default 1); repeat to mix several")
+# subcommand -> (summary, example, config, command)
+SUBCOMMANDS = {
+    "train": ("count the base grid of a text", "lorakit bigram train general.txt -o base.bigram",
+              TrainGridConfig, cmd_train),
+    "adapt": ("count a LoRA grid of domain text against a base grid",
+              "lorakit bigram adapt base.bigram pirate.txt -o pirate.lora", AdaptConfig, cmd_adapt),
+    "sample": ("generate text from base + Σ scale × LoRA",
+               'lorakit bigram sample base.bigram --lora pirate.lora:2.0 --start "i" -n 30 --seed 7',
+               SampleConfig, cmd_sample),
+    "diff": ("the words whose next-word distribution a LoRA grid moves most",
+             "lorakit bigram diff base.bigram pirate.lora --top 20 --plot rows.png", GridDiffConfig, cmd_diff),
+    "eval": ("held-out log-likelihood and perplexity, scale sweep, data curve",
+             "lorakit bigram eval base.bigram --lora pirate.lora:1.0 held_out.txt --curve pirate.txt --plot curve.png",
+             GridEvalConfig, cmd_eval),
+    "show": ("one row of the grid as counts, before and after LoRA grids",
+             "lorakit bigram show base.bigram --row saw --lora pirate.lora", ShowConfig, cmd_show),
+}
 
 
 def register(subparsers) -> None:
@@ -226,62 +304,7 @@ def register(subparsers) -> None:
         "grid of extra counts. See docs/bigram.md.",
     )
     sub = bigram.add_subparsers(dest="bigram_command", metavar="SUBCOMMAND", required=True)
-
-    p = _parser(sub, "train", "count the base grid of a text",
-                "lorakit bigram train general.txt -o base.bigram")
-    p.add_argument("text", type=Path, help="UTF-8 text file")
-    p.add_argument("-o", "--out", type=Path, required=True, help="base grid file to write")
-    p.set_defaults(func=lambda a: _exit0(cmd_train(a.text, a.out)))
-
-    p = _parser(sub, "adapt", "count a LoRA grid of domain text against a base grid",
-                "lorakit bigram adapt base.bigram pirate.txt -o pirate.lora")
-    p.add_argument("base", type=Path, help=_BASE_HELP)
-    p.add_argument("text", type=Path, help="UTF-8 domain text file")
-    p.add_argument("-o", "--out", type=Path, required=True, help="LoRA grid file to write")
-    p.set_defaults(func=lambda a: _exit0(cmd_adapt(a.base, a.text, a.out)))
-
-    p = _parser(sub, "sample", "generate text from base + Σ scale × LoRA",
-                'lorakit bigram sample base.bigram --lora pirate.lora:2.0 --start "i" -n 30 --seed 7')
-    p.add_argument("base", type=Path, help=_BASE_HELP)
-    _lora_option(p)
-    p.add_argument("--start", default=None, help="first word(s); default: a sentence start")
-    p.add_argument("-n", type=int, default=30, help="words to draw (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--smoothing", type=float, default=0.0,
-                   help="add this to every cell of a row before drawing (default 0)")
-    p.set_defaults(func=lambda a: _exit0(cmd_sample(a.base, a.lora, a.start, a.n, a.seed, a.smoothing)))
-
-    p = _parser(sub, "diff", "the words whose next-word distribution a LoRA grid moves most",
-                "lorakit bigram diff base.bigram pirate.lora --top 20 --plot rows.png")
-    p.add_argument("base", type=Path, help=_BASE_HELP)
-    p.add_argument("lora", metavar="LORA[:SCALE]", help="LoRA grid file, scale 1 unless given")
-    p.add_argument("--top", type=int, default=20, help="rows to list (default 20)")
-    p.add_argument("--plot", type=Path, default=None, help="heatmap PNG of the top rows")
-    p.set_defaults(func=lambda a: _exit0(cmd_diff(a.base, a.lora, a.top, a.plot)))
-
-    p = _parser(sub, "eval", "held-out log-likelihood and perplexity, scale sweep, data curve",
-                "lorakit bigram eval base.bigram --lora pirate.lora:1.0 held_out.txt "
-                "--curve pirate.txt --plot curve.png")
-    p.add_argument("base", type=Path, help=_BASE_HELP)
-    p.add_argument("held_out", type=Path, help="UTF-8 text to score")
-    _lora_option(p)
-    p.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING,
-                   help=f"add-k smoothing, must be > 0 (default {DEFAULT_SMOOTHING})")
-    p.add_argument("--factors", type=_floats, default=list(DEFAULT_FACTORS),
-                   help="multiply all LoRA scales by each of these (default 0,0.5,1,2)")
-    p.add_argument("--curve", type=Path, default=None, metavar="DOMAIN.txt",
-                   help="also score base, from-scratch and base+LoRA on growing prefixes of this text")
-    p.add_argument("--fractions", type=_floats, default=list(DEFAULT_FRACTIONS),
-                   help="prefix sizes for --curve (default 0.01,0.03,0.1,0.3,1)")
-    p.add_argument("--curve-scale", type=float, default=1.0, help="LoRA scale on the curve (default 1)")
-    p.add_argument("--plot", type=Path, default=None, help="PNG of the --curve")
-    p.set_defaults(func=lambda a: _exit0(cmd_eval(a.base, a.held_out, a.lora, a.smoothing, a.factors,
-                                           a.curve, a.fractions, a.curve_scale, a.plot)))
-
-    p = _parser(sub, "show", "one row of the grid as counts, before and after LoRA grids",
-                "lorakit bigram show base.bigram --row saw --lora pirate.lora")
-    p.add_argument("base", type=Path, help=_BASE_HELP)
-    p.add_argument("--row", required=True, help="the current word")
-    _lora_option(p)
-    p.add_argument("--top", type=int, default=20, help="next words to list (default 20)")
-    p.set_defaults(func=lambda a: _exit0(cmd_show(a.base, a.row, a.lora, a.top)))
+    for name, (summary, example, config, command) in SUBCOMMANDS.items():
+        _parser(sub, name, summary, example, config)
+        sub.choices[name].set_defaults(func=lambda a, config=config, command=command: command(
+            config(**options(a, config))))

@@ -3,7 +3,7 @@
 `create_app` wires the routes to an `Api` (one method per route), a guard that runs before every
 route (loopback Host check, API key, JSON-only POSTs) and OpenAI-shaped error answers. `Registry`
 maps the public adapter names to the keys they have inside the model. The server's configuration,
-startup and command line are in `lorakit.serve.app`.
+settings are in `lorakit.serve.config`, its startup and command line in `lorakit.serve.app`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import asyncio
 import hmac
 import ipaddress
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,27 +22,19 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException
 
 from lorakit.errors import UserError
+from lorakit.serve.config import NAME_RULE, ServeConfig, valid_name
 from lorakit.serve.engine import Engine, GenerationRequest, Overloaded, Stopped
 from lorakit.serve.choices import Answer, Choice, TokenText, chunk_body, new_id
 from lorakit.serve.protocol import ApiError, GenerationParams, TextStream, parse_request
 
-if TYPE_CHECKING:
-    from lorakit.serve.app import ServeConfig
-
 PLAYGROUND = Path(__file__).with_name("playground.html")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-NAME_RULE = ("adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
-             "starting with a letter or digit")
-
-
-def valid_name(name) -> bool:
-    return isinstance(name, str) and NAME.match(name) is not None
 
 
 @dataclass
-class Adapter:
+class ServedAdapter:
+    """An adapter the server has loaded, under its public name (not `lorakit.algebra.Adapter`, the in-memory
+    adapter of `combine`)."""
+
     name: str  # public name (the request's `model`)
     key: str  # name inside the model: unique for every load, so a name can be reloaded while the old one drains
     path: str
@@ -57,7 +47,7 @@ class Registry:
 
     def __init__(self, base_name: str):
         self.base_name = base_name
-        self.adapters: dict[str, Adapter] = {}
+        self.adapters: dict[str, ServedAdapter] = {}
         self.pending: set[str] = set()  # names being loaded
         self._serial = 0
         self.created = int(time.time())
@@ -173,7 +163,7 @@ class Api:
             except asyncio.CancelledError:  # the caller went away mid-install: take it out again if it got in
                 self.engine.retire(key)
                 raise
-            registry.adapters[name] = Adapter(name, key, where.name, lora_config.r)
+            registry.adapters[name] = ServedAdapter(name, key, where.name, lora_config.r)
         finally:
             registry.pending.discard(name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")

@@ -15,8 +15,8 @@ Routes (vLLM's names, so existing clients work; served by `lorakit.serve.api`):
 lorakit's one extension: a request may carry "adapters": {"name": scale, ...} to mix adapters at
 scales (with the OpenAI client: `extra_body={"adapters": {...}}`); then `model` may be the base's name.
 
-This module is the server's configuration, startup and command line; `lorakit.serve.api` is its HTTP
-side and `lorakit.serve.engine` the batching loop that owns the model.
+This module is the server's startup and command line; `lorakit.serve.config` holds its settings,
+`lorakit.serve.api` its HTTP side and `lorakit.serve.engine` the batching loop that owns the model.
 """
 
 from __future__ import annotations
@@ -25,45 +25,13 @@ import argparse
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.cli import add_options, option, options
 from lorakit.errors import UserError
-from lorakit.serve.api import NAME_RULE, Adapter, Registry, create_app, is_loopback, servable, valid_name
+from lorakit.options import add_options, options
+from lorakit.serve.api import Registry, ServedAdapter, create_app, is_loopback, servable
+from lorakit.serve.config import ServeConfig
 from lorakit.serve.engine import Engine
-
-
-@dataclass
-class ServeConfig:
-    """Everything `lorakit serve` takes; each field's help is the CLI's --help."""
-
-    base: str | None = option("base model directory or hub id (default: the embedded base)", default=None)
-    adapters: dict[str, str] = option("name -> adapter directory, loaded at start (--adapter NAME=PATH)",
-                                      default_factory=dict)
-    adapter_dir: Path | None = option("directory that POST /v1/load_lora_adapter may load from (without it, "
-                                      "loading is off)", default=None)
-    api_key: str | None = option("require 'Authorization: Bearer KEY' on /v1/* (default: $LORAKIT_API_KEY; "
-                                 "unset: no key)", default=None)
-    host: str = option("address to bind; the default serves this machine only", default="127.0.0.1")
-    port: int = option("port", default=8000)
-    max_batch: int = option("requests decoded together in one step", default=16)
-    max_waiting: int = option("queued requests beyond the batch before answering 429", default=64)
-    max_tokens: int = option("most tokens one request may generate", default=512)
-    max_body_bytes: int = option("largest request body, in bytes", default=1 << 20)
-    dtype: str = option("auto, fp32, bf16 or fp16", default="auto")
-    served_model_name: str | None = option("the base's name in the API (default: --base, or lorakit/embedded)",
-                                           default=None)
-
-    def __post_init__(self) -> None:
-        for name in self.adapters:
-            if not valid_name(name):
-                raise UserError(NAME_RULE.format(name=name))
-        for key in ("max_batch", "max_waiting", "max_tokens", "max_body_bytes"):
-            if getattr(self, key) < 1:
-                raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
-        if self.adapter_dir is not None and not Path(self.adapter_dir).is_dir():
-            raise UserError(f"--adapter-dir {self.adapter_dir} is not a directory")
 
 
 def _end_ids(model, tokenizer) -> set[int]:
@@ -90,7 +58,7 @@ def build(config: ServeConfig):
         lora_config, tensors = read_adapter(path)
         servable(lora_config, path)
         key = install_adapter(model, lora_config, tensors, registry.new_key(name), source=path)
-        registry.adapters[name] = Adapter(name, key, Path(path).resolve().name, lora_config.r)
+        registry.adapters[name] = ServedAdapter(name, key, Path(path).resolve().name, lora_config.r)
     engine = Engine(model, _end_ids(model, tokenizer), max_batch=config.max_batch, max_waiting=config.max_waiting,
                     dtype=dtype).start()
     return create_app(engine, tokenizer, registry, config), engine, registry

@@ -1,0 +1,51 @@
+"""The settings of `lorakit serve` (each field's help is its --help) and the rule for adapter names."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit.base import base_option, dtype_option
+from lorakit.errors import UserError
+from lorakit.options import option
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RULE = ("adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+             "starting with a letter or digit")
+
+
+def valid_name(name) -> bool:
+    return isinstance(name, str) and NAME.match(name) is not None
+
+
+@dataclass
+class ServeConfig:
+    """Everything `lorakit serve` takes; each field's help is the CLI's --help."""
+
+    base: str | None = base_option()
+    adapters: dict[str, str] = option("name -> adapter directory, loaded at start (--adapter NAME=PATH)",
+                                      default_factory=dict)
+    adapter_dir: Path | None = option("directory that POST /v1/load_lora_adapter may load from (without it, "
+                                      "loading is off)", default=None)
+    api_key: str | None = option("require 'Authorization: Bearer KEY' on /v1/* (default: $LORAKIT_API_KEY; "
+                                 "unset: no key)", default=None)
+    host: str = option("address to bind; the default serves this machine only", default="127.0.0.1")
+    port: int = option("port", default=8000)
+    max_batch: int = option("requests decoded together in one step", default=16)
+    max_waiting: int = option("queued requests beyond the batch before answering 429", default=64)
+    max_tokens: int = option("most tokens one request may generate", default=512)
+    max_body_bytes: int = option("largest request body, in bytes", default=1 << 20)
+    dtype: str = dtype_option()
+    served_model_name: str | None = option("the base's name in the API (default: --base, or lorakit/embedded)",
+                                           default=None)
+
+    def __post_init__(self) -> None:
+        for name in self.adapters:
+            if not valid_name(name):
+                raise UserError(NAME_RULE.format(name=name))
+        for key in ("max_batch", "max_waiting", "max_tokens", "max_body_bytes"):
+            if getattr(self, key) < 1:
+                raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        if self.adapter_dir is not None and not Path(self.adapter_dir).is_dir():
+            raise UserError(f"--adapter-dir {self.adapter_dir} is not a directory")
