@@ -18,7 +18,6 @@ lacks counts as zero there. The result is written in fp32 with scale 1 on every 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import zlib
@@ -35,7 +34,7 @@ from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import UserError
 from lorakit.io import (EMBEDDING_COPY, EMBEDDING_FACTORS, FACTOR_SUFFIXES, PREFIX, adapter_state_dict, factor_keys,
                         parse_adapter_spec, read_adapter, write_adapter)
-from lorakit.options import add_options, default_of, option, options
+from lorakit.options import add_command, default_of, option
 
 METHODS: dict[str, str] = {
     "linear": "Σ wᵢ·ΔWᵢ exactly, ranks stacked; --rank R compresses it by truncated SVD",
@@ -416,14 +415,9 @@ def error_summary(errors: dict[str, float]) -> str:
 
 def register(subparsers) -> None:
     methods = "\n".join(f"  {name:<16} {text}" for name, text in METHODS.items())
-    p = subparsers.add_parser(
-        "combine",
-        help="mix adapters into one new adapter: exact weighted sum, TIES, DARE, SVD",
-        description="Mix adapters (PEFT format) into one new adapter, written in PEFT format.\n\n"
-        f"methods:\n{methods}\n\nexamples:\n"
-        "  lorakit combine adapters/legal:0.7 adapters/poetry:0.3 --out adapters/mix\n"
-        "  lorakit combine a b --method ties --density 0.5 --rank 8 --out adapters/ties",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_options(p, CombineConfig)
-    p.set_defaults(func=lambda a: cmd_combine(CombineConfig(**options(a, CombineConfig))))
+    add_command(subparsers, "combine", "mix adapters into one new adapter: exact weighted sum, TIES, DARE, SVD",
+                "Mix adapters (PEFT format) into one new adapter, written in PEFT format.\n\n"
+                f"methods:\n{methods}\n\nexamples:\n"
+                "  lorakit combine adapters/legal:0.7 adapters/poetry:0.3 --out adapters/mix\n"
+                "  lorakit combine a b --method ties --density 0.5 --rank 8 --out adapters/ties",
+                cmd_combine, CombineConfig)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import UserError
+from lorakit.files import atomic_write_bytes
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -183,8 +184,6 @@ class LoraConfig:
         return cls(**kwargs, extra=extra)
 
     def save(self, directory: str | Path) -> Path:
-        from lorakit.files import atomic_write_bytes
-
         path = Path(directory) / CONFIG_NAME
         atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
         return path

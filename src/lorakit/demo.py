@@ -8,7 +8,6 @@ adapter is next to the base.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from lorakit.errors import UserError
 from lorakit.evaluate import mean_nll, perplexity
 from lorakit.generate import Sampling, stream_text, stream_tokens
 from lorakit.io import attach_adapters
-from lorakit.options import add_options, option, options
+from lorakit.options import add_command, option
 from lorakit.train import TrainConfig, train
 
 DEFAULT_CORPUS = "kjv"
@@ -132,10 +131,7 @@ def _header(text: str) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "demo", help="train and compare an adapter on a shipped corpus in ~3 minutes",
-        description="The whole story on the embedded base: train an adapter on a shipped domain corpus, then "
-                    "compare perplexity, generations and sizes.\n\nexample:\n  lorakit demo --corpus jargon",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, DemoConfig)
-    p.set_defaults(func=lambda a: run_demo(DemoConfig(**options(a, DemoConfig))))
+    add_command(subparsers, "demo", "train and compare an adapter on a shipped corpus in ~3 minutes",
+                "The whole story on the embedded base: train an adapter on a shipped domain corpus, then "
+                "compare perplexity, generations and sizes.\n\nexample:\n  lorakit demo --corpus jargon",
+                run_demo, DemoConfig)

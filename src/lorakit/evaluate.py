@@ -8,7 +8,6 @@ variant, so the numbers compare directly. Scale 0 is the base (computed with ada
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from lorakit.data import Example, collate, load_examples
 from lorakit.errors import UserError
 from lorakit.io import adapters_option, attach_adapters
 from lorakit.losses import IGNORE
-from lorakit.options import add_options, option, options
+from lorakit.options import add_command, option
 
 
 @torch.no_grad()
@@ -119,13 +118,10 @@ def _parse_scales(text: str | None) -> list[float]:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "eval", help="perplexity of base vs adapted model on some data",
-        description="Perplexity on data for the base, the adapted model and chosen adapter scales.\n\n"
-                    "example:\n  lorakit eval --adapter adapters/mine --data held_out.txt --scales 0,0.5,1,2 --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, EvalConfig)
-    p.set_defaults(func=lambda a: _run(EvalConfig(**options(a, EvalConfig))))
+    add_command(subparsers, "eval", "perplexity of base vs adapted model on some data",
+                "Perplexity on data for the base, the adapted model and chosen adapter scales.\n\n"
+                "example:\n  lorakit eval --adapter adapters/mine --data held_out.txt --scales 0,0.5,1,2 --json",
+                _run, EvalConfig)
 
 
 def _run(config: EvalConfig) -> None:

@@ -12,7 +12,6 @@ again) and the model is written in NF4; that last rounding is an error of its ow
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from lorakit.base import DTYPES, EMBEDDED_BASE, base_option, load_base
 from lorakit.errors import UserError
 from lorakit.files import staged_directory
 from lorakit.io import adapters_option, attach_adapters, parse_adapter_spec
-from lorakit.options import add_options, default_of, option, options
+from lorakit.options import add_command, default_of, option
 
 
 def merge_export(adapters: list[str], out: str | Path, base: str | Path | None = None, dtype: str = "fp32",
@@ -129,17 +128,11 @@ def cmd_merge(config: MergeConfig) -> Path:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "merge",
-        help="fold adapters into the base weights and write a plain transformers model",
-        description="Fold adapters (at their scales) into the base weights and write a complete "
-        "transformers model directory: safetensors, config and tokenizer. No LoRA at inference time; "
-        "AutoModelForCausalLM, vLLM or llama.cpp's converters load it like any model.\n\n"
-        "examples:\n"
-        "  lorakit merge --adapter adapters/legal --out models/legal\n"
-        "  lorakit merge --base models/base --adapter a:0.7 --adapter b:0.3 --out models/mix --dtype bf16\n"
-        "  lorakit merge --base big-nf4 --adapter adapters/q --out merged-nf4 --stay-quantized",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_options(p, MergeConfig)
-    p.set_defaults(func=lambda a: cmd_merge(MergeConfig(**options(a, MergeConfig))))
+    add_command(subparsers, "merge", "fold adapters into the base weights and write a plain transformers model",
+                "Fold adapters (at their scales) into the base weights and write a complete transformers model "
+                "directory: safetensors, config and tokenizer. No LoRA at inference time; AutoModelForCausalLM, "
+                "vLLM or llama.cpp's converters load it like any model.\n\nexamples:\n"
+                "  lorakit merge --adapter adapters/legal --out models/legal\n"
+                "  lorakit merge --base models/base --adapter a:0.7 --adapter b:0.3 --out models/mix --dtype bf16\n"
+                "  lorakit merge --base big-nf4 --adapter adapters/q --out merged-nf4 --stay-quantized",
+                cmd_merge, MergeConfig)

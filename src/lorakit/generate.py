@@ -9,7 +9,6 @@ the same and every difference in the text comes from the adapter.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from contextlib import nullcontext
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from lorakit.base import autocast, base_option, default_device, dtype_option, lo
 from lorakit.data import render_chat_prompt
 from lorakit.errors import UserError
 from lorakit.io import adapters_option, attach_adapters
-from lorakit.options import add_options, option, options
+from lorakit.options import add_command, option
 
 
 @dataclass
@@ -151,12 +150,8 @@ def generate(config: GenerateConfig, sampling: Sampling | None = None, out=None)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "generate", help="sample text with adapters at chosen scales (streamed)",
-        description="Sample text with one or several adapters at chosen scales, streamed.\n\nexamples:\n"
-                    '  lorakit generate --adapter adapters/mine --prompt "The ship" --compare\n'
-                    '  lorakit generate --adapter adapters/a:1.0 --adapter adapters/b:0.5 --prompt "..."',
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, GenerateConfig)
-    add_options(p, Sampling)
-    p.set_defaults(func=lambda a: generate(GenerateConfig(**options(a, GenerateConfig)), Sampling(**options(a, Sampling))))
+    add_command(subparsers, "generate", "sample text with adapters at chosen scales (streamed)",
+                "Sample text with one or several adapters at chosen scales, streamed.\n\nexamples:\n"
+                '  lorakit generate --adapter adapters/mine --prompt "The ship" --compare\n'
+                '  lorakit generate --adapter adapters/a:1.0 --adapter adapters/b:0.5 --prompt "..."',
+                generate, GenerateConfig, Sampling)

@@ -9,7 +9,6 @@ per context and the tokens that gain and lose the most probability on average.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -29,7 +28,7 @@ from lorakit.errors import UserError
 from lorakit.files import save_png
 from lorakit.io import EMBEDDING_COPY, WEIGHTS_NAME, adapters_option, attach_adapters
 from lorakit.modules import output_head
-from lorakit.options import add_options, default_of, option, options
+from lorakit.options import add_command, default_of, option
 
 # -- inspect --------------------------------------------------------------------------------------
 
@@ -393,27 +392,17 @@ def _short_names(names: list[str]) -> list[str]:
 
 def register(subparsers) -> None:
     """Adds both `inspect` and `diff`."""
-    p = subparsers.add_parser(
-        "inspect",
-        help="what an adapter holds: config, size, per-module rank, scale, ‖ΔW‖ and spectrum",
-        description="Report on an adapter directory (PEFT format): config, trainable parameters, bytes on "
-        "disk, base size when known, and per module rank, alpha, scale, ‖ΔW‖, singular values of ΔW and "
-        "an effective rank (exp of the entropy of the normalised singular values).\n\n"
-        "example:\n  lorakit inspect adapters/legal --plot legal.png",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_options(p, InspectConfig)
-    p.set_defaults(func=lambda a: cmd_inspect(InspectConfig(**options(a, InspectConfig))))
-
-    p = subparsers.add_parser(
-        "diff",
-        help="which next-token predictions an adapter changes most (KL per context, tokens gained/lost)",
-        description="Run the base with and without the adapters over contexts (every position of token "
-        "windows from --data, or the end of each --prompts text) and report KL(adapted ‖ base) per "
-        "context and the tokens that gain and lose the most probability on average.\n\n"
-        "examples:\n  lorakit diff --adapter adapters/pirate --data held_out.txt --plot pirate.png\n"
-        '  lorakit diff --adapter adapters/pirate --prompts "The captain said" "We sail" --json',
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_options(p, DiffConfig)
-    p.set_defaults(func=lambda a: cmd_diff(DiffConfig(**options(a, DiffConfig))))
+    add_command(subparsers, "inspect", "what an adapter holds: config, size, per-module rank, scale, ‖ΔW‖ and spectrum",
+                "Report on an adapter directory (PEFT format): config, trainable parameters, bytes on disk, base "
+                "size when known, and per module rank, alpha, scale, ‖ΔW‖, singular values of ΔW and an effective "
+                "rank (exp of the entropy of the normalised singular values).\n\n"
+                "example:\n  lorakit inspect adapters/legal --plot legal.png",
+                cmd_inspect, InspectConfig)
+    add_command(subparsers, "diff",
+                "which next-token predictions an adapter changes most (KL per context, tokens gained/lost)",
+                "Run the base with and without the adapters over contexts (every position of token windows from "
+                "--data, or the end of each --prompts text) and report KL(adapted ‖ base) per context and the "
+                "tokens that gain and lose the most probability on average.\n\n"
+                "examples:\n  lorakit diff --adapter adapters/pirate --data held_out.txt --plot pirate.png\n"
+                '  lorakit diff --adapter adapters/pirate --prompts "The captain said" "We sail" --json',
+                cmd_diff, DiffConfig)

@@ -71,6 +71,17 @@ def options(args: argparse.Namespace, config: type, skip: tuple[str, ...] = ()) 
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if f.name not in skip}
 
 
+def add_command(subparsers, name: str, summary: str, description: str, run: Callable, *configs: type):
+    """A subcommand whose flags are the fields of `configs` and that calls `run(config, ...)` with one
+    instance of each, built from the parsed flags; `description` (examples included) shows as written."""
+    parser = subparsers.add_parser(name, help=summary, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    for config in configs:
+        add_options(parser, config)
+    parser.set_defaults(func=lambda args: run(*(config(**options(args, config)) for config in configs)))
+    return parser
+
+
 def flag(name: str) -> str:
     """The flag of field `name`: 'max_new_tokens' -> '--max-new-tokens'."""
     return "--" + name.replace("_", "-")

@@ -10,7 +10,6 @@ installed. Like `lorakit merge`, it is written beside --out and renamed into pla
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from lorakit.base import base_option, load_base
 from lorakit.export import check_out, fresh_tokenizer
 from lorakit.files import staged_directory
 from lorakit.modules import parse_names
-from lorakit.options import add_options, default_of, option, options
+from lorakit.options import add_command, default_of, option
 from lorakit.nf4 import BaseMemory, base_memory, quantize, save_quantized
 
 
@@ -60,20 +59,14 @@ class QuantizeConfig:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "quantize",
-        help="write an NF4 (4-bit) copy of a base model for QLoRA training",
-        description="Quantize a base model's Linear layers to NF4 with double quantization (QLoRA; the "
-        "bytes bitsandbytes writes) and save a transformers directory that --base accepts. Embeddings "
-        "and norms stay in full precision, and so does the output head unless --include names it.\n\n"
-        "examples:\n"
-        "  lorakit quantize --base ~/models/big --out big-nf4\n"
-        "  lorakit train --base big-nf4 --data d.jsonl --out adapters/q\n"
-        "  lorakit quantize --out tiny-nf4 --include '.*_proj' --blocksize 128",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_options(p, QuantizeConfig)
-    p.set_defaults(func=lambda a: _run(QuantizeConfig(**options(a, QuantizeConfig))))
+    add_command(subparsers, "quantize", "write an NF4 (4-bit) copy of a base model for QLoRA training",
+                "Quantize a base model's Linear layers to NF4 with double quantization (QLoRA; the bytes "
+                "bitsandbytes writes) and save a transformers directory that --base accepts. Embeddings and norms "
+                "stay in full precision, and so does the output head unless --include names it.\n\nexamples:\n"
+                "  lorakit quantize --base ~/models/big --out big-nf4\n"
+                "  lorakit train --base big-nf4 --data d.jsonl --out adapters/q\n"
+                "  lorakit quantize --out tiny-nf4 --include '.*_proj' --blocksize 128",
+                _run, QuantizeConfig)
 
 
 def _run(config: QuantizeConfig) -> BaseMemory:

@@ -31,7 +31,7 @@ from lorakit.bigram.model import (
 from lorakit.bigram.report import RowChange, RowEntry, probability_table, row_changes, row_entries
 from lorakit.bigram.tokens import BOUNDARY, detokenize, read_text, tokenize
 from lorakit.errors import UserError
-from lorakit.options import add_options, option, options
+from lorakit.options import add_command, option
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
@@ -267,16 +267,6 @@ def cmd_show(config: ShowConfig) -> list[RowEntry]:
     return entries
 
 
-def _parser(sub, name: str, summary: str, example: str, config: type) -> None:
-    p = sub.add_parser(
-        name,
-        help=summary,
-        description=f"{summary}\n\nexample:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_options(p, config)
-
-
 # subcommand -> (summary, example, config, command)
 SUBCOMMANDS = {
     "train": ("count the base grid of a text", "lorakit bigram train general.txt -o base.bigram",
@@ -305,6 +295,4 @@ def register(subparsers) -> None:
     )
     sub = bigram.add_subparsers(dest="bigram_command", metavar="SUBCOMMAND", required=True)
     for name, (summary, example, config, command) in SUBCOMMANDS.items():
-        _parser(sub, name, summary, example, config)
-        sub.choices[name].set_defaults(func=lambda a, config=config, command=command: command(
-            config(**options(a, config))))
+        add_command(sub, name, summary, f"{summary}\n\nexample:\n  {example}", command, config)
