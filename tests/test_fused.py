@@ -1,17 +1,15 @@
-"""The fast paths of the LoRA layer against plain autograd over the explicit math.
+"""The fused fast path (`lorakit.fused`) against plain autograd over the explicit math.
 
-`FusedLoraLinear` (the fused base + LoRA Function) and the gathered per-row path must give the values and
-gradients that autograd gives for y = x·Wᵀ + b + Σ w·s·B·A·dropout(x), and save no more than they need.
+`FusedLoraLinear` (the fused base + LoRA Function) must give the values and gradients that autograd
+gives for y = x·Wᵀ + b + Σ w·s·B·A·dropout(x), and save no more than it needs.
 """
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build, logits, randomize_adapters
+from conftest import randomize_adapters
 from torch import nn
 
 import lorakit
@@ -159,117 +157,6 @@ def test_bf16_base_without_autocast_matches_fp32_math():
     out = layer(x)
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), expected, atol=0.05, rtol=0.02)
-
-
-def test_hooked_or_trainable_base_takes_the_plain_path():
-    layer = _layer()
-    seen = []
-    handle = layer.base.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    assert not layer.fusable()
-    layer(torch.randn(2, 12))
-    assert seen == [(2, 10)]
-    handle.remove()
-    layer.base.weight.requires_grad_(True)
-    assert not layer.fusable()
-    x = torch.randn(5, 12, requires_grad=True)
-    out = layer(x)
-    assert torch.allclose(out, _oracle(layer, x), atol=1e-5)
-    out.sum().backward()
-    assert layer.base.weight.grad is not None and layer.lora_A["default"].grad is not None
-
-
-def _loop_reference(model: nn.Module, ids: torch.Tensor, names: list[str | None]) -> torch.Tensor:
-    """Each row alone, with its adapter set (or adapters disabled)."""
-    rows = []
-    for row, name in enumerate(names):
-        if name is None:
-            with lorakit.disable_adapters(model):
-                rows.append(logits(model, ids[row:row + 1]))
-        else:
-            lorakit.set_adapters(model, name)
-            rows.append(logits(model, ids[row:row + 1]))
-    return torch.cat(rows)
-
-
-@pytest.mark.parametrize("ranks", [(2, 5, 3), (4, 4, 4)])  # padded to the largest; stacked as they are
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_gathered_per_row_equals_rows_alone(family, ranks):
-    model = build(family)
-    targets = ["q_proj", "v_proj", "o_proj"] if family == "llama" else ["c_attn", "c_proj"]
-    for name, r in zip("abc", ranks):
-        lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=3 * r, target_modules=targets), adapter=name)
-    randomize_adapters(model)
-    ids = torch.randint(0, 97, (5, 9), generator=torch.Generator().manual_seed(3))
-    names = ["b", None, "a", "b", "c"]
-    with torch.no_grad(), lorakit.per_row_adapters(model, names):
-        mixed = logits(model, ids)
-    with torch.no_grad():
-        expected = _loop_reference(model, ids, names)
-    assert torch.allclose(mixed, expected, atol=1e-5)
-
-
-def test_gathered_per_row_under_autograd_gives_adapter_gradients():
-    model = build("llama")
-    for name in ("a", "b"):
-        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter=name)
-    randomize_adapters(model)
-    for _, layer in lorakit.lora_layers(model):
-        for name in ("a", "b"):
-            layer.lora_A[name].requires_grad_(True)
-    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(4))
-    reference = copy.deepcopy(model)
-    with lorakit.per_row_adapters(model, ["a", "b"]):
-        logits(model, ids).pow(2).sum().backward()
-    # the same loss, one row at a time through the single-adapter path
-    total = 0
-    for row, name in enumerate(["a", "b"]):
-        lorakit.set_adapters(reference, name)
-        total = total + logits(reference, ids[row:row + 1]).pow(2).sum()
-    total.backward()
-    for (_, got), (_, want) in zip(lorakit.lora_layers(model), lorakit.lora_layers(reference)):
-        for name in ("a", "b"):
-            assert torch.allclose(got.lora_A[name].grad, want.lora_A[name].grad, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2", "embedding"])
-def test_per_row_mixes_equal_each_mix_alone(family):
-    """A row may mix adapters at weights ({name: w}); it gets what set_adapters gives that mix alone."""
-    model = build("llama" if family == "embedding" else family)
-    targets = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "embedding": ["embed_tokens", "q_proj"]}[family]
-    for name, r in zip("abc", (2, 6, 3)):
-        lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets), adapter=name)
-    randomize_adapters(model)
-    ids = torch.randint(0, 97, (4, 7), generator=torch.Generator().manual_seed(5))
-    rows = [{"a": 0.5, "b": 1.5}, None, "c", {"c": 0.25, "a": 1.0, "b": -1.0}]
-    with torch.no_grad(), lorakit.per_row_adapters(model, rows):
-        mixed = logits(model, ids)
-    for row, spec in enumerate(rows):
-        with torch.no_grad():
-            if spec is None:
-                with lorakit.disable_adapters(model):
-                    alone = logits(model, ids[row:row + 1])
-            else:
-                lorakit.set_adapters(model, spec)
-                alone = logits(model, ids[row:row + 1])
-        assert torch.allclose(mixed[row], alone[0], atol=1e-5), (row, spec)
-
-
-def test_per_row_stack_is_rebuilt_when_adapters_change():
-    model = build("llama")
-    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="a")
-    randomize_adapters(model)
-    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad(), lorakit.per_row_adapters(model, ["a"]):
-        before = logits(model, ids)
-    with torch.no_grad():
-        for _, layer in lorakit.lora_layers(model):
-            layer.lora_B["a"].mul_(3)  # in place: the cached stack must notice
-        with lorakit.per_row_adapters(model, ["a"]):
-            after = logits(model, ids)
-        lorakit.set_adapters(model, "a")
-        expected = logits(model, ids)
-    assert not torch.allclose(before, after)
-    assert torch.allclose(after, expected, atol=1e-5)
 
 
 def test_fused_dropout_equals_nn_dropout_with_the_same_seed_and_keeps_a_byte_mask():

@@ -1,26 +1,15 @@
-"""Sampling and perplexity with adapters at scales, through the CLI and in Python."""
+"""Sampling with adapters at scales, through the CLI and in Python."""
 
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 import torch
+from commands import trained_adapter as adapter  # noqa: F401 (a fixture)
 
 from lorakit.cli import main
 from lorakit.generate import GenerateConfig, Sampling, generate, next_token
-from lorakit.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_base, tmp_path_factory):
-    out = tmp_path_factory.mktemp("adapter") / "a"
-    data = out.parent / "d.txt"
-    data.write_text("the crew sailed north at dawn and sang. " * 60)
-    train(TrainConfig(data=data, out=out, base=str(tiny_base), steps=15, batch_size=4, seq_len=32, lr=1e-2,
-                      dtype="fp32", quiet=True))
-    return out
 
 
 def _gen(tiny_base, adapters, compare=False, **kw):
@@ -61,19 +50,6 @@ def test_next_token_filters():
     assert {next_token(logits, Sampling(top_k=1), g) for _ in range(20)} == {1}
     assert {next_token(logits, Sampling(top_k=0, top_p=0.01), g) for _ in range(20)} == {1}
     assert {next_token(logits, Sampling(top_k=2, temperature=5.0), g) for _ in range(50)} == {1, 3}
-
-
-def test_eval_json_reports_base_adapted_and_scales(tiny_base, adapter, tmp_path, capsys):
-    data = tmp_path / "held.txt"
-    data.write_text("the crew sailed north at dawn and sang. " * 10)
-    code = main(["eval", "--base", str(tiny_base), "--adapter", str(adapter), "--data", str(data),
-                 "--scales", "0,1,2", "--seq-len", "32", "--dtype", "fp32", "--json"])
-    assert code == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["adapted"]["perplexity"] < result["base"]["perplexity"]
-    by_scale = {row["scale"]: row["perplexity"] for row in result["scales"]}
-    assert by_scale[0] == result["base"]["perplexity"]
-    assert by_scale[1] == pytest.approx(result["adapted"]["perplexity"], rel=1e-6)
 
 
 @pytest.mark.auto_dtype

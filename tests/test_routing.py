@@ -1,0 +1,177 @@
+"""Per-row adapters in a mixed batch (`lorakit.routing`): each row gets what its own mix gives alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import build, logits, randomize_adapters
+from torch import nn
+
+import lorakit
+from lorakit.errors import UserError
+from lorakit.routing import AdapterStacks, RowRouting
+
+
+def _loop_reference(model: nn.Module, ids: torch.Tensor, names: list[str | None]) -> torch.Tensor:
+    """Each row alone, with its adapter set (or adapters disabled)."""
+    rows = []
+    for row, name in enumerate(names):
+        if name is None:
+            with lorakit.disable_adapters(model):
+                rows.append(logits(model, ids[row:row + 1]))
+        else:
+            lorakit.set_adapters(model, name)
+            rows.append(logits(model, ids[row:row + 1]))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("ranks", [(2, 5, 3), (4, 4, 4)])  # padded to the largest; stacked as they are
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gathered_per_row_equals_rows_alone(family, ranks):
+    model = build(family)
+    targets = ["q_proj", "v_proj", "o_proj"] if family == "llama" else ["c_attn", "c_proj"]
+    for name, r in zip("abc", ranks):
+        lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=3 * r, target_modules=targets), adapter=name)
+    randomize_adapters(model)
+    ids = torch.randint(0, 97, (5, 9), generator=torch.Generator().manual_seed(3))
+    names = ["b", None, "a", "b", "c"]
+    with torch.no_grad(), lorakit.per_row_adapters(model, names):
+        mixed = logits(model, ids)
+    with torch.no_grad():
+        expected = _loop_reference(model, ids, names)
+    assert torch.allclose(mixed, expected, atol=1e-5)
+
+
+def test_gathered_per_row_under_autograd_gives_adapter_gradients():
+    model = build("llama")
+    for name in ("a", "b"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter=name)
+    randomize_adapters(model)
+    for _, layer in lorakit.lora_layers(model):
+        for name in ("a", "b"):
+            layer.lora_A[name].requires_grad_(True)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(4))
+    reference = copy.deepcopy(model)
+    with lorakit.per_row_adapters(model, ["a", "b"]):
+        logits(model, ids).pow(2).sum().backward()
+    # the same loss, one row at a time through the single-adapter path
+    total = 0
+    for row, name in enumerate(["a", "b"]):
+        lorakit.set_adapters(reference, name)
+        total = total + logits(reference, ids[row:row + 1]).pow(2).sum()
+    total.backward()
+    for (_, got), (_, want) in zip(lorakit.lora_layers(model), lorakit.lora_layers(reference)):
+        for name in ("a", "b"):
+            assert torch.allclose(got.lora_A[name].grad, want.lora_A[name].grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "embedding"])
+def test_per_row_mixes_equal_each_mix_alone(family):
+    """A row may mix adapters at weights ({name: w}); it gets what set_adapters gives that mix alone."""
+    model = build("llama" if family == "embedding" else family)
+    targets = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "embedding": ["embed_tokens", "q_proj"]}[family]
+    for name, r in zip("abc", (2, 6, 3)):
+        lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets), adapter=name)
+    randomize_adapters(model)
+    ids = torch.randint(0, 97, (4, 7), generator=torch.Generator().manual_seed(5))
+    rows = [{"a": 0.5, "b": 1.5}, None, "c", {"c": 0.25, "a": 1.0, "b": -1.0}]
+    with torch.no_grad(), lorakit.per_row_adapters(model, rows):
+        mixed = logits(model, ids)
+    for row, spec in enumerate(rows):
+        with torch.no_grad():
+            if spec is None:
+                with lorakit.disable_adapters(model):
+                    alone = logits(model, ids[row:row + 1])
+            else:
+                lorakit.set_adapters(model, spec)
+                alone = logits(model, ids[row:row + 1])
+        assert torch.allclose(mixed[row], alone[0], atol=1e-5), (row, spec)
+
+
+def test_per_row_stack_is_rebuilt_when_adapters_change():
+    model = build("llama")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="a")
+    randomize_adapters(model)
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), lorakit.per_row_adapters(model, ["a"]):
+        before = logits(model, ids)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_B["a"].mul_(3)  # in place: the cached stack must notice
+        with lorakit.per_row_adapters(model, ["a"]):
+            after = logits(model, ids)
+        lorakit.set_adapters(model, "a")
+        expected = logits(model, ids)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, expected, atol=1e-5)
+
+
+def test_per_row_adapters_equal_each_row_alone(ids):
+    model = build("llama")
+    for name, seed in (("a", 1), ("b", 2)):
+        lorakit.inject(model, lorakit.LoraConfig(r=2 + seed, target_modules=["q_proj", "v_proj"]), adapter=name)
+    randomize_adapters(model)
+    names = ["a", None, "b"]
+    with lorakit.per_row_adapters(model, names):
+        mixed = logits(model, ids)
+    for row, name in enumerate(names):
+        if name is None:
+            with lorakit.disable_adapters(model):
+                alone = logits(model, ids[row:row + 1])
+        else:
+            lorakit.set_adapters(model, name)
+            alone = logits(model, ids[row:row + 1])
+        assert torch.allclose(mixed[row], alone[0], atol=1e-5), row
+
+
+def test_one_routing_serves_many_forwards_and_shares_its_stacks():
+    """As the server uses it: one RowRouting for many steps, one AdapterStacks for every routing."""
+    model = build("llama")
+    for name, r in (("a", 2), ("b", 3)):
+        lorakit.inject(model, lorakit.LoraConfig(r=r, target_modules=["q_proj", "v_proj"]), adapter=name)
+    randomize_adapters(model)
+    ids = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(7))
+    stacks = AdapterStacks()
+    routing = RowRouting(["b", {"a": 0.5, "b": 2.0}, None], stacks=stacks)
+    layer = next(layer for _, layer in lorakit.lora_layers(model))
+    with torch.no_grad():
+        with lorakit.per_row_adapters(model, ["b", {"a": 0.5, "b": 2.0}, None]):
+            fresh = logits(model, ids)
+        outs = []
+        for _ in range(2):
+            with lorakit.per_row_adapters(model, routing):
+                outs.append(logits(model, ids))
+            first = stacks.get(layer)
+        assert stacks.get(layer) is first  # built once, kept
+        again = RowRouting([None, "a", "b"], stacks=stacks)
+        with lorakit.per_row_adapters(model, again):
+            logits(model, ids)
+        assert stacks.get(layer) is first  # another batch's routing reuses the same stacks
+    assert all(torch.equal(out, outs[0]) for out in outs) and torch.allclose(outs[0], fresh, atol=1e-6)
+    assert layer.routing is None  # handed back when the block ends
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([3], "row 0 of the per-row adapters is a int"),
+    ([None, {"a": float("nan")}], "row 1: the weight of adapter 'a' must be a finite number"),
+    ([{"a": True}], "must be a finite number"),
+    ("a", "one entry per batch row"),
+    ([{"nope": 0.0}], "no adapter named 'nope'"),  # named at weight 0 is still a mistake worth saying
+])
+def test_bad_rows_are_refused_in_one_line(rows, message):
+    model = build("llama")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="a")
+    with pytest.raises(UserError, match=message):
+        with lorakit.per_row_adapters(model, rows):
+            pass
+    assert all(layer.routing is None for _, layer in lorakit.lora_layers(model))
+
+
+def test_a_batch_of_another_size_is_an_error():
+    model = build("llama")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="a")
+    with pytest.raises(ValueError, match="name 2 rows but the batch has 3"):
+        with torch.no_grad(), lorakit.per_row_adapters(model, ["a", None]):
+            logits(model, torch.zeros(3, 4, dtype=torch.long))
