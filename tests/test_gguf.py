@@ -20,8 +20,9 @@ import torch
 from conftest import TOKENIZER_TEXT, make_tiny_base, randomize_adapters
 
 import lorakit
-from lorakit.base import EMBEDDED_BASE, attach_adapters, load_base
+from lorakit.base import EMBEDDED_BASE, load_base
 from lorakit.cli import main
+from lorakit.io import attach_adapters
 
 CPU = torch.device("cpu")
 TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 1.5e-2, "q8_0": 4e-2}
@@ -195,9 +196,9 @@ def greedy_lorakit(model, ids: list[int], n: int) -> list[int]:
     out, step, past = [], torch.tensor([ids]), None
     with torch.no_grad():
         for _ in range(n):
-            result = model(step, past_key_values=past, use_cache=True)
+            result = model(step, cache=past, use_cache=True)
             out.append(int(result.logits[0, -1].argmax()))
-            step, past = torch.tensor([[out[-1]]]), result.past_key_values
+            step, past = torch.tensor([[out[-1]]]), result.cache
     return out
 
 

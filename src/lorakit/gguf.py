@@ -30,9 +30,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from lorakit.cli import add_options, option, options
 from lorakit.errors import UserError
 from lorakit.gguf_arch import Arch, arch_for, is_conv1d, kept_in_f32, permute_rows, rows_fit_q8_0
+from lorakit.options import add_options, option, options
 from lorakit.tensorfiles import Stored, stored_tensors
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -130,7 +130,7 @@ def read_updates(specs: list[str], arch: Arch, config: dict[str, Any], base: dic
                  merging: bool) -> dict[str, list[Update]]:
     """GGUF module -> its updates, for each 'PATH[:SCALE]'; refuses what llama.cpp cannot carry."""
     from lorakit.algebra import Adapter
-    from lorakit.base import parse_adapter_spec
+    from lorakit.io import parse_adapter_spec
 
     out: dict[str, list[Update]] = {}
     for spec in specs:
@@ -383,8 +383,8 @@ def export_gguf(config: GgufConfig) -> tuple[Path, str]:
     from lorakit.gguf_vocab import read_vocab
 
     if config.base is None and config.adapters:  # an adapter file
-        from lorakit.base import parse_adapter_spec
         from lorakit.config import LoraConfig
+        from lorakit.io import parse_adapter_spec
 
         path, weight = parse_adapter_spec(config.adapters[0])
         target = config.adapter_base or LoraConfig.load(path).base_model_name_or_path
