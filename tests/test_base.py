@@ -42,7 +42,3 @@ def test_explicit_dtypes_ignore_the_policy(monkeypatch):
         base.resolve_dtype("fp8", CPU)
 
 
-@pytest.mark.parametrize("spec, expected", [("a/b:0.5", (Path("a/b"), 0.5)), ("a/b", (Path("a/b"), 1.0)),
-                                            ("c:\\x", (Path("c:\\x"), 1.0))])
-def test_adapter_specs(spec, expected):
-    assert base.parse_adapter_spec(spec) == expected

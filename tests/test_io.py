@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import peft
 import pytest
@@ -12,7 +13,7 @@ from conftest import build, logits, randomize_adapters
 from safetensors.torch import load_file, save_file
 
 import lorakit
-from lorakit.io import WEIGHTS_NAME
+from lorakit.io import WEIGHTS_NAME, parse_adapter_spec
 
 # name -> (family, LoraConfig kwargs); each runs in both directions against PEFT.
 INTEROP_CASES = {
@@ -218,3 +219,9 @@ def test_interrupted_save_keeps_previous_files(tmp_path, monkeypatch):
         lorakit.save_adapter(model, tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", WEIGHTS_NAME]
+
+
+@pytest.mark.parametrize("spec, expected", [("a/b:0.5", (Path("a/b"), 0.5)), ("a/b", (Path("a/b"), 1.0)),
+                                            ("c:\\x", (Path("c:\\x"), 1.0))])
+def test_adapter_specs(spec, expected):
+    assert parse_adapter_spec(spec) == expected
