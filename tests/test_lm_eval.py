@@ -12,7 +12,7 @@ import torch
 
 import lorakit
 from lorakit.base import load_base
-from lorakit.serve.app import ServeConfig
+from lorakit.serve.config import ServeConfig
 from tests.serving import live_server, make_adapters
 
 TASKS = Path(__file__).parent / "data" / "lm_eval"

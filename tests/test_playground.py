@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lorakit.serve.app import ServeConfig
+from lorakit.serve.config import ServeConfig
 from tests.serving import live_server, make_adapters
 
 ARTIFACTS = Path(os.environ.get("LORAKIT_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))

@@ -14,7 +14,7 @@ import torch
 import lorakit
 from lorakit.base import load_base
 from lorakit.generate import Sampling, stream_tokens
-from lorakit.serve.app import ServeConfig
+from lorakit.serve.config import ServeConfig
 from tests.serving import live_server, make_adapters
 
 KEY = "test-key-123"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lorakit.base import load_base
-from lorakit.serve.app import ServeConfig
+from lorakit.serve.config import ServeConfig
 from tests.serving import live_server, make_adapters
 
 BASE = "lorakit/embedded"
