@@ -35,7 +35,9 @@ def perplexity(logits: np.ndarray, ids: list[int]) -> float:
 
 def main() -> None:
     from llama_cpp import Llama
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # the held-out text is tokenized whole, then cut into windows
     model, tok = load_base(None, dtype=torch.float32, device=torch.device("cpu"))
     text = (CORPORA / "general" / "heldout.txt").read_text()
     ids = tok(text)["input_ids"]

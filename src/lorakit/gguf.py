@@ -120,10 +120,14 @@ class Update:
     weight: float  # the user's PATH:SCALE
     embedding: bool
 
-    def delta(self) -> torch.Tensor:
-        """ΔW in fp32, laid out as the GGUF tensor (rows = out; an embedding's rows are tokens)."""
-        d = (self.B.float() @ self.A.float()) * (self.scale * self.weight)  # (out, in) or (dim, vocab)
-        return d.t() if self.embedding else d
+    def add_to(self, w: torch.Tensor, transposed: bool) -> None:
+        """w += weight·scale·B·A in place, in fp32 (one GEMM, no ΔW-sized temporary). `transposed`: w is
+        stored (in, out), as GPT-2's Conv1D weights; an embedding's (vocab, dim) is that layout too."""
+        B, A, s = self.B.float(), self.A.float(), self.scale * self.weight  # (out, r), (r, in)
+        if transposed or self.embedding:
+            w.addmm_(A.t(), B.t(), alpha=s)  # (in, r) @ (r, out)
+        else:
+            w.addmm_(B, A, alpha=s)  # (out, r) @ (r, in)
 
 
 def read_updates(specs: list[str], arch: Arch, config: dict[str, Any], base: dict[str, Stored] | None,
@@ -241,10 +245,10 @@ def base_plan(directory: Path, config: dict[str, Any], arch: Arch, type_name: st
 
 def _producer(read: Callable[[], torch.Tensor], conv: bool, updates: list[Update], heads: int | None):
     def produce() -> torch.Tensor:
-        w = read().float()
+        w = read().float()  # a buffer of its own (read, or cast from bf16/f16): merged into in place
+        for u in updates:  # W + Σ weight·scale·B·A, in fp32
+            u.add_to(w, transposed=conv)
         w = w.t() if conv else w  # Conv1D (in, out) -> (out, in)
-        for u in updates:  # merge: W + Σ weight·scale·B·A, in fp32
-            w = w + u.delta()
         return permute_rows(w, heads) if heads else w
 
     return produce
@@ -316,7 +320,7 @@ def write_plan(plan: Plan, out: Path, file_type: str, label: str) -> int:
             if tuple(t.shape) != item.shape:
                 raise UserError(f"tensor {item.name} has shape {tuple(t.shape)}, its header says {item.shape}; "
                                 "the model files disagree with each other")
-            if not torch.isfinite(t).all():
+            if not _finite(t):
                 raise UserError(f"tensor {item.name} holds NaN or Inf; the model or adapter is corrupt")
             writer.write_tensor_data(encode(t, item.type))
         writer.fout[0].flush()
@@ -328,6 +332,11 @@ def write_plan(plan: Plan, out: Path, file_type: str, label: str) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out.stat().st_size
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf; in slices, since isfinite on a whole tensor makes temporaries of twice its size."""
+    return all(bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(1 << 20))
 
 
 def _umask() -> int:
