@@ -34,9 +34,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in lorakit's form: one line saying what to change, exit code 2.
+
+    (argparse's own form is the whole usage block and then the error.) Subcommand parsers are made of
+    the same class, so this holds for every command.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with `command` fully registered and the others listed by name and summary."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lorakit",
         description="Low-Rank Adaptation for language models: train, use, combine and serve adapters.",
     )
