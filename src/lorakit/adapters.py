@@ -17,7 +17,7 @@ from torch import nn
 from lorakit import mlp
 from lorakit.config import DEFAULT_TARGETS, LoraConfig
 from lorakit.errors import UserError
-from lorakit.layers import LoraLayer, SavedModule, base_kind
+from lorakit.layers import LoraLayer, SavedModule, base_kind, layer_dims
 from lorakit.modules import matches, output_head, set_module
 from lorakit.nf4 import NF4Linear
 from lorakit.routing import RowRouting, RowSpec
@@ -123,6 +123,43 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
     return found
 
 
+def planned_layers(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """(name, base layer) of every layer `inject(model, config)` would give a LoRA update; changes nothing."""
+    modules = list(_base_modules(model))
+    kinds = dict(modules)
+    return [(name, kinds[name]) for name in resolve_targets(model, config, modules)]
+
+
+@contextlib.contextmanager
+def transaction(model: nn.Module) -> Iterator[None]:
+    """Inside the block, adapters may be added; if it raises, the model is put back exactly as it was:
+    the new adapters' weights and wrappers removed, requires_grad, active sets, the lean MLP forwards
+    and the config table restored."""
+    configs = adapter_configs(model)
+    saved_configs = dict(configs)
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    wrappers = list(_wrappers(model))
+    names = {n for w in wrappers for n in (w.lora_A if isinstance(w, LoraLayer) else w.copies)}
+    actives = [(w, dict(w.active)) for w in wrappers]
+    lean = {id(m) for m in model.modules() if "forward" in m.__dict__}
+    try:
+        yield
+    except BaseException:
+        added = {n for w in _wrappers(model) for n in (w.lora_A if isinstance(w, LoraLayer) else w.copies)} - names
+        for name in added:
+            _remove(model, name)
+        for module in model.modules():
+            if id(module) not in lean:
+                mlp.uninstall(module)
+        configs.clear()
+        configs.update(saved_configs)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for w, active in actives:
+            w.active = active
+        raise
+
+
 # -- inject / delete ------------------------------------------------------------------------------
 
 
@@ -151,7 +188,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initi
         if not hits:
             raise UserError(f"modules_to_save entry {pattern!r} matches no module in the model")
         saved += hits
-    try:
+    if initialize:
+        _check_size(config, targets, dict(modules))
+    with transaction(model):  # on any failure, no half-added adapter
         for name in targets:
             layer = _wrap(model, name, LoraLayer)
             if layer.kind == "conv1d":
@@ -160,16 +199,26 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initi
                               dropout=config.lora_dropout, init=config.init_lora_weights if initialize else None)
         for name in saved:
             _wrap(model, name, SavedModule).add_adapter(adapter)
-    except BaseException:  # leave the model as it was: no half-added adapter
-        _remove(model, adapter)
-        raise
-    for _, module in modules:
-        if "down_proj" in module._modules:  # a gated MLP keeps less for the backward (see lorakit.mlp)
-            mlp.install(module)
-    configs[adapter] = config
-    for module in mark_trainable(model, adapter):
-        module.active = {adapter: 1.0}  # what set_adapters(model, adapter) does, without another walk
+        for _, module in modules:
+            if "down_proj" in module._modules:  # a gated MLP keeps less for the backward (see lorakit.mlp)
+                mlp.install(module)
+        configs[adapter] = config
+        for module in mark_trainable(model, adapter):
+            module.active = {adapter: 1.0}  # what set_adapters(model, adapter) does, without another walk
     return model
+
+
+def _check_size(config: LoraConfig, targets: list[str], modules: dict[str, nn.Module]) -> None:
+    """A new adapter may not hold more numbers than the layers it adapts (a rank beyond that is a typo, and
+    r=10**9 would try to allocate terabytes): refused before anything is allocated."""
+    adapter = layers = 0
+    for name in targets:
+        inputs, outputs = layer_dims(modules[name])
+        adapter += config.rank_for(name) * (inputs + outputs)
+        layers += inputs * outputs
+    if adapter > layers:
+        raise UserError(f"r={config.r} gives an adapter of {adapter:,} parameters, more than the {layers:,} of the "
+                        "layers it adapts (a full update of them would be smaller); lower r")
 
 
 def _wrap(model: nn.Module, name: str, kind: type) -> LoraLayer | SavedModule:

@@ -55,6 +55,17 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "arrow_config": None,
     "use_bdlora": None,
 }
+# PEFT 0.21 fields that change the maths too but which PEFT does not write when off: refused when set,
+# and not added to the JSON we write (older PEFT versions would not know them).
+_REFUSED_WHEN_SET: dict[str, Any] = {
+    "lora_ga_config": None,  # LoRA-GA: gradient-based init that also shifts the base weights
+    "kasa_config": None,  # KaSA: truncates the base's singular values, adds a learned diagonal
+    "monteclora_config": None,  # MonteCLoRA: variational Monte Carlo sampling on top of A and B
+    "ensure_weight_tying": False,  # adapters of tied layers share weights
+}
+# PEFT fields that do not change the result and are kept as given: velora_config (VeLoRA) changes only
+# how the backward stores activations; qalora_group_size matters only with use_qalora (refused);
+# runtime_config, peft_version and the rest of PEFT's bookkeeping are not about the maths.
 # Fields PEFT writes that carry no meaning for us; kept so the JSON round-trips.
 _PASSTHROUGH_DEFAULTS: dict[str, Any] = {
     "peft_type": "LORA",
@@ -104,47 +115,48 @@ class LoraConfig:
     """JSON fields we do not interpret (PEFT bookkeeping, newer versions), written back unchanged."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise UserError(f"r must be a positive integer, got {self.r!r}")
-        if not _positive_number(self.lora_alpha):
-            raise UserError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise UserError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise UserError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or 'gaussian'"
-            )
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) else list(
-                self.target_modules
-            )
-            if not self.target_modules:
-                raise UserError("target_modules is empty; name at least one module, e.g. ['q_proj', 'v_proj']")
-        elif isinstance(self.target_modules, str) and not self.target_modules.strip():
-            raise UserError("target_modules is an empty string; name modules or use 'all-linear'")
-        patterns = [("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules),
-                    *(("rank_pattern", k) for k in self.rank_pattern), *(("alpha_pattern", k) for k in self.alpha_pattern)]
-        for field_name, pattern in patterns:
-            if isinstance(pattern, str):
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise UserError(f"{field_name} {pattern!r} is not a valid regular expression ({err})") from None
-        for name, rank in self.rank_pattern.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-                raise UserError(f"rank_pattern[{name!r}] must be a positive integer, got {rank!r}")
-        for name, alpha in self.alpha_pattern.items():
-            if not _positive_number(alpha):
-                raise UserError(f"alpha_pattern[{name!r}] must be a positive number, got {alpha!r}")
-        for key, off in _UNSUPPORTED_DEFAULTS.items():
+        # Every field checked by type and range here, where a config (and so adapter_config.json) enters:
+        # a wrong type must not surface later as a TypeError deep inside matching or allocation.
+        self.r = _positive_int("r", self.r)
+        self.lora_alpha = _positive_number("lora_alpha", self.lora_alpha)
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"lora_dropout must be a number in [0, 1), got {_show(self.lora_dropout)}")
+        if not isinstance(self.bias, str) or self.bias not in ("none", "all", "lora_only"):
+            raise UserError(f"bias must be 'none', 'all' or 'lora_only', got {_show(self.bias)}")
+        for name in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, got {_show(getattr(self, name))}")
+        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
+            raise UserError(f"init_lora_weights={_show(self.init_lora_weights)} is not supported; "
+                            "use True, False or 'gaussian'")
+        self.target_modules = _names("target_modules", self.target_modules, empty_ok=False)
+        self.exclude_modules = _names("exclude_modules", self.exclude_modules, empty_ok=True)
+        self.layers_pattern = _names("layers_pattern", self.layers_pattern, empty_ok=True)
+        if self.modules_to_save is not None:
+            if not isinstance(self.modules_to_save, (list, tuple)):
+                raise UserError(f"modules_to_save must be a list of module names, got {_show(self.modules_to_save)}")
+            self.modules_to_save = [_pattern("modules_to_save", m) for m in self.modules_to_save]
+        self.rank_pattern = _pattern_table("rank_pattern", self.rank_pattern, _positive_int)
+        self.alpha_pattern = _pattern_table("alpha_pattern", self.alpha_pattern, _positive_number)
+        wanted = self.layers_to_transform
+        indices = wanted if isinstance(wanted, (list, tuple)) else [] if wanted is None else [wanted]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 31 for i in indices):
+            raise UserError(f"layers_to_transform must be a layer index or a list of them (integers >= 0), "
+                            f"got {_show(wanted)}")
+        if isinstance(wanted, tuple):
+            self.layers_to_transform = list(wanted)
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise UserError(f"base_model_name_or_path must be a string, got {_show(self.base_model_name_or_path)}")
+        if not isinstance(self.extra, dict):
+            raise UserError(f"extra must be a dict of JSON fields, got {type(self.extra).__name__}")
+        for key, off in {**_UNSUPPORTED_DEFAULTS, **_REFUSED_WHEN_SET}.items():
             value = self.extra.get(key, off)
             if value != off and not (off is None and value in ({}, [], False)):
-                raise UserError(f"{key}={value!r} is not supported by lorakit; this adapter needs PEFT for it")
+                raise UserError(f"{key}={_show(value)} is not supported by lorakit (it changes what the adapter "
+                                "computes); this adapter needs PEFT")
         peft_type = self.extra.get("peft_type", "LORA")
         if peft_type != "LORA":
-            raise UserError(f"peft_type is {peft_type!r}; lorakit loads LoRA adapters only (peft_type 'LORA')")
+            raise UserError(f"peft_type is {_show(peft_type)}; lorakit loads LoRA adapters only (peft_type 'LORA')")
 
     # -- scaling ------------------------------------------------------------------------------
 
@@ -178,9 +190,6 @@ class LoraConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
-        for key in ("rank_pattern", "alpha_pattern"):
-            if kwargs.get(key) is None:
-                kwargs.pop(key, None)
         return cls(**kwargs, extra=extra)
 
     def save(self, directory: str | Path) -> Path:
@@ -189,19 +198,84 @@ class LoraConfig:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "LoraConfig":
+    def load(cls, directory: str | Path, inside: str | Path | None = None) -> "LoraConfig":
+        """The config in `directory`; with `inside`, the file read must lie under that directory."""
         path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise UserError(f"{path} not found: an adapter directory needs {CONFIG_NAME} (PEFT layout)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"{path} is not valid JSON ({err}); re-save the adapter") from None
-        return cls.from_dict(data)
+        from lorakit.files import read_json
+
+        return cls.from_dict(read_json(path, what="adapter config", inside=inside))
 
 
-def _positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+def _show(value: Any, limit: int = 80) -> str:
+    """A value for an error message, cut short (a config may hold a 5000-digit number or a huge list)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for repr
+        text = f"an integer of about {value.bit_length() * 3 // 10} digits"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    """A real number that is finite as a float (bools are not numbers here; a 400-digit int is not finite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{name} must be a positive integer, got {_show(value)}")
+    return value
+
+
+def _positive_number(name: str, value: Any) -> float:
+    if not _is_number(value) or value <= 0:
+        raise UserError(f"{name} must be a positive finite number, got {_show(value)}")
+    return value
+
+
+def _pattern(field_name: str, pattern: Any) -> str:
+    """A module name or regular expression: a non-empty string that compiles."""
+    if not isinstance(pattern, str) or not pattern:
+        raise UserError(f"{field_name} entries must be non-empty strings (module names or regular expressions), "
+                        f"got {_show(pattern)}")
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        raise UserError(f"{field_name} {_show(pattern)} is not a valid regular expression ({err})") from None
+    return pattern
+
+
+def _names(field_name: str, value: Any, empty_ok: bool) -> list[str] | str | None:
+    """None, a regex string, or a list of names (a set is sorted, so the JSON is stable)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            raise UserError(f"{field_name} is an empty string; name modules or use 'all-linear'")
+        return _pattern(field_name, value)
+    if isinstance(value, (list, tuple, set)):
+        if isinstance(value, set):
+            value = sorted(value, key=str)
+        names = [_pattern(field_name, v) for v in value]
+        if not names and not empty_ok:
+            raise UserError(f"{field_name} is empty; name at least one module, e.g. ['q_proj', 'v_proj']")
+        return names
+    raise UserError(f"{field_name} must be a string (a regex) or a list of module names, got {_show(value)}")
+
+
+def _pattern_table(field_name: str, value: Any, check) -> dict:
+    """rank_pattern / alpha_pattern: {regex of a module name suffix: value}; null means empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{field_name} must be an object {{module pattern: value}}, got {_show(value)}")
+    return {_pattern(field_name, k): check(f"{field_name}[{k!r}]", v) for k, v in value.items()}
 
 
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:

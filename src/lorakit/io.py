@@ -15,11 +15,11 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from lorakit.adapters import active_adapters, adapter_configs, delete_adapter, inject, set_adapters
+from lorakit.adapters import adapter_configs, inject, planned_layers, set_adapters, transaction
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import UserError
-from lorakit.files import atomic_write_bytes
-from lorakit.layers import LoraLayer, SavedModule
+from lorakit.files import atomic_write_bytes, check_directory, read_bytes
+from lorakit.layers import LoraLayer, SavedModule, base_kind, layer_dims
 from lorakit.options import option
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,12 +48,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors. Adapter-sized files are read whole and parsed from memory, which
     is faster here than safetensors' per-tensor reads from a memory map."""
-    try:
-        return safetensors_load(Path(path).read_bytes())
-    except FileNotFoundError:
-        raise UserError(f"{path} not found") from None
-    except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
-        raise UserError(f"{path} is not a readable safetensors file ({err}); re-save or re-download it") from None
+    return parse_tensors(read_bytes(path, "safetensors file"), path)
 
 
 # -- model <-> PEFT keys --------------------------------------------------------------------------
@@ -118,28 +113,77 @@ def write_adapter(directory: str | Path, config: LoraConfig, tensors: dict[str, 
     return directory
 
 
-def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """Config and PEFT-keyed tensors of an adapter directory, validated (no pickle, finite values)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"adapter directory {directory} not found; pass a folder holding {CONFIG_NAME}")
+# Dtypes an adapter's weights may have on disk: they are copied into float parameters.
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def read_adapter(directory: str | Path, inside: str | Path | None = None) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Config and PEFT-keyed tensors of an adapter directory, validated (no pickle, float dtypes, finite
+    values, each module's A and B present with the rank its config says). With `inside`, both files
+    read must lie under that directory (`lorakit.files.OutsideRoot` otherwise)."""
+    directory = check_directory(directory, "adapter directory")
     weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
+    if not weights.exists() and not weights.is_symlink():
         if (directory / PICKLE_NAME).is_file():
             raise UserError(f"{directory} holds only {PICKLE_NAME} (a pickle, which lorakit never loads); "
                             "re-save it with PEFT's save_pretrained(safe_serialization=True)")
         raise UserError(f"{weights} not found; an adapter directory needs {WEIGHTS_NAME}")
-    config = LoraConfig.load(directory)
-    tensors = load_tensors(weights)
-    floats = [t for t in tensors.values() if t.is_floating_point() and t.numel()]
+    config = LoraConfig.load(directory, inside=inside)
+    tensors = parse_tensors(read_bytes(weights, "safetensors file", inside=inside), weights)
+    check_adapter_tensors(config, tensors, weights)
+    return config, tensors
+
+
+def parse_tensors(data: bytes, where: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors_load(data)
+    except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
+        raise UserError(f"{where} is not a readable safetensors file ({str(err)[:200]}); re-save or re-download it") from None
+
+
+def check_adapter_tensors(config: LoraConfig, tensors: dict[str, torch.Tensor], weights: str | Path) -> None:
+    """What a file can be checked for without a model: float dtypes, finite values, and LoRA factor pairs
+    whose shapes agree with each other and with the rank the config gives that module."""
+    for key, t in tensors.items():
+        if t.dtype not in _FLOAT_DTYPES:
+            raise UserError(f"{weights}: tensor {key} is {str(t.dtype).removeprefix('torch.')}; adapter weights must "
+                            "be float32, float16, bfloat16 or float64")
+    floats = [t for t in tensors.values() if t.numel()]
     # One fused call for all tensors (isfinite per tensor is ~10x slower here): a NaN or Inf anywhere makes
     # that tensor's norm non-finite. A huge but finite tensor can overflow its norm too; the exact check
     # below then clears it.
     if floats and not torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(floats)])).all():
-        bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
         if bad:
             raise UserError(f"{weights}: tensor {bad[0]} contains NaN or Inf; the adapter is corrupt")
-    return config, tensors
+        big = [k for k, t in tensors.items() if t.dtype == torch.float64 and t.abs().max() > _FP32_MAX]
+        if big:
+            raise UserError(f"{weights}: tensor {big[0]} has values beyond float32's range (not finite once "
+                            "loaded); the adapter is corrupt")
+    pairs = 0
+    for key, A in tensors.items():
+        for a_suffix, b_suffix in FACTOR_SUFFIXES.items():
+            if not key.endswith(a_suffix):
+                continue
+            module = key.removeprefix(PREFIX)[: -len(a_suffix)]
+            B = tensors.get(key[: -len(a_suffix)] + b_suffix)
+            if B is None:
+                raise UserError(f"{weights}: module {module!r} has {a_suffix[1:]} but lacks {b_suffix[1:]}; "
+                                "the adapter is incomplete")
+            if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+                raise UserError(f"{weights}: module {module!r} has {a_suffix[1:]} of shape {tuple(A.shape)} and "
+                                f"{b_suffix[1:]} of shape {tuple(B.shape)}; they must be (r, in) and (out, r)")
+            if A.shape[0] != config.rank_for(module):
+                raise UserError(f"{weights}: module {module!r} has rank {A.shape[0]} but {CONFIG_NAME} says "
+                                f"r={config.rank_for(module)} for it; the files do not belong together")
+            pairs += 1
+    a_of = {b: a for a, b in FACTOR_SUFFIXES.items()}
+    orphans = [k for k in tensors for b in a_of if k.endswith(b) and k[: -len(b)] + a_of[b] not in tensors]
+    if orphans:
+        raise UserError(f"{weights} lacks the lora_A beside {orphans[0]}; the adapter is incomplete")
+    if not pairs:
+        raise UserError(f"{weights} holds no LoRA weights (no lora_A / lora_B tensors); the adapter is empty")
 
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter: str | None = None,
@@ -156,20 +200,34 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter: str | None = 
 def install_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], adapter: str,
                     source: str | Path = "adapter", trainable: bool = False) -> str:
     """Add an adapter already read by `read_adapter` (the file I/O can happen elsewhere, e.g. off a
-    server's inference thread); the model is left unchanged if it does not fit."""
-    previous = active_adapters(model)
-    inject(model, config, adapter=adapter, initialize=False)
-    try:
+    server's inference thread); the model is left unchanged if it does not fit.
+
+    Every LoRA factor the config implies is checked against the file, by name and shape, before
+    anything is allocated: the file's sizes, not the config's `r`, bound what a load may allocate.
+    """
+    _check_fits(model, config, tensors, Path(source))
+    with transaction(model):
+        inject(model, config, adapter=adapter, initialize=False)
         params = _copy_into(model, adapter, config, tensors, source=Path(source))
-    except BaseException:
-        delete_adapter(model, adapter)
-        if previous:
-            set_adapters(model, previous)
-        raise
-    if not trainable:
-        for p in params.values():
-            p.requires_grad_(False)
+        if not trainable:
+            for p in params.values():
+                p.requires_grad_(False)
     return adapter
+
+
+def _check_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Each target's A (r, in) and B (out, r) must be in the file with the base's in and out (no allocation)."""
+    for name, module in planned_layers(model, config):
+        inputs, outputs = layer_dims(module)
+        r = config.rank_for(name)
+        for key, shape in zip(factor_keys(name, base_kind(module) == "embedding"), ((r, inputs), (outputs, r))):
+            if key not in tensors:
+                raise UserError(f"{source}: {WEIGHTS_NAME} lacks {key} that its config implies; "
+                                "the adapter is incomplete (or made for a different base)")
+            if tuple(tensors[key].shape) != shape:
+                raise UserError(f"{source}: module {name!r} does not fit: {key.rsplit(name + '.', 1)[-1]} is "
+                                f"{tuple(tensors[key].shape)} in the adapter but this base needs {shape}; is it the "
+                                "adapter for a different base?")
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ class RoutedLayer(Protocol):
     kind: str
     in_features: int
     out_features: int
-    lora_A: nn.ParameterDict  # name -> (r, in)
+    lora_A: nn.ParameterDict  # name -> (r, in); `by_name()` gives it as a plain dict (layers.AdapterParameters)
     lora_B: nn.ParameterDict  # name -> (out, r)
     scaling: dict[str, float]
 
@@ -82,7 +82,7 @@ class AdapterStacks:
         self._stacks: dict[nn.Module, AdapterStack] = {}  # not buffers: never saved, moved or counted
 
     def get(self, layer: RoutedLayer) -> AdapterStack:
-        A, B = layer.lora_A._parameters, layer.lora_B._parameters  # the dicts themselves: no module lookups
+        A, B = layer.lora_A.by_name(), layer.lora_B.by_name()  # plain dicts by adapter name: no module lookups
         key = tuple((n, A[n].data_ptr(), A[n]._version, B[n].data_ptr(), B[n]._version) for n in sorted(A))
         if torch.is_grad_enabled():
             return _stack(layer, key)
