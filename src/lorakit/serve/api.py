@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException
 
 from lorakit.errors import UserError
+from lorakit.files import OutsideRoot
 from lorakit.serve.config import NAME_RULE, ServeConfig, valid_name
 from lorakit.serve.engine import Engine, GenerationRequest, Overloaded, Stopped
 from lorakit.serve.choices import Answer, Choice, TokenText, chunk_body, new_id
@@ -145,11 +146,20 @@ class Api:
         if name == registry.base_name or name in registry.adapters or name in registry.pending:
             raise ApiError(400, f"The lora adapter '{name}' has already been loaded; unload it first",
                            param="lora_name")
+        cap = self.config.max_adapters
+        if len(registry.adapters) + len(registry.pending) >= cap:
+            raise ApiError(400, f"this server holds at most {cap} adapters (--max-adapters); unload one first",
+                           param="lora_name", code="too_many_adapters")
         registry.pending.add(name)
         try:
             try:  # file reading and checks happen off the engine thread: generation goes on meanwhile
-                lora_config, tensors = await asyncio.to_thread(read_adapter, where)
+                # `inside`: the files actually opened must lie in --adapter-dir (a link swapped in after
+                # adapter_path's check is caught here, on the open file)
+                lora_config, tensors = await asyncio.to_thread(read_adapter, where, root)
                 servable(lora_config, where)
+            except OutsideRoot:
+                raise ApiError(403, "'lora_path' must resolve inside the server's --adapter-dir",
+                               param="lora_path") from None
             except UserError as err:
                 raise ApiError(400, str(err).replace(str(root), "<adapter-dir>"), param="lora_path") from None
             key = registry.new_key(name)
@@ -184,7 +194,8 @@ class Api:
         params = parse_request(await self.read_json(request), chat)
         mix = self.registry.mix(params)
         self.check_logit_bias(params)
-        prompts = self.prompt_ids(params, chat)
+        # off the event loop: a prompt of a megabyte takes a while to tokenize, and /health must not wait
+        prompts = await asyncio.to_thread(self.prompt_ids, params, chat)
         budgets = [self.budget(params, len(ids)) for ids in prompts]
         rows = len(prompts) * params.best_of
         if rows > self.engine.max_waiting:
@@ -329,8 +340,9 @@ class Api:
         try:  # follows symlinks: a link inside that points out is refused too, for the files as well
             where = (root / path).resolve()
             inside = [where, *((where / f).resolve() for f in (CONFIG_NAME, WEIGHTS_NAME))]
-        except (ValueError, OSError):  # NUL bytes, loops
-            raise ApiError(400, "'lora_path' is not a usable path", param="lora_path") from None
+        except (ValueError, OSError, RuntimeError):  # NUL bytes; symlink loops (RuntimeError before Python 3.13)
+            raise ApiError(400, "'lora_path' is not a usable path (a NUL byte or a symbolic link loop)",
+                           param="lora_path") from None
         if not all(p.is_relative_to(root) for p in inside):
             raise ApiError(403, "'lora_path' must resolve inside the server's --adapter-dir", param="lora_path")
         return root, where

@@ -96,10 +96,10 @@ def parse_adapter_arg(spec: str) -> tuple[str, str]:
     """'name=path' -> (name, path); a bare path is named after its directory."""
     name, sep, path = spec.partition("=")
     if not sep:
-        path, name = spec, Path(spec).resolve().name
+        path = spec
     if not Path(path).is_dir():
         raise UserError(f"--adapter {spec}: {path} is not a directory; use NAME=PATH to an adapter directory")
-    return name, path
+    return (name if sep else Path(spec).resolve().name), path
 
 
 SPECIAL = ("adapters", "api_key")  # ServeConfig fields with hand-written flags (see register)
@@ -122,7 +122,12 @@ def register(subparsers) -> None:
     add_options(p, ServeConfig, skip=SPECIAL)
 
     def run(args) -> int:
-        adapters = dict(parse_adapter_arg(spec) for spec in args.adapter)
+        adapters = {}
+        for spec in args.adapter:
+            name, path = parse_adapter_arg(spec)
+            if name in adapters:
+                raise UserError(f"--adapter name {name!r} is given twice; give each adapter its own name")
+            adapters[name] = path
         serve(ServeConfig(adapters=adapters, api_key=args.api_key, **options(args, ServeConfig, skip=SPECIAL)))
         return 0
 

@@ -36,6 +36,8 @@ class ServeConfig:
     max_waiting: int = option("queued requests beyond the batch before answering 429", default=64)
     max_tokens: int = option("most tokens one request may generate", default=512)
     max_body_bytes: int = option("largest request body, in bytes", default=1 << 20)
+    max_adapters: int = option("most adapters loaded at once (each widens every adapted layer's stacked copy); "
+                               "a load beyond it is refused until one is unloaded", default=16)
     dtype: str = dtype_option()
     served_model_name: str | None = option("the base's name in the API (default: --base, or lorakit/embedded)",
                                            default=None)
@@ -44,8 +46,19 @@ class ServeConfig:
         for name in self.adapters:
             if not valid_name(name):
                 raise UserError(NAME_RULE.format(name=name))
-        for key in ("max_batch", "max_waiting", "max_tokens", "max_body_bytes"):
+        for key in ("max_batch", "max_waiting", "max_tokens", "max_body_bytes", "max_adapters"):
             if getattr(self, key) < 1:
                 raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        if len(self.adapters) > self.max_adapters:
+            raise UserError(f"{len(self.adapters)} --adapter given but --max-adapters is {self.max_adapters}; "
+                            "raise --max-adapters")
+        if self.api_key is not None and not self.api_key.strip():
+            # an empty key would turn authentication off without a word: never what was meant
+            raise UserError("the API key is empty (--api-key \"\" or an empty $LORAKIT_API_KEY); give a real key, "
+                            "or unset LORAKIT_API_KEY and leave out --api-key to serve without one")
+        if not 1 <= self.port <= 65535:
+            raise UserError(f"--port must be between 1 and 65535, got {self.port}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise UserError(f"unknown dtype {self.dtype!r}; use one of auto, fp32, bf16, fp16")
         if self.adapter_dir is not None and not Path(self.adapter_dir).is_dir():
             raise UserError(f"--adapter-dir {self.adapter_dir} is not a directory")

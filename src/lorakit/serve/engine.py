@@ -40,7 +40,7 @@ from lorakit.adapters import delete_adapter, per_row_adapters
 from lorakit.base import autocast
 from lorakit.errors import UserError
 from lorakit.routing import AdapterStacks, RowRouting
-from lorakit.serve.sampling import RowSampler, SamplingParams, TokenScores, choose, position_scores
+from lorakit.serve.sampling import RowSampler, SamplingParams, TokenScores, choose, log_failure, position_scores
 
 Emit = Callable[[int | None, str | None, TokenScores | None], None]
 
@@ -254,7 +254,9 @@ class Engine:
         try:
             step() if requests is None else step(requests)
         except Exception as err:  # noqa: BLE001 - the engine must outlive one bad batch
-            for request in requests if requests is not None else [row.request for row in self._rows]:
+            involved = requests if requests is not None else [row.request for row in self._rows]
+            log_failure(f"a step failed; its {len(involved)} request(s) end with an error (500)", err)
+            for request in involved:
                 self._finish(request, "error")
             if requests is None:
                 self._rows, self._cache, self._mask = [], None, None

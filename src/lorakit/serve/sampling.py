@@ -126,11 +126,17 @@ def choose(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[int | Non
     tokens: list[int | None] = []
     for i, row in enumerate(rows):
         if not finite[i]:
+            log_failure("a row's logits are not finite (NaN or Inf: a broken adapter?); its request ends with an "
+                        "error (500)")
             tokens.append(None)
         elif row.params.greedy:
             tokens.append(argmax[i])
         else:
-            tokens.append(row.sample(adjusted[i]))
+            try:
+                tokens.append(row.sample(adjusted[i]))
+            except Exception as err:  # noqa: BLE001 - this row's sampling failed: it alone ends (500), logged
+                log_failure("a row's sampling failed; its request ends with an error (500)", err)
+                tokens.append(None)
     scores: list[TokenScores | None] = [None] * len(rows)
     wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None and tokens[i] is not None]
     if wanted:
@@ -143,6 +149,16 @@ def choose(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[int | Non
         if token is not None:
             row.accepted(token)
     return tokens, scores
+
+
+def log_failure(what: str, err: BaseException | None = None) -> None:
+    """The server-side line (and traceback) that every request ending in a 500 leaves in the log."""
+    import sys
+    import traceback
+
+    print(f"lorakit serve: {what}", file=sys.stderr, flush=True)
+    if err is not None:
+        traceback.print_exception(err, file=sys.stderr)
 
 
 def position_scores(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenScores]:
