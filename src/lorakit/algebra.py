@@ -32,6 +32,7 @@ from torch import Tensor
 from lorakit.adapters import adapter_configs
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import UserError
+from lorakit.files import check_output
 from lorakit.io import (EMBEDDING_COPY, EMBEDDING_FACTORS, FACTOR_SUFFIXES, PREFIX, adapter_state_dict, factor_keys,
                         parse_adapter_spec, read_adapter, write_adapter)
 from lorakit.options import add_command, default_of, option
@@ -280,8 +281,8 @@ def _check_options(method: str, rank: int | None, density: float | None, seed: i
             raise UserError(f"density must be in (0, 1], got {density!r}")
     elif density is not None:
         raise UserError(f"density applies to {', '.join(DENSITY_METHODS)}, not to {method}; leave it out")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UserError(f"seed must be an integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise UserError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
 
 
 def _weighted(item: AdapterLike | tuple[AdapterLike, float]) -> tuple[Adapter, float]:
@@ -393,6 +394,7 @@ def cmd_combine(config: CombineConfig) -> Adapter:
     out = Path(config.out)
     if (out / CONFIG_NAME).exists() and not config.overwrite:
         raise UserError(f"{out} already holds an adapter; pass --overwrite or choose another --out")
+    check_output(out, "--out", directory=True)
     result = combine(config.adapters, method=config.method, rank=config.rank, density=config.density, seed=config.seed)
     result.save(out)
     ranks = [f.rank for f in result.modules().values()]

@@ -16,6 +16,7 @@ import torch
 
 from lorakit import nf4
 from lorakit.errors import UserError
+from lorakit.files import check_directory, read_json
 from lorakit.options import option
 
 EMBEDDED_BASE = Path(__file__).parent / "assets" / "base"
@@ -97,9 +98,13 @@ def load_base(base: str | Path | None = None, dtype: torch.dtype = torch.float32
 
     source = EMBEDDED_BASE if base is None or str(base) == "lorakit/embedded" else base
     if base is not None and Path(base).expanduser().exists():
-        source = Path(base).expanduser()
-        if not (source / "config.json").is_file():
+        source = check_directory(Path(base).expanduser(), "base model directory")
+        if not (source / "config.json").exists():
             raise UserError(f"{source} has no config.json; --base must be a transformers model directory")
+        config = read_json(source / "config.json", "model config")
+        if not isinstance(config, dict):
+            raise UserError(f"{source / 'config.json'} holds a JSON {type(config).__name__}, not an object; "
+                            "--base must be a transformers model directory")
     elif base is not None and str(base).startswith((".", "/", "~")):
         raise UserError(f"base model directory {base} not found; pass an existing directory or a hub id")
     device = device or default_device()
@@ -113,10 +118,13 @@ def load_base(base: str | Path | None = None, dtype: torch.dtype = torch.float32
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except ValueError as err:
-        raise UserError(f"{base} is not a causal language model ({str(err).splitlines()[0]}); "
+        raise UserError(f"{base} is not a causal language model ({_first_line(err)}); "
                         "--base needs a model AutoModelForCausalLM can load") from None
     except OSError as err:
-        raise UserError(f"cannot load base model {base!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load base model {base!r}: {_first_line(err)}") from None
+    except (TypeError, KeyError, AttributeError, IndexError) as err:  # a config.json with odd values
+        raise UserError(f"cannot load base model {base!r} ({type(err).__name__}: {_first_line(err)}); is its "
+                        "config.json a transformers model config?") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
@@ -125,3 +133,7 @@ def load_base(base: str | Path | None = None, dtype: torch.dtype = torch.float32
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]

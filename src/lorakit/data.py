@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import UserError
+from lorakit.files import open_regular
 from lorakit.losses import IGNORE  # the label the loss skips: no loss on prompts, other turns, padding
 
 # The documented fallback chat format for tokenizers without a chat template. Each turn is
@@ -69,20 +70,21 @@ class DataStats:
 def load_examples(path: str | Path, tokenizer, seq_len: int, labels: str = "good") -> tuple[list[Example], DataStats]:
     """Read a .txt or .jsonl file into training rows. Raises UserError for anything unusable."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"data file {path} not found")
     if labels not in ("good", "all"):
         raise UserError(f"labels must be 'good' or 'all', got {labels!r}")
     stats = DataStats()
     if path.suffix not in (".jsonl", ".txt", ".text", ".md", ""):
         raise UserError(f"{path}: unsupported data format {path.suffix!r}; use .txt or .jsonl")
+    if seq_len < 2:  # a row of one token has no next token to learn or score
+        raise UserError(f"--seq-len must be at least 2, got {seq_len}")
     try:
-        if path.suffix == ".jsonl":
-            texts, rows = _read_jsonl(path, tokenizer, labels, stats)
-        else:
-            texts, rows = [_read_text(path, stats)], []
-            stats.records = 1
-            stats.formats["text"] = 1
+        with open_regular(path, "data file") as f:  # a FIFO or a directory is refused, never read
+            if path.suffix == ".jsonl":
+                texts, rows = _read_jsonl(f, path, tokenizer, labels, stats)
+            else:
+                texts, rows = [_read_text(f, path, stats)], []
+                stats.records = 1
+                stats.formats["text"] = 1
     except OSError as err:
         raise UserError(f"cannot read {path} ({err.strerror}); check the path and its permissions") from None
     examples = _pack(texts, tokenizer, seq_len) + [_fit(r, seq_len, stats) for r in rows]
@@ -94,51 +96,56 @@ def load_examples(path: str | Path, tokenizer, seq_len: int, labels: str = "good
     return examples, stats
 
 
-def _read_text(path: Path, stats: DataStats) -> str:
+def _read_text(f, path: Path, stats: DataStats) -> str:
     lines = []
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                lines.append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                stats.skipped_non_utf8_lines += 1
+    for raw in f:
+        if b"\x00" in raw:  # no text has NUL bytes: a binary file, or UTF-16/32
+            raise UserError(f"{path} looks like a binary file (NUL bytes); give UTF-8 text")
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            stats.skipped_non_utf8_lines += 1
     text = "".join(lines)
     if not text.strip():
         raise UserError(f"{path} is empty (or holds no UTF-8 text); give it some text to learn from")
     return text
 
 
-def _read_jsonl(path: Path, tokenizer, labels: str, stats: DataStats) -> tuple[list[str], list[Example]]:
+def _read_jsonl(f, path: Path, tokenizer, labels: str, stats: DataStats) -> tuple[list[str], list[Example]]:
     texts: list[str] = []
     rows: list[Example] = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{number}: line is not valid UTF-8; fix or remove it") from None
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: broken JSON ({err.msg}); fix or remove that line") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            stats.records += 1
-            label = record.get("label")
-            if label not in (None, "good", "bad"):
-                raise UserError(f"{path}:{number}: label must be 'good' or 'bad', got {label!r}")
-            stats.good += label == "good"
-            stats.bad += label == "bad"
-            stats.unlabelled += label is None
-            if label == "bad" and labels == "good":
-                stats.skipped_bad_label += 1
-                continue
-            kind, item = _record(record, tokenizer, f"{path}:{number}")
-            stats.formats[kind] = stats.formats.get(kind, 0) + 1
-            if kind == "text":
-                texts.append(item)
-            else:
-                rows.append(item)
+    for number, raw in enumerate(f, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{path}:{number}: line is not valid UTF-8; fix or remove it") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{number}: broken JSON ({err.msg}); fix or remove that line") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: broken JSON (nested too deeply); fix or remove that line") from None
+        except ValueError:  # a number beyond Python's 4300-digit limit
+            raise UserError(f"{path}:{number}: broken JSON (a number with too many digits); fix or remove "
+                            "that line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        stats.records += 1
+        label = record.get("label")
+        if label not in (None, "good", "bad"):
+            raise UserError(f"{path}:{number}: label must be 'good' or 'bad', got {str(label)[:40]!r}")
+        stats.good += label == "good"
+        stats.bad += label == "bad"
+        stats.unlabelled += label is None
+        if label == "bad" and labels == "good":
+            stats.skipped_bad_label += 1
+            continue
+        kind, item = _record(record, tokenizer, f"{path}:{number}")
+        stats.formats[kind] = stats.formats.get(kind, 0) + 1
+        if kind == "text":
+            texts.append(item)
+        else:
+            rows.append(item)
     if stats.records == 0:
         raise UserError(f"{path} holds no records; add JSON lines with 'text', 'prompt'/'completion' or 'messages'")
     return texts, rows

@@ -57,6 +57,8 @@ def run_demo(config: DemoConfig | None = None) -> dict:
         raise UserError(f"the embedded base is missing from {EMBEDDED_BASE}; reinstall lorakit")
     if corpus not in corpora():
         raise UserError(f"unknown corpus {corpus!r}; shipped corpora: {', '.join(corpora())}")
+    if steps <= 0:
+        raise UserError(f"--steps must be positive, got {steps}")
     domain_train, domain_held = CORPORA / corpus / "train.txt", CORPORA / corpus / "heldout.txt"
     general_held = CORPORA / "general" / "heldout.txt"
     started = time.perf_counter()

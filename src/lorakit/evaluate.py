@@ -71,6 +71,10 @@ class EvalConfig:
 
 def evaluate(config: EvalConfig) -> dict:
     """Perplexity on `config.data` for the base, the adapted model, and each scale of the adapter mix."""
+    for flag, value, low in (("--batch-size", config.batch_size, 1), ("--seq-len", config.seq_len, 2),
+                             ("--max-batches", 1 if config.max_batches is None else config.max_batches, 1)):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}")
     device = default_device()
     scales = _parse_scales(config.scales)
     model, tokenizer = load_base(config.base, dtype=resolve_dtype(config.dtype, device), device=device)
@@ -112,9 +116,12 @@ def _parse_scales(text: str | None) -> list[float]:
     if not text:
         return []
     try:
-        return [float(s) for s in text.split(",") if s.strip()]
+        scales = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--scales must be comma-separated numbers like 0,0.5,1,2; got {text!r}") from None
+    if not all(math.isfinite(s) for s in scales):
+        raise UserError(f"--scales must be finite numbers, got {text!r}")
+    return scales
 
 
 def register(subparsers) -> None:

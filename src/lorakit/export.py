@@ -21,7 +21,7 @@ from lorakit import nf4
 from lorakit.adapters import lora_layers, unload
 from lorakit.base import DTYPES, EMBEDDED_BASE, base_option, load_base
 from lorakit.errors import UserError
-from lorakit.files import staged_directory
+from lorakit.files import check_output, staged_directory
 from lorakit.io import adapters_option, attach_adapters, parse_adapter_spec
 from lorakit.options import add_command, default_of, option
 
@@ -87,6 +87,7 @@ def _merge_into_nf4(model) -> float:
 
 def check_out(out: Path, overwrite: bool) -> None:
     if not out.exists():
+        check_output(out, "--out", directory=True)  # a parent that is a file, or unwritable: before any work
         return
     if not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")

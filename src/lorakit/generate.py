@@ -9,6 +9,7 @@ the same and every difference in the text comes from the adapter.
 
 from __future__ import annotations
 
+import math
 import sys
 from contextlib import nullcontext
 from collections.abc import Iterator
@@ -23,6 +24,11 @@ from lorakit.data import render_chat_prompt
 from lorakit.errors import UserError
 from lorakit.io import adapters_option, attach_adapters
 from lorakit.options import add_command, option
+
+
+# Below this temperature sampling is greedy (vLLM's threshold): dividing logits by 1e-45 overflows float32,
+# and the distribution is one-hot to float precision long before.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -40,12 +46,16 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise UserError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
-        if not self.greedy and self.temperature <= 0:
-            raise UserError(f"--temperature must be positive (or use --greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not math.isfinite(self.temperature) or (not self.greedy and self.temperature <= 0):
+            raise UserError(f"--temperature must be a positive number (or use --greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UserError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
+        if self.temperature < GREEDY_BELOW:
+            self.greedy = True
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
@@ -53,17 +63,20 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     logits = logits.float()
     if sampling.greedy:
         return int(logits.argmax())
-    logits = logits / sampling.temperature
+    # Everything below stays in log space until one softmax over what is kept: the top token always
+    # survives each cut, so the kept set is never empty and nothing divides by a zero sum (a top_p of
+    # 1e-300 is 0 in float32, and would otherwise drop every token).
+    logits = logits / sampling.temperature  # temperature >= GREEDY_BELOW: finite
     if sampling.top_k:
         kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
     if sampling.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest set whose mass reaches top_p (always at least the top token)
-        drop = sorted_probs.cumsum(0) - sorted_probs >= sampling.top_p
-        probs = probs.scatter(0, order[drop], 0.0)
-        probs = probs / probs.sum()
+        sorted_logits, order = logits.sort(descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        drop = sorted_probs.cumsum(0) - sorted_probs >= sampling.top_p  # keep the smallest set reaching top_p
+        drop[0] = False
+        logits = logits.scatter(0, order[drop], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 

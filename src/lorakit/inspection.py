@@ -25,7 +25,7 @@ from lorakit.base import EMBEDDED_BASE, base_option, default_device, load_base
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.data import load_examples
 from lorakit.errors import UserError
-from lorakit.files import save_png
+from lorakit.files import check_output, read_json, save_png
 from lorakit.io import EMBEDDING_COPY, WEIGHTS_NAME, adapters_option, attach_adapters
 from lorakit.modules import output_head
 from lorakit.options import add_command, default_of, option
@@ -94,7 +94,18 @@ def effective_rank(singular_values: torch.Tensor) -> float:
 
 
 def base_parameter_count(name: str | None) -> int | None:
-    """Parameters of a local base model (from safetensors headers, no weights read), else None."""
+    """Parameters of a local base model (from safetensors headers, no weights read), else None.
+
+    The name comes from the adapter's config, so anything may be there: a base that cannot be read
+    (a hub id, a path that is not a model, a broken file) only means the count is not shown.
+    """
+    try:
+        return _base_parameter_count(name)
+    except Exception:  # noqa: BLE001 - informational: unknown, not an error of the adapter
+        return None
+
+
+def _base_parameter_count(name: str | None) -> int | None:
     from safetensors import safe_open
 
     if name is None:
@@ -113,10 +124,24 @@ def base_parameter_count(name: str | None) -> int | None:
 
 
 def _base_memory(adapter: Path, base: str | None) -> dict | None:
+    """The base's memory from the training summary beside the adapter (if it is one of ours), else from an NF4
+    base directory; None when neither can be read (informational, like `base_parameter_count`)."""
     summary = adapter / "training_summary.json"
     if summary.is_file():
-        return json.loads(summary.read_text()).get("memory")
-    if base and nf4.is_quantized(Path(base).expanduser()):
+        try:
+            memory = read_json(summary, "training summary").get("memory")
+        except (UserError, AttributeError):  # not JSON, or not an object
+            return None
+        numbers = isinstance(memory, dict) and all(
+            isinstance(memory.get(k), (int, float)) and not isinstance(memory.get(k), bool)
+            for k in ("base_bytes", "base_bits_per_param", *(k for k in ("nf4_params", "nf4_bits_per_param",
+                                                                          "peak_bytes") if memory.get(k))))
+        return memory if numbers else None
+    try:
+        quantized = bool(base) and nf4.is_quantized(Path(base).expanduser())
+    except Exception:  # noqa: BLE001 - "~nosuchuser/x", NUL bytes, loops: not a base we can read
+        return None
+    if quantized:
         memory = nf4.saved_memory(Path(base).expanduser())
         return {"base_bytes": memory.bytes, "base_bits_per_param": memory.bits_per_param,
                 "nf4_params": memory.nf4_params, "nf4_bits_per_param": memory.nf4_bits_per_param}
@@ -134,6 +159,8 @@ class InspectConfig:
 def cmd_inspect(config: InspectConfig) -> AdapterReport:
     """`lorakit inspect`: `inspect_adapter`, printed as a table."""
     plot = config.plot
+    if plot is not None:
+        check_output(plot, "--plot")
     r = inspect_adapter(config.adapter, plot)
     c = r.config
     targets = c.target_modules if isinstance(c.target_modules, str) else ", ".join(c.target_modules or [])
@@ -306,6 +333,8 @@ class DiffConfig:
 def cmd_diff(config: DiffConfig) -> DiffReport:
     """`lorakit diff`: `diff_adapters`, printed as tables (or JSON), and its plot."""
     adapters, plot = config.adapters, config.plot
+    if plot is not None:
+        check_output(plot, "--plot")
     r = diff_adapters(adapters, config.base, config.data, config.prompts, config.max_contexts, config.seq_len,
                       config.top)
     if plot is not None:

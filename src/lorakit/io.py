@@ -8,6 +8,7 @@ atomically (temp file + rename) and read without pickle; `adapter_model.bin` is 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -282,13 +283,16 @@ def adapters_option(use: str, required: bool = False):
 
 
 def parse_adapter_spec(spec: str) -> tuple[Path, float]:
-    """'adapters/a:0.5' -> (Path('adapters/a'), 0.5); a bare path has scale 1."""
+    """'adapters/a:0.5' -> (Path('adapters/a'), 0.5); a bare path (or one that exists, colon and all) has scale 1."""
     path, sep, scale = spec.rpartition(":")
-    if sep:
+    if sep and not Path(spec).exists():
         try:
-            return Path(path), float(scale)
+            value = float(scale)
         except ValueError:
-            pass
+            return Path(spec), 1.0
+        if not math.isfinite(value):
+            raise UserError(f"adapter {spec}: the scale must be a finite number, got {scale}")
+        return Path(path), value
     return Path(spec), 1.0
 
 

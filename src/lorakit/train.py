@@ -87,22 +87,38 @@ class TrainConfig:
     quiet: bool = option("no progress bar", default=False)
 
     def __post_init__(self) -> None:
+        # Every value is checked here, before anything loads or any file is written.
         self.data, self.out = Path(self.data), Path(self.out)
         for name in ("data", "eval_data", "init_from"):
             path = getattr(self, name)
-            if path is not None and not Path(path).exists():
+            if path is not None and not Path(path).exists() and not Path(path).is_symlink():
                 raise UserError(f"--{name.replace('_', '-')} {path} not found")
-        for name in ("r", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "checkpoint_every"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.steps is not None and self.steps <= 0:
-            raise UserError(f"--steps must be positive, got {self.steps}")
-        if self.epochs <= 0 or self.lr <= 0 or not 0 <= self.warmup < 1:
-            raise UserError("--epochs and --lr must be positive and --warmup in [0, 1)")
+        for name in ("r", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.seq_len is not None and self.seq_len < 2:  # one token has no next token to learn
+            raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
+        for name, low, high, low_open in (("lr", 0, math.inf, True), ("alpha", 0, math.inf, True),
+                                          ("epochs", 0, math.inf, True), ("weight_decay", 0, math.inf, False),
+                                          ("max_grad_norm", 0, math.inf, False), ("warmup", 0, 1, False),
+                                          ("dropout", 0, 1, False)):
+            value = getattr(self, name)
+            in_range = math.isfinite(value) and (value > low if low_open else value >= low) and value < high
+            if not in_range:
+                bounds = f"in [{low}, {high})" if high < math.inf else ("> 0" if low_open else ">= 0")
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number {bounds}, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise UserError(f"unknown dtype {self.dtype!r}; use one of auto, fp32, bf16, fp16")
+        if self.labels not in ("good", "all"):
+            raise UserError(f"--labels must be 'good' or 'all', got {self.labels!r}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
         if self.quantize not in (None, "nf4"):
             raise UserError(f"--quantize {self.quantize} is not supported; use --quantize nf4 (or leave it out)")
+        self.lora_config()  # --targets (and the rest of the adapter's shape) checked too
 
     def lora_config(self) -> LoraConfig:
         # a list of module names; anything else ("all-linear", a regex over full names) stays a string

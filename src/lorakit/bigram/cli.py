@@ -31,6 +31,7 @@ from lorakit.bigram.model import (
 from lorakit.bigram.report import RowChange, RowEntry, probability_table, row_changes, row_entries
 from lorakit.bigram.tokens import BOUNDARY, detokenize, read_text, tokenize
 from lorakit.errors import UserError
+from lorakit.files import check_output
 from lorakit.options import add_command, option
 
 
@@ -95,6 +96,7 @@ class TrainGridConfig:
 
 def cmd_train(config: TrainGridConfig) -> Grid:
     text, out = config.text, config.out
+    check_output(out, "-o", make_parents=False, inputs={"text": text})
     start = time.perf_counter()
     content = read_text(text)
     grid = train_grid(content)
@@ -118,6 +120,7 @@ class AdaptConfig:
 
 def cmd_adapt(config: AdaptConfig) -> LoraGrid:
     base_path, text, out = config.base, config.text, config.out
+    check_output(out, "-o", make_parents=False, inputs={"base grid": base_path, "text": text})
     base = load_grid(base_path)
     lora = adapt_grid(base, read_text(text))
     save_lora(lora, out)
@@ -163,6 +166,8 @@ class GridDiffConfig:
 
 def cmd_diff(config: GridDiffConfig) -> list[RowChange]:
     lora_spec, top, plot = config.lora, config.top, config.plot
+    if plot is not None:
+        check_output(plot, "--plot", make_parents=False)
     base = load_grid(config.base)
     [(lora, scale)] = load_adapters(base, [lora_spec])
     changes = row_changes(base, lora, scale, top)
@@ -211,6 +216,8 @@ def cmd_eval(config: GridEvalConfig) -> tuple[list[tuple[float, Score]], list[Cu
                                                     config.curve_scale, config.plot)
     if plot is not None and curve is None:
         raise UserError("--plot draws the --curve; add --curve DOMAIN.txt")
+    if plot is not None:
+        check_output(plot, "--plot", make_parents=False)
     base = load_grid(base_path)
     adapters = load_adapters(base, loras)
     held = read_text(held_out)

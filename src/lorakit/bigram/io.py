@@ -11,6 +11,7 @@ No pickle anywhere: safetensors is plain bytes plus a JSON header any language c
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save
 
 from lorakit.bigram.model import Grid, LoraGrid, vocab_fingerprint
-from lorakit.bigram.tokens import TOKENIZER_VERSION
+from lorakit.bigram.tokens import BOUNDARY, TOKENIZER_VERSION
 from lorakit import files
 from lorakit.errors import UserError
 
@@ -71,8 +72,10 @@ def save_lora(lora: LoraGrid, path: str | Path) -> None:
 
 def _read(path: str | Path, want: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise UserError(f"{path}: no such grid file; check the path")
+    with files.open_regular(path, "grid file"):  # a directory, FIFO or link loop: one line, never a hang
+        pass
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
@@ -118,7 +121,7 @@ def _checked_arrays(
 def _json_list(path: str | Path, meta: dict[str, str], key: str) -> tuple[str, ...]:
     try:
         words = json.loads(meta[key])
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # broken JSON, 5000-digit numbers, deep nesting
         words = None
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise UserError(f"{path}: damaged grid file ({key} is not a JSON list of words)")
@@ -130,13 +133,18 @@ def load_grid(path: str | Path) -> Grid:
     vocab = _json_list(path, meta, "vocab")
     if vocab_fingerprint(vocab) != meta.get("vocab_fingerprint"):
         raise UserError(f"{path}: damaged grid file (vocabulary does not match its fingerprint)")
+    if not vocab or vocab[0] != BOUNDARY or len(set(vocab)) != len(vocab):
+        raise UserError(f"{path}: damaged grid file (the vocabulary must start with {BOUNDARY} and name each "
+                        "word once)")
     return Grid(vocab, *_checked_arrays(path, arrays, len(vocab)))
 
 
 def load_lora(path: str | Path) -> LoraGrid:
     meta, arrays = _read(path, "lora")
     extra = _json_list(path, meta, "extra_vocab")
-    if not meta["base_vocab_size"].isdigit():
+    if BOUNDARY in extra or len(set(extra)) != len(extra):
+        raise UserError(f"{path}: damaged grid file (extra_vocab repeats a word)")
+    if not re.fullmatch(r"[0-9]{1,9}", meta["base_vocab_size"]):  # ASCII digits only: '²'.isdigit() is True
         raise UserError(f"{path}: damaged grid file (base_vocab_size is not a number)")
     base_size = int(meta["base_vocab_size"])
     rows, cols, counts = _checked_arrays(path, arrays, base_size + len(extra))

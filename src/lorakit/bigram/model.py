@@ -234,6 +234,8 @@ def sample(
     """`start`'s tokens followed by `n` words drawn one after the other, reproducible for a seed."""
     if n < 0:
         raise UserError(f"-n must be >= 0, got {n}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {seed}")
     if smoothing < 0 or not math.isfinite(smoothing):
         raise UserError(f"smoothing must be a finite number >= 0, got {smoothing}")
     tokens = start_tokens(mix, start)

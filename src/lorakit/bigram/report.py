@@ -96,6 +96,8 @@ def row_entries(
     base: Grid, word: str, adapters: Sequence[tuple[LoraGrid, float]] = (), top: int = 20
 ) -> list[RowEntry]:
     """One row, before and after the LoRA grids, largest mixed counts first."""
+    if top < 1:
+        raise UserError(f"--top must be >= 1, got {top}")
     before = combine(base, [(lora, 0.0) for lora, _ in adapters])
     after = combine(base, adapters)
     word_id = after.index().get(word)

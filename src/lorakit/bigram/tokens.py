@@ -79,10 +79,12 @@ def detokenize(tokens: list[str]) -> str:
 
 def read_text(path: str | Path) -> str:
     """Read a UTF-8 text file for training or eval; refuse missing, binary and word-less files."""
+    from lorakit.files import read_bytes
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise UserError(f"{path}: no such text file; check the path")
-    raw = path.read_bytes()
+    raw = read_bytes(path, "text file")  # a directory or FIFO is refused, never read
     if b"\x00" in raw:
         raise UserError(f"{path}: looks like a binary file (NUL bytes); give a UTF-8 text file")
     try:
