@@ -217,7 +217,7 @@ NUMBERS = [
     Case("serve-adapter-symlink-loop", ["serve", "--adapter", "{work}/loop"], "loop",
          setup=lambda w: os.symlink(w / "loop", w / "loop")),
     Case("serve-adapter-dir-is-file", ["serve", "--adapter-dir", "{work}/f"], "--adapter-dir", setup=_write("f", "x")),
-    Case("serve-adapter-bad-file", ["serve", "--adapter", "a={work}/a"], "adapter_model.safetensors",
+    Case("serve-adapter-bad-file", ["serve", "--adapter", "a={work}/a", "--dtype", "fp32"], "adapter_model.safetensors",
          setup=_all(_mkdir("a"), _write("a/adapter_config.json", "[1]"))),
     Case("serve-too-many-adapters", ["serve", "--adapter", "a={adapter}", "--adapter", "b={adapter}",
                                      "--max-adapters", "1"], "--max-adapters"),
