@@ -89,7 +89,7 @@ def test_non_utf8_text_lines_are_skipped_and_counted(tok, tmp_path):
 
 BAD = {
     "missing": (None, "not found"),
-    "a directory": (("dir.txt", None), "cannot read"),
+    "a directory": (("dir.txt", None), "is a directory"),
     "empty txt": (("d.txt", b"   \n"), "empty"),
     "broken json": (("d.jsonl", b'{"text": "a"}\n{"text": \n'), r"d\.jsonl:2: broken JSON"),
     "non-utf8 jsonl": (("d.jsonl", b'{"text": "a"}\n\xff\n'), r":2: line is not valid UTF-8"),

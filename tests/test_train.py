@@ -103,7 +103,7 @@ def test_cli_errors_are_one_line(tiny_base, text_file, tmp_path, capsys):
         (["--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o1")], "not found"),
         (["--data", str(text_file), "--out", str(tmp_path / "o2"), "--seq-len", "4096"], "maximum of 128"),
         (["--data", str(text_file), "--out", str(text_file / "sub")], "cannot write"),
-        (["--data", str(text_file), "--out", str(tmp_path / "o3"), "--r", "0"], "--r must be positive"),
+        (["--data", str(text_file), "--out", str(tmp_path / "o3"), "--r", "0"], "--r must be a positive integer"),
         (["--data", str(text_file), "--out", str(tmp_path / "o4"), "--resume"], "nothing to resume"),
     ]
     for args, message in cases:

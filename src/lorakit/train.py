@@ -214,6 +214,12 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     memory = base_memory(model)
     seq_len = _seq_len(config, model)
     examples, stats = load_examples(config.data, tokenizer, seq_len, config.labels)
+    step_rows = config.batch_size * config.grad_accum * world.size
+    if step_rows > len(examples):  # a step would repeat rows (and 10**7 of them would never finish)
+        ranks = f" x {world.size} ranks" if world.active else ""
+        raise UserError(f"one step of --batch-size {config.batch_size} x --grad-accum {config.grad_accum}{ranks} is "
+                        f"{step_rows:,} rows, more than the {len(examples):,} rows {config.data} gives at --seq-len "
+                        f"{seq_len}; lower them or add data")
     eval_examples = load_examples(config.eval_data, tokenizer, seq_len, "all")[0] if config.eval_data else None
     _add_adapter(config, model)
     model.train()
