@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-GREEDY_BELOW = 1e-5  # temperatures below this are greedy: z / T would overflow, and the answer is the argmax anyway
+from lorakit.generate import GREEDY_BELOW  # temperatures below it are greedy (the same rule as `lorakit generate`)
 MAX_LOGPROBS = 20  # alternatives per token, OpenAI's and vLLM's limit
 LOGPROB_FLOOR = -9999.0  # what a log-probability of -inf is reported as (JSON has no infinity), as vLLM does
 
