@@ -134,7 +134,8 @@ CASES = [
     c("prompt-null", ok(prompt=None), param="prompt"),
     c("prompt-empty-string", ok(prompt=""), param="prompt"),
     c("prompt-empty-list", ok(prompt=[]), param="prompt"),
-    c("prompt-two-prompts", ok(prompt=["a", "b"]), param="prompt"),
+    c("prompt-mixed-list", ok(prompt=["a", 5]), param="prompt"),
+    c("prompt-list-of-empty-lists", ok(prompt=[[]]), param="prompt"),
     c("prompt-ids-out-of-vocab", ok(prompt=[1, 10**6]), param="prompt"),
     c("prompt-ids-negative", ok(prompt=[1, -1]), param="prompt"),
     c("prompt-ids-huge", ok(prompt=[2**70]), param="prompt"),
@@ -174,8 +175,20 @@ CASES = [
     c("adapters-unknown", ok(adapters={"nobody": 1.0}), status=404, param="adapters"),
     Case("adapters-scale-nan", raw=b'{"model": "legal", "prompt": "x", "adapters": {"legal": NaN}}'),
     c("tools-given", ok(tools=[{"type": "function"}]), param="tools"),
-    c("echo-true", ok(echo=True), param="echo"),
+    c("echo-string", ok(echo="yes"), param="echo"),
     c("suffix-given", ok(suffix="end"), param="suffix"),
+    c("n-zero", ok(n=0), param="n"),
+    c("n-huge", ok(n=10**6), param="n"),
+    c("best-of-below-n", ok(n=3, best_of=2), param="best_of"),
+    c("logprobs-too-many", ok(logprobs=1000), param="logprobs"),
+    c("logprobs-negative", ok(logprobs=-1), param="logprobs"),
+    c("logit-bias-list", ok(logit_bias=[1]), param="logit_bias"),
+    c("logit-bias-word-key", ok(logit_bias={"the": 5}), param="logit_bias"),
+    c("logit-bias-out-of-vocab", ok(logit_bias={"1000000": 5}), param="logit_bias"),
+    c("logit-bias-huge", ok(logit_bias={"5": 1e9}), param="logit_bias.5"),
+    Case("logit-bias-nan", raw=b'{"model": "legal", "prompt": "x", "logit_bias": {"5": NaN}}'),
+    c("presence-penalty-huge", ok(presence_penalty=3), param="presence_penalty"),
+    c("frequency-penalty-string", ok(frequency_penalty="x"), param="frequency_penalty"),
     # chat
     c("chat-messages-missing", {"model": "legal"}, param="messages", path=CHAT),
     c("chat-messages-empty", chat(messages=[]), param="messages", path=CHAT),
@@ -295,19 +308,19 @@ def test_loading_a_hostile_adapter_directory_is_a_400(case, server, expected, ad
 def test_a_row_whose_sampling_fails_ends_alone_with_a_logged_500(server, expected, capfd, monkeypatch):
     """A failure in one request's sampling answers that request 500 (OpenAI's shape) and writes the traceback
     to the server's log; the requests decoded in the same batch carry on and get their exact answers."""
-    from lorakit.serve import engine as engine_module
+    from lorakit.serve.sampling import RowSampler
 
-    original = engine_module.next_token
+    original = RowSampler.sample
     calls = []
 
-    def failing(logits, sampling, generator):
-        if sampling.top_k == 7:  # only the marked request, at its second token (a decode step, not the prefill)
+    def failing(self, z):
+        if self.params.top_k == 7:  # only the marked request, at its second token (a decode step, not the prefill)
             calls.append(1)
             if len(calls) == 2:
                 raise RuntimeError("injected sampling failure")
-        return original(logits, sampling, generator)
+        return original(self, z)
 
-    monkeypatch.setattr(engine_module, "next_token", failing)
+    monkeypatch.setattr(RowSampler, "sample", failing)
     url = server[0]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         goods = [pool.submit(good_request, url) for _ in range(3)]

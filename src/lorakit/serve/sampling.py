@@ -95,7 +95,8 @@ class RowSampler:
             logp = torch.log_softmax(z, dim=-1)  # (V,): max subtracted inside, never NaN for finite z
             sorted_logp, order = logp.sort(descending=True)
             mass_before = sorted_logp.exp().cumsum(0) - sorted_logp.exp()  # (V,): mass of the likelier ones
-            drop = mass_before >= p.top_p  # the first token has mass_before 0: always kept
+            drop = mass_before >= p.top_p
+            drop[0] = False  # the likeliest token always stays: a top_p of 1e-300 is 0 in float32 and would drop it
             z = z.index_fill(0, order[drop], float("-inf"))
         probs = torch.softmax(z, dim=-1)  # (V,): at least one finite entry, so it sums to 1
         return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
