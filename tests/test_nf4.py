@@ -23,6 +23,7 @@ from lorakit.base import load_base
 from lorakit.cli import main
 from lorakit.errors import UserError
 from lorakit.layers import LoraLayer
+from lorakit.streaming import load_streaming
 
 SHAPES = [(64, 100), (33, 65), (7,), (1, 1), (3, 5), (2, 3, 31), (300, 129), (128, 256)]
 
@@ -160,6 +161,17 @@ def test_bits_per_param_with_and_without_double_quant():
     # double quant costs little accuracy: its error stays within 1% of plain NF4's
     err = lambda q: float((q.dequantize() - w).norm() / w.norm())  # noqa: E731
     assert err(double) < 1.01 * err(single) < 0.12
+
+
+@pytest.mark.parametrize("blocksize", [32, 64])
+@pytest.mark.parametrize("shape", [(3, 333), (129, 64), (7, 9)])
+def test_quantizing_in_chunks_gives_the_bytes_of_one_pass(monkeypatch, shape, blocksize):
+    w = _weight(shape, seed=3, dtype=torch.bfloat16)
+    whole = nf4.quantize(w, blocksize=blocksize)
+    monkeypatch.setattr(nf4, "_QUANT_CHUNK", 100)  # chunks of 2-3 blocks; the last block short, n odd
+    parts = nf4.quantize(w, blocksize=blocksize)
+    for name in ("packed", "absmax", "absmax_scale", "absmax_offset"):
+        assert torch.equal(getattr(parts, name), getattr(whole, name)), name
 
 
 @pytest.mark.parametrize("shape", [(70, 45), (5, 3), (64, 64)])
@@ -410,4 +422,4 @@ def test_transformers_with_bitsandbytes_loads_our_directory_with_the_same_bytes_
     (tmp_path / "theirs").mkdir()
     shutil.copy(tmp_path / "ours" / "config.json", tmp_path / "theirs")
     save_file({k: v.contiguous() for k, v in state.items() if k in ours}, tmp_path / "theirs" / "model.safetensors")
-    assert torch.equal(logits(nf4.load_quantized(tmp_path / "theirs"), ids), logits(model, ids))
+    assert torch.equal(logits(load_streaming(tmp_path / "theirs", torch.float32), ids), logits(model, ids))

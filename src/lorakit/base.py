@@ -91,8 +91,13 @@ def base_name(base: str | Path | None) -> str:
 
 
 def load_base(base: str | Path | None = None, dtype: torch.dtype = torch.float32,
-              device: torch.device | None = None):
-    """(model, tokenizer) for a causal LM: a directory, a hub id, or None for the embedded base."""
+              device: torch.device | None = None, quantize: nf4.QuantizeSpec | None = None):
+    """(model, tokenizer) for a causal LM: a directory, a hub id, or None for the embedded base.
+
+    With `quantize` (QLoRA), or for a directory `lorakit quantize` wrote, the model streams in
+    (`streaming.load_streaming`): built on the meta device and read tensor by tensor, each chosen Linear
+    weight quantized to NF4 as it arrives, so the base never exists whole at full precision.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -113,10 +118,14 @@ def load_base(base: str | Path | None = None, dtype: torch.dtype = torch.float32
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        if nf4.is_quantized(source):  # written by `lorakit quantize` (or bitsandbytes): NF4 Linear layers
-            model = nf4.load_quantized(source, dtype=dtype)
+        if quantize is not None or nf4.is_quantized(source):
+            from lorakit.streaming import load_streaming
+
+            model = load_streaming(_local_directory(source), dtype, device, quantize)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except UserError:
+        raise
     except ValueError as err:
         raise UserError(f"{base} is not a causal language model ({_first_line(err)}); "
                         "--base needs a model AutoModelForCausalLM can load") from None
@@ -137,3 +146,12 @@ def load_base(base: str | Path | None = None, dtype: torch.dtype = torch.float32
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def _local_directory(source: str | Path) -> Path:
+    """A local model directory for `source`; a hub id is downloaded (config, safetensors, tokenizer) first."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))

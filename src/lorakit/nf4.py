@@ -22,6 +22,7 @@ serialization (`save_quantized` / `load_quantized`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -49,6 +50,7 @@ _NF4_PAIRS = torch.stack((NF4_LEVELS.repeat_interleave(16), NF4_LEVELS.repeat(16
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 ABSMAX_BLOCKSIZE = 256  # block of the double-quantized absmax values
 _CHUNK = 1 << 22  # weight elements dequantized at a time in forward/backward (16 MB in fp32)
+_QUANT_CHUNK = 1 << 20  # weight elements quantized at a time
 QUANT_STATE = "quant_state.bitsandbytes__nf4"  # bitsandbytes' key for a weight's JSON metadata
 
 
@@ -112,6 +114,10 @@ class NF4Tensor:
     def bits_per_param(self) -> float:
         return 8 * self.nbytes / self.numel()
 
+    def with_dtype(self, dtype: torch.dtype) -> NF4Tensor:
+        """The same codes with another dtype to dequantize into (the compute dtype of its layer)."""
+        return dataclasses.replace(self, dtype=dtype)
+
     def block_absmax(self) -> torch.Tensor:
         """(blocks,) fp32 scales, undoing double quant as bitsandbytes does (code × scale, then + offset)."""
         if not self.double_quant:
@@ -153,25 +159,38 @@ def _quantize_tensor(weight: torch.Tensor, blocksize: int, double_quant: bool) -
     if not weight.is_floating_point() or weight.numel() == 0:
         raise UserError(f"NF4 quantizes non-empty floating-point tensors, got {weight.dtype} "
                         f"of shape {tuple(weight.shape)}")
-    flat = weight.detach().reshape(-1).float()
+    flat = weight.detach().reshape(-1)
     n = flat.numel()
-    full = n - n % blocksize
-    blocks = flat[:full].view(-1, blocksize)  # (blocks, bs)
-    absmax = blocks.abs().amax(1)  # (blocks,)
-    # Multiply by 1/absmax, and divide in the short last block: the exact steps bitsandbytes takes.
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).view(-1)
-    if full < n:
-        last = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, last[None]])
-        scaled = torch.cat([scaled, (flat[full:] / last).clamp(-1, 1)])
-    codes = torch.bucketize(scaled, _NF4_BOUNDS.to(flat.device), out_int32=True).to(torch.uint8)  # (n,) ties go down
-    codes = F.pad(codes, (0, n % 2), value=7)  # an odd count ends with the code of 0.0
-    packed = (codes[0::2] << 4) | codes[1::2]  # (ceil(n/2),): first element in the high nibble
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
+    # A chunk of whole blocks at a time: the fp32 working copies stay a few MB, whatever the weight's size.
+    step = max(1, _QUANT_CHUNK // blocksize) * blocksize  # even: every chunk but the last packs exactly
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        absmax[start // blocksize:-(-stop // blocksize)], codes = _nf4_codes(flat[start:stop].float(), blocksize)
+        codes = F.pad(codes, (0, codes.numel() % 2), value=7)  # an odd count ends with the code of 0.0
+        packed[start // 2:(stop + 1) // 2] = (codes[0::2] << 4) | codes[1::2]  # first element in the high nibble
     q = NF4Tensor(packed, absmax, weight.shape, weight.dtype, blocksize)
     if double_quant:
         q.absmax_offset = absmax.mean()
         q.absmax, q.absmax_scale = _quantize_8bit(absmax - q.absmax_offset, ABSMAX_BLOCKSIZE)
     return q
+
+
+def _nf4_codes(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(absmax (blocks,) fp32, codes (n,) uint8) of fp32 values that start on a block boundary."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)  # (blocks, bs)
+    absmax = blocks.abs().amax(1)  # (blocks,)
+    # Multiply by 1/absmax, and divide in the short last block: the exact steps bitsandbytes takes.
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp_(-1, 1).view(-1)
+    if full < n:
+        last = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last[None]])
+        scaled = torch.cat([scaled, (flat[full:] / last).clamp(-1, 1)])
+    codes = torch.bucketize(scaled, _NF4_BOUNDS.to(flat.device), out_int32=True).to(torch.uint8)  # (n,) ties go down
+    return absmax, codes
 
 
 def _quantize_8bit(values: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +340,20 @@ def _row_chunks(q: NF4Tensor) -> list[tuple[int, int]]:
 # -- models -------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class QuantizeSpec:
+    """Which Linear layers of a model go to NF4, and how (what `quantize(model, ...)` takes)."""
+
+    kind: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    include: list[str] | str | None = None
+    """None: every Linear but the output head; names (exact or '.'-suffix) or a regex over full names."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind, self.blocksize)
+
+
 def quantize(target, kind: str = "nf4", *, blocksize: int = 64, double_quant: bool = True,
              include: list[str] | str | None = None):
     """NF4-quantize a tensor (returns an NF4Tensor) or a model's Linear layers in place (returns the model).
@@ -334,13 +367,21 @@ def quantize(target, kind: str = "nf4", *, blocksize: int = 64, double_quant: bo
         return _quantize_tensor(target, blocksize, double_quant)
     if getattr(target, "lorakit_configs", None):
         raise UserError("the model already has adapters; quantize the base first, then inject or load them")
-    head = output_head(target)
-    linear = [(n, m) for n, m in target.named_modules() if isinstance(m, nn.Linear)]
+    for name in quantize_targets(target, include):
+        set_module(target, name, NF4Linear.from_linear(target.get_submodule(name), blocksize, double_quant))
+    return target
+
+
+def quantize_targets(model: nn.Module, include: list[str] | str | None = None) -> list[str]:
+    """The names of the Linear layers `quantize(model, include=include)` turns into NF4 (works on a
+    skeleton on the meta device too)."""
+    head = output_head(model)
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if include is None:
         chosen = [n for n, m in linear if m is not head]
     else:
         chosen = [n for n, _ in linear if matches(include, n)]
-        other = [(n, m) for n, m in target.named_modules()
+        other = [(n, m) for n, m in model.named_modules()
                  if n and matches(include, n) and not isinstance(m, nn.Linear)]
         if other and not chosen:
             raise UserError(f"include={include!r} names {other[0][0]!r}, a {type(other[0][1]).__name__}; "
@@ -348,9 +389,7 @@ def quantize(target, kind: str = "nf4", *, blocksize: int = 64, double_quant: bo
     if not chosen:
         raise UserError("no Linear layers to quantize in this model (GPT-2's Conv1D layers are not supported); "
                         "check include=")
-    for name in chosen:
-        set_module(target, name, NF4Linear.from_linear(target.get_submodule(name), blocksize, double_quant))
-    return target
+    return chosen
 
 
 def dequantize(model: nn.Module) -> nn.Module:
@@ -458,54 +497,34 @@ def is_quantized(directory: str | Path) -> bool:
     return config.get("quant_method") == "bitsandbytes" and config.get("bnb_4bit_quant_type") == "nf4"
 
 
-def load_quantized(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The causal LM saved in `directory` by `save_quantized` (or bitsandbytes), NF4 layers as NF4Linear.
-
-    `dtype` is the compute dtype of the NF4 layers and the dtype of the other weights.
-    """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    directory = Path(directory)
-    config = AutoConfig.from_pretrained(directory)
-    del config.quantization_config
-    with _no_init():  # the weights come from the file: skip random init (and its memory)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
-    for key in [k for k in tensors if k.endswith(f".weight.{QUANT_STATE}")]:
-        name = key[: -len(f".weight.{QUANT_STATE}")]
-        q = from_bnb(tensors, f"{name}.weight", dtype)
-        old = model.get_submodule(name)
-        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != tuple(q.shape):
-            raise UserError(f"{directory}: NF4 weight {name} of shape {tuple(q.shape)} does not fit the model's "
-                            f"{type(old).__name__}; the directory is corrupt")
-        set_module(model, name, NF4Linear(q, None if old.bias is None else nn.Parameter(old.bias, requires_grad=False)))
-    result = model.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
-        raise UserError(f"{directory}: {result.unexpected_keys[0]} fits no weight of this model; "
-                        "the directory is corrupt")
-    model.tie_weights()
-    state = model.state_dict()
-    loaded = {state[k].data_ptr() for k in tensors}
-    nf4 = {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
-    missing = [k for k in result.missing_keys if k.rpartition(".")[0] not in nf4 and state[k].data_ptr() not in loaded]
-    if missing:  # a tied weight is not missing: tie_weights() filled it from its twin
-        raise UserError(f"{directory}: weights for {missing[0]} are missing; the NF4 directory is incomplete")
-    return model.eval()
+def stored_groups(stored) -> dict[str, list[str]]:
+    """module name -> the keys of its NF4 weight (codes, constants, code tables, quant state), for the
+    tensors of a saved NF4 directory (any mapping whose keys are the stored names)."""
+    groups = {}
+    for key in stored:
+        if key.endswith(f".weight.{QUANT_STATE}"):
+            weight = key[: -len(f".{QUANT_STATE}")]
+            groups[weight.rpartition(".")[0]] = [k for k in stored if k == weight or k.startswith(weight + ".")]
+    return groups
 
 
 def from_bnb(tensors: dict[str, torch.Tensor], key: str, dtype: torch.dtype) -> NF4Tensor:
-    """The NF4 weight saved under `key` in bitsandbytes' layout; its tensors are popped from `tensors`."""
-    state = json.loads(bytes(tensors.pop(f"{key}.{QUANT_STATE}").tolist()))
-    tensors.pop(f"{key}.quant_map", None)
-    tensors.pop(f"{key}.nested_quant_map", None)
-    q = NF4Tensor(tensors.pop(key).view(-1), tensors.pop(f"{key}.absmax"), torch.Size(state["shape"]), dtype,
-                  state["blocksize"])
-    if f"{key}.nested_absmax" in tensors:
-        q.absmax_scale = tensors.pop(f"{key}.nested_absmax")
-        q.absmax_offset = torch.tensor(state["nested_offset"], dtype=torch.float32)
+    """The NF4Tensor stored under `key` in bitsandbytes' serialization (`tensors` holds its group of
+    keys), dequantizing into `dtype`."""
+    try:
+        state = json.loads(bytes(tensors[f"{key}.{QUANT_STATE}"].tolist()))
+        q = NF4Tensor(tensors[key].reshape(-1), tensors[f"{key}.absmax"], torch.Size(state["shape"]), dtype,
+                      int(state["blocksize"]))
+        if f"{key}.nested_absmax" in tensors:
+            q.absmax_scale = tensors[f"{key}.nested_absmax"]
+            q.absmax_offset = torch.tensor(state["nested_offset"], dtype=torch.float32)
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError):
+        raise UserError(f"the NF4 weight {key} is stored incompletely or with a broken quant state; "
+                        "the directory is corrupt, quantize the base again") from None
+    blocks = -(-q.numel() // q.blocksize)
+    if (state.get("quant_type") != "nf4" or q.blocksize not in BLOCKSIZES or q.packed.dtype != torch.uint8
+            or q.packed.numel() != -(-q.numel() // 2) or q.absmax.numel() != blocks):
+        raise UserError(f"the NF4 weight {key} does not hold NF4 codes for its shape; the directory is corrupt")
     return q
 
 
@@ -541,7 +560,8 @@ def saved_memory(directory: str | Path) -> BaseMemory:
                       nf4_params=total["nf4_params"], nf4_bytes=total["nf4_bytes"])
 
 
-def _no_init():
+def no_init():
+    """transformers' context that skips weight init (the weights come from a file)."""
     try:
         from transformers.initialization import no_init_weights  # transformers 5
     except ImportError:  # transformers 4

@@ -20,7 +20,7 @@ from lorakit.export import check_out, fresh_tokenizer
 from lorakit.files import staged_directory
 from lorakit.modules import parse_names
 from lorakit.options import add_command, default_of, option
-from lorakit.nf4 import BaseMemory, base_memory, quantize, save_quantized
+from lorakit.nf4 import BaseMemory, QuantizeSpec, base_memory, save_quantized
 
 
 def quantize_base(out: str | Path, base: str | None = None, blocksize: int = 64, double_quant: bool = True,
@@ -31,16 +31,16 @@ def quantize_base(out: str | Path, base: str | None = None, blocksize: int = 64,
     """
     out = Path(out)
     check_out(out, overwrite)
-    model, _ = load_base(base, dtype=torch.float32, device=torch.device("cpu"))
-    before = base_memory(model)
-    quantize(model, "nf4", blocksize=blocksize, double_quant=double_quant, include=include)
+    spec = QuantizeSpec(blocksize=blocksize, double_quant=double_quant, include=include)
+    model, _ = load_base(base, dtype=torch.float32, device=torch.device("cpu"), quantize=spec)  # streamed
     memory = base_memory(model)
+    before = memory.bytes - memory.nf4_bytes + 4 * memory.nf4_params  # the same weights in fp32
     with staged_directory(out) as staging:
         save_quantized(model, staging)
         fresh_tokenizer(base).save_pretrained(staging)
     print(f"wrote {out}: {memory.nf4_params:,} of {memory.params:,} parameters in NF4 at "
           f"{memory.nf4_bits_per_param:.3f} bits each (constants included); weights "
-          f"{before.bytes / 1e6:.2f} MB -> {memory.bytes / 1e6:.2f} MB")
+          f"{before / 1e6:.2f} MB -> {memory.bytes / 1e6:.2f} MB")
     return memory
 
 

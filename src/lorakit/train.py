@@ -41,7 +41,7 @@ from lorakit.files import atomic_write_bytes
 from lorakit.io import load_adapter, save_adapter
 from lorakit.losses import IGNORE, causal_lm_loss
 from lorakit.modules import parse_names
-from lorakit.nf4 import BaseMemory, base_memory, quantize
+from lorakit.nf4 import BaseMemory, QuantizeSpec, base_memory
 from lorakit.options import add_options, option, options
 from lorakit.plots import plot_loss
 
@@ -208,9 +208,9 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     torch.manual_seed(config.seed)
     device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = resolve_dtype(config.dtype, device)
-    model, tokenizer = load_base(config.base, dtype=dtype, device=device)
-    if config.quantize:
-        quantize(model, config.quantize)  # before inject: the adapter's layers wrap the NF4 base
+    # QLoRA: the base streams in and each chosen Linear is quantized as it arrives (never whole at full precision)
+    model, tokenizer = load_base(config.base, dtype=dtype, device=device,
+                                 quantize=QuantizeSpec(config.quantize) if config.quantize else None)
     memory = base_memory(model)
     seq_len = _seq_len(config, model)
     examples, stats = load_examples(config.data, tokenizer, seq_len, config.labels)
