@@ -101,17 +101,7 @@ def load_base(base: str | Path | None = None, dtype: torch.dtype = torch.float32
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    source = EMBEDDED_BASE if base is None or str(base) == "lorakit/embedded" else base
-    if base is not None and Path(base).expanduser().exists():
-        source = check_directory(Path(base).expanduser(), "base model directory")
-        if not (source / "config.json").exists():
-            raise UserError(f"{source} has no config.json; --base must be a transformers model directory")
-        config = read_json(source / "config.json", "model config")
-        if not isinstance(config, dict):
-            raise UserError(f"{source / 'config.json'} holds a JSON {type(config).__name__}, not an object; "
-                            "--base must be a transformers model directory")
-    elif base is not None and str(base).startswith((".", "/", "~")):
-        raise UserError(f"base model directory {base} not found; pass an existing directory or a hub id")
+    source = base_source(base)
     device = device or default_device()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers' load reports and bars are noise for a CLI user
@@ -121,7 +111,7 @@ def load_base(base: str | Path | None = None, dtype: torch.dtype = torch.float32
         if quantize is not None or nf4.is_quantized(source):
             from lorakit.streaming import load_streaming
 
-            model = load_streaming(_local_directory(source), dtype, device, quantize)
+            model = load_streaming(local_directory(source), dtype, device, quantize)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except UserError:
@@ -148,10 +138,31 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
-def _local_directory(source: str | Path) -> Path:
+def base_source(base: str | Path | None) -> str | Path:
+    """The model directory (a Path) or hub id (a str) that `--base` names: None is the embedded base."""
+    if base is None or str(base) == "lorakit/embedded":
+        return EMBEDDED_BASE
+    if Path(base).expanduser().exists():
+        source = check_directory(Path(base).expanduser(), "base model directory")
+        if not (source / "config.json").exists():
+            raise UserError(f"{source} has no config.json; --base must be a transformers model directory")
+        config = read_json(source / "config.json", "model config")
+        if not isinstance(config, dict):
+            raise UserError(f"{source / 'config.json'} holds a JSON {type(config).__name__}, not an object; "
+                            "--base must be a transformers model directory")
+        return source
+    if str(base).startswith((".", "/", "~")):
+        raise UserError(f"base model directory {base} not found; pass an existing directory or a hub id")
+    return str(base)
+
+
+def local_directory(source: str | Path) -> Path:
     """A local model directory for `source`; a hub id is downloaded (config, safetensors, tokenizer) first."""
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except OSError as err:  # the hub's errors (offline, not found, gated) are OSErrors
+        raise UserError(f"cannot load base model {str(source)!r}: {str(err).splitlines()[0]}") from None

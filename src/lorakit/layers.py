@@ -73,6 +73,8 @@ class LoraLayer(nn.Module):
 
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: bool | str | None) -> None:
         base_dtype, device = self._base_dtype_device()
+        if device.type == "meta":  # a skeleton's base (streamed merge reads it later); the adapter is real
+            device = torch.device("cpu")
         # Adapter weights are fp32 masters even on a bf16/fp16 base: small, and precise to update.
         dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
         A = torch.empty(r, self.in_features, dtype=dtype, device=device)

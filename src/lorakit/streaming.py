@@ -37,16 +37,9 @@ def load_streaming(directory: str | Path, dtype: torch.dtype, device: torch.devi
                    quantize: nf4.QuantizeSpec | None = None) -> nn.Module:
     """The causal LM in `directory` in `dtype` on `device`, its chosen Linear layers in NF4 if `quantize`
     (a directory written by `lorakit quantize` is NF4 as stored); in eval mode."""
-    from transformers import AutoConfig
-
     directory, device = Path(directory), device or torch.device("cpu")
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the model config in {directory}: {str(err).splitlines()[0]}") from None
+    config = plain_config(directory)
     stored_nf4 = nf4.is_quantized(directory)
-    if stored_nf4:
-        del config.quantization_config  # the skeleton is a plain model; its NF4 layers come from the file
     stored = stored_tensors(directory)
     model = skeleton(config, dtype)
     names = _Names(model, stored, directory)
@@ -77,6 +70,65 @@ def load_streaming(directory: str | Path, dtype: torch.dtype, device: torch.devi
     names.check_complete(model)
     _load_generation_config(model, directory)
     return model.to(device).eval()
+
+
+def plain_config(directory: Path):
+    """The model's config from `directory`; for an NF4 directory without its quantization config (the
+    skeleton is a plain model, its NF4 layers come from the file)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the model config in {directory}: {str(err).splitlines()[0]}") from None
+    if nf4.is_quantized(directory):
+        del config.quantization_config
+    return config
+
+
+class Checkpoint:
+    """The stored tensors of `directory`, found by the names of `model`, a `skeleton` of its config:
+    with or without the base model's prefix, one stored tensor for tied twins, NF4 weights (bitsandbytes'
+    serialization) as their module's weight. Every stored key must fit the model (checked here)."""
+
+    def __init__(self, model: nn.Module, directory: Path):
+        self.directory = Path(directory)
+        self.stored = stored_tensors(directory)
+        self.names = _Names(model, self.stored, self.directory)
+        groups = nf4.stored_groups(self.stored) if nf4.is_quantized(directory) else {}
+        self.nf4 = {f"{self.names.module(m)}.weight": (m, keys) for m, keys in groups.items()}  # model name -> group
+        in_group = {key for _, keys in self.nf4.values() for key in keys}
+        self.key = {}  # model name -> the stored key that holds it
+        for key in self.stored:
+            if key not in in_group and not self.names.skipped(key):  # skipped() refuses keys that fit nothing
+                for name in self.names.aliases(key):
+                    self.key[name] = key
+
+    def holds(self, name: str) -> bool:
+        return name in self.key or name in self.nf4
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The stored shape of `name` (None for an NF4 weight: its shape is in its quant state)."""
+        return self.stored[self.key[name]].shape if name in self.key else None
+
+    def read(self, name: str) -> torch.Tensor:
+        """The value of the model's parameter or buffer `name` in its stored dtype, in memory of its own; an NF4
+        weight dequantized to fp32 (what a model loaded in fp32 and `nf4.dequantize`d holds)."""
+        if name in self.nf4:
+            module, keys = self.nf4[name]
+            q = nf4.from_bnb({k: self.stored[k].read() for k in keys}, f"{module}.weight", torch.float32)
+            return q.dequantize(torch.float32)
+        return self.stored[self.key[name]].read()
+
+    def materialize(self, model: nn.Module, names: list[str]) -> None:
+        """Give the parameters `names` of `model` (on the meta device) their stored values, in fp32."""
+        for name in names:
+            if not self.holds(name):
+                raise UserError(f"{self.directory}: the weights lack {name}; the model directory is incomplete")
+            shared = None
+            for alias in self.names.shared.get(name, [name]):  # a tied twin gets the same parameter
+                shared = _put(model, alias, self.read(name) if shared is None else shared, torch.float32,
+                              torch.device("cpu"))
 
 
 def skeleton(config, dtype: torch.dtype) -> nn.Module:
