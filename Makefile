@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup browser test demo bench bench-serve clean
+.PHONY: setup browser test demo bench bench-serve bench-scale clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ bench: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve.py
+
+# Real sizes (Qwen2-0.5B and Llama-2-7B shapes, random weights, ~14 GB of disk): hours on 2 cores.
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
