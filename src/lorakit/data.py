@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,9 +112,8 @@ def _read_text(f, path: Path, stats: DataStats) -> str:
     return text
 
 
-def _read_jsonl(f, path: Path, tokenizer, labels: str, stats: DataStats) -> tuple[list[str], list[Example]]:
-    texts: list[str] = []
-    rows: list[Example] = []
+def json_records(f, path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of the open .jsonl file `f`; UserError naming the line otherwise."""
     for number, raw in enumerate(f, start=1):
         if not raw.strip():
             continue
@@ -130,6 +130,13 @@ def _read_jsonl(f, path: Path, tokenizer, labels: str, stats: DataStats) -> tupl
                             "that line") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
+
+
+def _read_jsonl(f, path: Path, tokenizer, labels: str, stats: DataStats) -> tuple[list[str], list[Example]]:
+    texts: list[str] = []
+    rows: list[Example] = []
+    for number, record in json_records(f, path):
         stats.records += 1
         label = record.get("label")
         if label not in (None, "good", "bad"):
@@ -160,7 +167,7 @@ def _record(record: dict, tokenizer, where: str) -> tuple[str, str | Example]:
             raise UserError(f"{where}: 'prompt' and 'completion' must be strings")
         if not completion.strip():
             raise UserError(f"{where}: record has no completion to learn from; fill in 'completion' or drop it")
-        return "prompt_completion", _segments([(prompt, False), (completion, True)], tokenizer, eos_learned=True)
+        return "prompt_completion", prompt_completion_example(prompt, completion, tokenizer)
     if "text" in record:
         if not isinstance(record["text"], str) or not record["text"].strip():
             raise UserError(f"{where}: 'text' is empty or not a string; fill it in or drop the record")
@@ -168,19 +175,32 @@ def _record(record: dict, tokenizer, where: str) -> tuple[str, str | Example]:
     raise UserError(f"{where}: record needs 'text', 'prompt'/'completion' or 'messages' (has {sorted(record)})")
 
 
-def chat_example(messages, tokenizer, where: str = "messages") -> Example:
-    """Tokens of a conversation with loss on the assistant turns only."""
+def prompt_completion_example(prompt: str, completion: str, tokenizer) -> Example:
+    """Tokens of a prompt (no loss) and its completion plus the end-of-text token (learned)."""
+    return _segments([(prompt, False), (completion, True)], tokenizer, eos_learned=True)
+
+
+def chat_example(messages, tokenizer, where: str = "messages", learn_from: int = 0) -> Example:
+    """Tokens of a conversation with loss on the assistant turns only (those from message `learn_from` on)."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise UserError(f"{where}: each message needs a role in {ROLES} and a string content; got {m!r}")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages[learn_from:]):
         raise UserError(f"{where}: conversation has no assistant turn to learn from; add one or drop it")
     if getattr(tokenizer, "chat_template", None):
         # A chat template writes its own start token into the text; the tokenizer must not add another.
-        return _segments(_template_segments(messages, tokenizer), tokenizer, eos_learned=False, specials=False)
-    return _segments(simple_chat_segments(messages), tokenizer, eos_learned=False, eos_after_assistant=True)
+        example = _segments(_template_segments(messages, tokenizer), tokenizer, eos_learned=False, specials=False)
+        before = _template_segments(messages[:learn_from], tokenizer) if learn_from else []
+        seen = len(_segments(before, tokenizer, eos_learned=False, specials=False).input_ids)
+    else:
+        example = _segments(simple_chat_segments(messages), tokenizer, eos_learned=False, eos_after_assistant=True)
+        before = simple_chat_segments(messages[:learn_from]) if learn_from else []
+        seen = len(_segments(before, tokenizer, eos_learned=False, eos_after_assistant=True).input_ids)
+    # Pieces are tokenized one by one, so the first messages' tokens are exactly a prefix: no loss there.
+    example.labels[:seen] = [IGNORE] * seen
+    return example
 
 
 def simple_chat_segments(messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
@@ -226,9 +246,9 @@ def _segments(pieces: list[tuple[str, bool]], tokenizer, eos_learned: bool,
     ids: list[int] = []
     labels: list[int] = []
     eos = tokenizer.eos_token_id
-    for i, (text, learned) in enumerate(pieces):
+    for text, learned in pieces:
         # The tokenizer's own start token (if it adds one, like Llama's <s>) opens each record.
-        tokens = tokenizer(text, add_special_tokens=specials and i == 0).input_ids if text else []
+        tokens = tokenizer(text, add_special_tokens=specials and not ids).input_ids if text else []
         if learned and eos_after_assistant:
             tokens = tokens + [eos]
         ids += tokens

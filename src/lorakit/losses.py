@@ -103,3 +103,86 @@ class LinearCrossEntropy(torch.autograd.Function):
         scale = g / ctx.count  # the forward's gradients are of the summed loss
         grads = [None if t is None else (t * scale).to(dtype) for t, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
         return *grads, None, None
+
+
+def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_elements: int = 1 << 21) -> torch.Tensor:
+    """log p(label_{t+1} | tokens up to t) at every position whose next label is not IGNORE, else 0: (B, T-1).
+
+    The per-token log-probabilities that preference objectives sum over a completion, computed like
+    `causal_lm_loss`: chunk by chunk from the last hidden state, never the (B, T, V) logits. Position t
+    of the result scores label t+1 (as TRL's per-token log-probs). Falls back to the model's logits
+    where the hidden-state split is not safe (see `causal_lm_loss`).
+    """
+    labels = batch["labels"]  # (B, T)
+    targets = labels[:, 1:]  # (B, T-1)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    body, head = _body_and_head(model)
+    if body is None:
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        logp = torch.log_softmax(logits, dim=-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+        return logp.masked_fill(targets == IGNORE, 0.0)
+    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, d)
+    # Shift the labels, not the hidden state (no copy of it): the last position scores nothing.
+    shifted = F.pad(targets, (0, 1), value=IGNORE).reshape(-1)  # (B*T,)
+    rows = max(1, chunk_elements // head.out_features)
+    flat = LinearLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, shifted, rows)  # (B*T,)
+    return flat.view(labels.shape)[:, :-1]
+
+
+class LinearLogProbs(torch.autograd.Function):
+    """log_softmax(h·Wᵀ + b)[target] per row (0 where target is IGNORE), chunk by chunk.
+
+    Arguments: hidden (N, d); weight (V, d); bias (V,) or None; targets (N,); rows per chunk.
+    The upstream gradient of each row is only known in the backward, so the forward keeps
+    d logp/d h = (onehot - softmax)·W per learned row, (n, d), and the backward scales it: no (N, V)
+    tensor is kept. A trainable head (rare with LoRA) is recomputed chunk by chunk in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows):
+        keep = (targets != IGNORE).nonzero().squeeze(1)  # (n,) rows that carry a label
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        out = torch.zeros(targets.shape, dtype=acc, device=hidden.device)  # (N,)
+        grad_h = hidden.new_empty((keep.numel(), hidden.shape[1])) if need_h else None  # (n, d)
+        for start in range(0, keep.numel(), rows):
+            index = keep[start:start + rows]  # (c,)
+            t = targets.index_select(0, index)  # (c,)
+            logp = torch.log_softmax(F.linear(hidden.index_select(0, index), weight, bias).to(acc), dim=1)  # (c, V)
+            out.index_copy_(0, index, logp.gather(1, t[:, None]).squeeze(1))
+            if need_h:
+                # d logp[t] / d logits = onehot(t) - softmax, formed in place in the log-probabilities' buffer.
+                p = logp.exp_().neg_()  # (c, V)
+                p.scatter_add_(1, t[:, None], p.new_ones((len(t), 1)))
+                grad_h[start:start + len(index)] = (p.to(weight.dtype) @ weight).to(hidden.dtype)  # (c, d)
+        ctx.rows, ctx.dtype = rows, hidden.dtype
+        ctx.save_for_backward(keep, grad_h, targets, *((hidden, weight, bias) if need_w or need_b else ()))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        keep, grad_h, targets, *head_inputs = ctx.saved_tensors
+        g_keep = g.index_select(0, keep)  # (n,) upstream gradient of each learned row
+        d_hidden = None
+        if grad_h is not None:
+            d_hidden = torch.zeros((g.shape[0], grad_h.shape[1]), dtype=ctx.dtype, device=g.device)  # (N, d)
+            d_hidden.index_copy_(0, keep, (grad_h * g_keep[:, None].to(grad_h.dtype)))
+        d_weight = d_bias = None
+        if head_inputs:
+            hidden, weight, bias = head_inputs
+            d_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            d_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+            for start in range(0, keep.numel(), ctx.rows):
+                index = keep[start:start + ctx.rows]  # (c,)
+                h = hidden.index_select(0, index)  # (c, d)
+                t = targets.index_select(0, index)
+                p = torch.softmax(F.linear(h, weight, bias).float(), dim=1).neg_()  # (c, V)
+                p.scatter_add_(1, t[:, None], p.new_ones((len(t), 1)))
+                p *= g_keep[start:start + len(index), None].float()  # (c, V): d loss / d logits
+                if d_weight is not None:
+                    d_weight.addmm_(p.t(), h.float())  # (V, d)
+                if d_bias is not None:
+                    d_bias += p.sum(0)
+            d_weight = None if d_weight is None else d_weight.to(weight.dtype)
+            d_bias = None if d_bias is None else d_bias.to(bias.dtype)
+        return d_hidden, d_weight, d_bias, None, None
