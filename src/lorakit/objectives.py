@@ -200,6 +200,19 @@ class DPO(nn.Module):
     def figures(self, world: distributed.World) -> dict[str, float]:
         return self.tally.read(world)
 
+    @torch.no_grad()
+    def evaluate(self, pairs: list[Pair], batch_size: int, pad_id: int, seq_len: int) -> dict[str, float]:
+        """Held-out preference accuracy: how often the adapted model's reward margin of chosen over
+        rejected (relative to the reference) is positive, a tie counting half; and the mean margin."""
+        margins = []
+        for start in range(0, len(pairs), batch_size):
+            batch = _to(self.collate(pairs[start:start + batch_size], 0, batch_size, pad_id, seq_len), self.model)
+            _, chosen, rejected = self.margins(batch)
+            margins.append(chosen - rejected)
+        m = torch.cat(margins).double()  # (P,)
+        return {"eval_accuracy": float(((m > 0).double() + 0.5 * (m == 0).double()).mean()),
+                "eval_margin": float(m.mean())}
+
 
 class KTO(nn.Module):
     """Kahneman-Tversky Optimization over records judged good or bad one by one.
@@ -257,8 +270,31 @@ class KTO(nn.Module):
         self.tally.add("kl", kl.reshape(1))  # the same z on every rank: the mean over ranks is z
         return losses.mean() * share
 
+    @torch.no_grad()
+    def evaluate(self, records: list[Judged], batch_size: int, pad_id: int, seq_len: int) -> dict[str, float]:
+        """Held-out mean rewards (β·log-ratio to the reference) of good and of bad answers, and their margin."""
+        rewards, good = [], []
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            batch = _to(collate([joined(r.prompt, r.completion, seq_len) for r in chunk], pad_id), self.model)
+            with reference(self.model, self.reference_adapter):
+                ref_logps = sequence_logps(self.model, batch)  # (N,)
+            rewards.append(self.settings.beta * (sequence_logps(self.model, batch) - ref_logps).double())
+            good += [r.good for r in chunk]
+        r, g = torch.cat(rewards).cpu(), torch.tensor(good)
+        out = {"eval_rewards_good": float(r[g].mean()) if g.any() else None,
+               "eval_rewards_bad": float(r[~g].mean()) if (~g).any() else None}
+        if g.any() and (~g).any():
+            out["eval_margin"] = out["eval_rewards_good"] - out["eval_rewards_bad"]
+        return {k: v for k, v in out.items() if v is not None}
+
     def figures(self, world: distributed.World) -> dict[str, float]:
         figures = self.tally.read(world)
         if "rewards/chosen" in figures and "rewards/rejected" in figures:
             figures["rewards/margins"] = figures["rewards/chosen"] - figures["rewards/rejected"]
         return figures
+
+
+def _to(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
