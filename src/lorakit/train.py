@@ -3,6 +3,7 @@
     lorakit train --data my_domain.txt --out adapters/mine
     lorakit train --base ~/models/llama --data chats.jsonl --r 16 --targets all-linear --out adapters/x
     lorakit train --base ~/models/big --quantize nf4 --data d.jsonl --out adapters/q     # QLoRA
+    lorakit train --objective kto --data judged.jsonl --init-from adapters/sft --out adapters/kto  # good/bad labels
 
 Writes into --out: the adapter (PEFT layout) at the end, `metrics.jsonl` as it goes, `loss.png`,
 `training_summary.json`, and `checkpoint/` every --checkpoint-every steps (adapter, optimizer,
@@ -34,23 +35,25 @@ from lorakit.adapters import disable_adapters, inject, trainable_parameters
 from lorakit.base import autocast, base_name, load_base, resolve_dtype
 from lorakit.checkpoint import load_checkpoint, save_checkpoint
 from lorakit.config import LoraConfig
-from lorakit.data import batch_at, collate, load_examples
+from lorakit.data import batch_at, load_examples
 from lorakit.errors import UserError
 from lorakit.evaluate import mean_nll, perplexity
 from lorakit.files import atomic_write_bytes
 from lorakit.io import load_adapter, save_adapter
-from lorakit.losses import IGNORE, causal_lm_loss
 from lorakit.modules import parse_names
 from lorakit.nf4 import BaseMemory, QuantizeSpec, base_memory
+from lorakit.objectives import DPO, KTO, OBJECTIVES, REFERENCE_ADAPTER, SFT, Preference, add_reference
 from lorakit.options import add_options, option, options
 from lorakit.plots import plot_loss
+from lorakit.preferences import load_preferences
 
 
 @dataclass
 class TrainConfig:
     """Everything `lorakit train` takes; each field's help is the CLI's --help."""
 
-    data: Path = option("training data: .txt, or .jsonl with text / prompt+completion / messages records")
+    data: Path = option("training data: .txt, or .jsonl with text / prompt+completion / messages records "
+                        "(--objective kto: + label; dpo: prompt, chosen, rejected)")
     out: Path = option("output directory for the adapter, metrics, plot and checkpoints")
     base: str | None = option("base model directory or hub id (default: the embedded base)", default=None)
     r: int = option("LoRA rank", default=16)
@@ -79,7 +82,15 @@ class TrainConfig:
     compile: bool = option("compile the model with torch.compile: the first step takes a minute or more longer, "
                           "later ones are ~10% faster (CPU, measured); worth it for long runs", default=False)
     checkpoint_every: int = option("write a checkpoint every N steps", default=100)
-    labels: str = option("which labelled records to train on: good (skip 'bad') or all", default="good")
+    labels: str = option("sft: which labelled records to train on: good (skip 'bad') or all", default="good")
+    objective: str = option("what to learn: sft (the data's next tokens), kto (answers labelled good or bad: "
+                           "raise the good, lower the bad), dpo (pairs: prefer chosen over rejected); kto and dpo "
+                           "compare with the base, or with --init-from's adapter (docs/preferences.md)",
+                           default="sft")
+    beta: float = option("kto/dpo: how strongly the reference holds the adapted model (TRL's beta)", default=0.1)
+    desirable_weight: float = option("kto: weight of the loss on good answers", default=1.0)
+    undesirable_weight: float = option("kto: weight of the loss on bad answers (raise it when bad ones are "
+                                      "fewer: TRL's advice is weights x counts about equal, within 4:3)", default=1.0)
     weight_decay: float = option("AdamW weight decay on adapter weights", default=0.0)
     max_grad_norm: float = option("clip the gradient norm to this (0: no clipping)", default=1.0)
     resume: bool = option("continue an interrupted run in --out from its checkpoint", default=False)
@@ -119,6 +130,12 @@ class TrainConfig:
         if self.quantize not in (None, "nf4"):
             raise UserError(f"--quantize {self.quantize} is not supported; use --quantize nf4 (or leave it out)")
         self.lora_config()  # --targets (and the rest of the adapter's shape) checked too
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"--objective {self.objective} is not one of {', '.join(OBJECTIVES)}")
+        self.preference()  # validates --beta and the weights
+
+    def preference(self) -> Preference:
+        return Preference(self.beta, self.desirable_weight, self.undesirable_weight)
 
     def lora_config(self) -> LoraConfig:
         # a list of module names; anything else ("all-linear", a regex over full names) stays a string
@@ -128,7 +145,8 @@ class TrainConfig:
 
 # Fields that must not change between a run and its --resume.
 RESUME_KEYS = ("data", "base", "r", "alpha", "dropout", "targets", "lr", "warmup", "batch_size", "grad_accum",
-               "seq_len", "seed", "init_from", "labels", "weight_decay", "max_grad_norm", "quantize")
+               "seq_len", "seed", "init_from", "labels", "weight_decay", "max_grad_norm", "quantize", "objective",
+               "beta", "desirable_weight", "undesirable_weight")
 
 
 def train(config: TrainConfig, should_stop: Callable[[int], bool] | None = None) -> dict:
@@ -189,8 +207,10 @@ class _Run:
     examples: list
     stats: object
     eval_examples: list | None
+    seq_len: int
     params: list[nn.Parameter]
-    step_loss: nn.Module  # `_StepLoss`, wrapped in DDP when there are several ranks
+    objective: SFT | DPO | KTO  # the loss of a micro-batch, with its figures
+    step_loss: nn.Module  # the objective, wrapped in DDP when there are several ranks
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
@@ -213,18 +233,19 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
                                  quantize=QuantizeSpec(config.quantize) if config.quantize else None)
     memory = base_memory(model)
     seq_len = _seq_len(config, model)
-    examples, stats = load_examples(config.data, tokenizer, seq_len, config.labels)
+    examples, stats = _load_data(config, config.data, tokenizer, seq_len, config.labels)
     step_rows = config.batch_size * config.grad_accum * world.size
     if step_rows > len(examples):  # a step would repeat rows (and 10**7 of them would never finish)
         ranks = f" x {world.size} ranks" if world.active else ""
         raise UserError(f"one step of --batch-size {config.batch_size} x --grad-accum {config.grad_accum}{ranks} is "
                         f"{step_rows:,} rows, more than the {len(examples):,} rows {config.data} gives at --seq-len "
                         f"{seq_len}; lower them or add data")
-    eval_examples = load_examples(config.eval_data, tokenizer, seq_len, "all")[0] if config.eval_data else None
+    eval_examples = _load_data(config, config.eval_data, tokenizer, seq_len, "all")[0] if config.eval_data else None
     _add_adapter(config, model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    step_loss = _step_loss(model, world, device)
+    objective = _objective(config, model, world)
+    step_loss = _step_loss(objective, world, device)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     global_rows = config.batch_size * config.grad_accum * world.size
     total_steps = config.steps or max(1, math.ceil(config.epochs * len(examples) / global_rows))
@@ -233,8 +254,8 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
     if config.resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler, _resume_view(config))
-    return _Run(out, device, dtype, model, tokenizer, memory, examples, stats, eval_examples, params,
-                step_loss, optimizer, scheduler, total_steps, trainable_parameters(model),
+    return _Run(out, device, dtype, model, tokenizer, memory, examples, stats, eval_examples, seq_len, params,
+                objective, step_loss, optimizer, scheduler, total_steps, trainable_parameters(model),
                 state)
 
 
@@ -245,9 +266,21 @@ def _seq_len(config: TrainConfig, model: nn.Module) -> int:
     return config.seq_len or min(256, max_len)
 
 
+def _load_data(config: TrainConfig, path: Path, tokenizer, seq_len: int, labels: str) -> tuple[list, object]:
+    """Training rows for sft; judged records (kto) or pairs (dpo) for the preference objectives."""
+    if config.objective == "sft":
+        return load_examples(path, tokenizer, seq_len, labels)
+    return load_preferences(path, tokenizer, seq_len, config.objective)
+
+
 def _add_adapter(config: TrainConfig, model: nn.Module) -> None:
-    """A new adapter (or --init-from's, trainable), then the memory and speed options that act on it."""
+    """A new adapter (or --init-from's, trainable), then the memory and speed options that act on it.
+
+    A preference run that continues an adapter compares with that adapter as it started (TRL's
+    behaviour from an SFT model): a frozen copy of it is loaded first, as the reference."""
     if config.init_from is not None:
+        if config.objective != "sft":
+            add_reference(model, config.init_from)
         load_adapter(model, config.init_from, adapter="default", trainable=True)
     else:
         inject(model, config.lora_config())
@@ -260,10 +293,21 @@ def _add_adapter(config: TrainConfig, model: nn.Module) -> None:
         (model.get_decoder() if hasattr(model, "get_decoder") else model).compile()
 
 
-def _step_loss(model: nn.Module, world: distributed.World, device: torch.device) -> nn.Module:
-    """The objective as a module; under several ranks wrapped in DDP, which all-reduces the adapter
-    gradients (the frozen base has none) and syncs the init."""
-    step_loss = _StepLoss(model)
+def _objective(config: TrainConfig, model: nn.Module, world: distributed.World) -> SFT | DPO | KTO:
+    reference = REFERENCE_ADAPTER if config.init_from is not None and config.objective != "sft" else None
+    if config.objective == "dpo":
+        return DPO(model, config.preference(), reference)
+    if config.objective == "kto":
+        if config.batch_size * world.size < 2:
+            raise UserError("--objective kto estimates its KL term from the other answers of a batch; "
+                            "use --batch-size 2 or more")
+        return KTO(model, config.preference(), world, reference)
+    return SFT(model)
+
+
+def _step_loss(step_loss: nn.Module, world: distributed.World, device: torch.device) -> nn.Module:
+    """The objective; under several ranks wrapped in DDP, which all-reduces the adapter gradients
+    (the frozen base has none) and syncs the init."""
     if not world.active:
         return step_loss
     with warnings.catch_warnings():  # newer torch renames the flag; its meaning here is unchanged
@@ -277,13 +321,17 @@ def _describe(run: _Run, config: TrainConfig, world: distributed.World) -> str:
     """Two lines on what is about to run: base, precision, data; parameters and steps."""
     ranks = f" x {world.size} ranks" if world.active else ""
     nf4_note = f", NF4 at {run.memory.nf4_bits_per_param:.3f} bits/param" if run.memory.nf4_params else ""
+    objective = "" if config.objective == "sft" else f"{config.objective} (beta {config.beta}) on "
     return (f"base {base_name(config.base)} ({dtype_name(run.dtype)} on {run.device.type}{nf4_note}); "
-            f"data: {run.stats.summary()}\n"
+            f"{objective}data: {run.stats.summary()}\n"
             f"{run.counts}; {run.total_steps} steps of {config.batch_size}x{config.grad_accum} rows{ranks}")
 
 
-def _base_eval(run: _Run, config: TrainConfig) -> float:
-    """The base's held-out loss, to set the adapter's against."""
+def _base_eval(run: _Run, config: TrainConfig) -> float | None:
+    """The base's held-out loss, to set the adapter's against (sft; the preference objectives start from
+    their reference: margin 0, accuracy 0.5)."""
+    if config.objective != "sft":
+        return None
     with disable_adapters(run.model):
         return mean_nll(run.model, run.eval_examples, run.tokenizer.pad_token_id, config.batch_size,
                         config.eval_batches)[0]
@@ -304,12 +352,13 @@ def _train_step(run: _Run, config: TrainConfig, world: distributed.World, step: 
     t0 = time.perf_counter()
     # This rank's slice of each global micro-batch: rank r takes rows [r*b, (r+1)*b).
     pad_id = run.tokenizer.pad_token_id
-    batches = [collate(batch_at(run.examples, step * config.grad_accum + micro, config.batch_size * world.size,
-                                config.seed)[world.rank * config.batch_size:(world.rank + 1) * config.batch_size],
-                       pad_id) for micro in range(config.grad_accum)]
-    # Weight every learned token of the whole step (all micro-batches, all ranks) equally, so
-    # N ranks with batch b train exactly like one process with batch N*b.
-    learned = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
+    batches = [run.objective.collate(batch_at(run.examples, step * config.grad_accum + micro,
+                                              config.batch_size * world.size, config.seed),
+                                     world.rank, config.batch_size, pad_id, run.seq_len)
+               for micro in range(config.grad_accum)]
+    # Weight every unit of the whole step (learned token for sft, pair or record otherwise; all
+    # micro-batches, all ranks) equally, so N ranks with batch b train exactly like one process with batch N*b.
+    learned = [run.objective.units(b) for b in batches]
     step_tokens = distributed.all_sum(world, sum(learned))
     loss_sum, tokens = 0.0, 0
     for micro, batch in enumerate(batches):
@@ -332,20 +381,29 @@ def _train_step(run: _Run, config: TrainConfig, world: distributed.World, step: 
     run.state = {"step": step + 1, "tokens": state["tokens"] + tokens,
                  "train_seconds": state["train_seconds"] + seconds}
     return {"step": step + 1, "loss": loss_sum, "lr": run.scheduler.get_last_lr()[0], "tokens": run.state["tokens"],
-            "tokens_per_s": tokens / seconds}
+            "tokens_per_s": tokens / seconds, **run.objective.figures(world)}
 
 
 def _record(run: _Run, config: TrainConfig, record: dict, history: list[dict], last: bool) -> None:
     """Add the held-out loss when due, then append the step's record to the history and metrics.jsonl."""
     if run.eval_examples and (record["step"] % config.eval_every == 0 or last):
         run.model.eval()
-        record["eval_loss"] = mean_nll(run.model, run.eval_examples, run.tokenizer.pad_token_id, config.batch_size,
-                                       config.eval_batches)[0]
-        record["eval_perplexity"] = perplexity(record["eval_loss"])
+        record.update(_evaluate(run, config))
         run.model.train()
     history.append(record)
     with open(run.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def _evaluate(run: _Run, config: TrainConfig) -> dict:
+    """Held-out figures: loss and perplexity (sft), preference accuracy and margin (dpo), rewards (kto)."""
+    pad_id = run.tokenizer.pad_token_id
+    if config.objective == "sft":
+        loss = mean_nll(run.model, run.eval_examples, pad_id, config.batch_size, config.eval_batches)[0]
+        return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
+    examples = run.eval_examples[:config.batch_size * config.eval_batches]
+    with autocast(run.device, run.dtype):
+        return run.objective.evaluate(examples, config.batch_size, pad_id, run.seq_len)
 
 
 def _should_stop(world: distributed.World, should_stop: Callable[[int], bool] | None, step: int) -> bool:
@@ -378,25 +436,17 @@ def _save(run: _Run, config: TrainConfig, world: distributed.World, history: lis
     save_adapter(run.model, run.out)
     summary = _summary(config, run.counts, run.stats, run.state, history, base_eval, run.total_steps, run.memory)
     summary["world_size"] = world.size
+    summary["objective"] = config.objective
+    summary["figures"] = _final_figures(history)
     atomic_write_bytes(run.out / "training_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     shutil.rmtree(run.out / "checkpoint", ignore_errors=True)
     distributed.barrier(world)
     say(f"adapter saved to {run.out} ({summary['adapter_bytes'] / 1e6:.2f} MB); "
         f"{summary['tokens_per_s']:,.0f} tokens/s; final train loss {summary['final_train_loss']:.3f}"
         + (f"; eval perplexity {summary['eval_perplexity_base']:.2f} -> {summary['eval_perplexity_adapted']:.2f}"
-           if base_eval is not None else ""))
+           if base_eval is not None else "")
+        + (f"\n{config.objective}: {_figures_line(summary['figures'], config.objective)}" if summary["figures"] else ""))
     return summary
-
-
-class _StepLoss(nn.Module):
-    """The training objective as a module, so DDP can wrap it: the fused causal-LM loss, scaled."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        return causal_lm_loss(self.model, batch) * scale
 
 
 # ---- pieces ---------------------------------------------------------------------------------------
@@ -476,6 +526,28 @@ def _summary(config, counts, stats, state, history, base_eval, total_steps, memo
         "data": asdict(stats),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
     }
+
+
+def _final_figures(history: list[dict]) -> dict[str, float]:
+    """The objective's own figures at the end: training ones averaged over the last 10 steps, held-out
+    ones as last measured."""
+    last = history[-min(len(history), 10):]
+    names = [k for k in (last[-1] if last else {}) if k.startswith("rewards/") or k == "kl"]
+    figures = {k: sum(r[k] for r in last if k in r) / max(1, sum(k in r for r in last)) for k in names}
+    evals = [r for r in history if any(k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity") for k in r)]
+    if evals:
+        figures.update({k: v for k, v in evals[-1].items() if k.startswith("eval_")})
+    return figures
+
+
+def _figures_line(figures: dict[str, float], objective: str) -> str:
+    """One line of the objective's figures: rewards of chosen/good and rejected/bad, margin, accuracy, KL."""
+    names = {"rewards/chosen": "reward good" if objective == "kto" else "reward chosen",
+             "rewards/rejected": "reward bad" if objective == "kto" else "reward rejected",
+             "rewards/margins": "margin", "rewards/accuracies": "accuracy", "kl": "KL",
+             "eval_accuracy": "held-out accuracy", "eval_margin": "held-out margin",
+             "eval_rewards_good": "held-out reward good", "eval_rewards_bad": "held-out reward bad"}
+    return ", ".join(f"{label} {figures[k]:+.3f}" for k, label in names.items() if k in figures)
 
 
 def _peak_memory_bytes() -> int:
