@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup browser test demo bench bench-serve bench-scale clean
+.PHONY: setup browser test demo bench bench-preference bench-serve bench-scale clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+bench-preference: $(STAMP)
+	$(BIN)/python benchmarks/preference.py
 
 bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve.py
