@@ -93,6 +93,7 @@ BAD = {
     "empty txt": (("d.txt", b"   \n"), "empty"),
     "broken json": (("d.jsonl", b'{"text": "a"}\n{"text": \n'), r"d\.jsonl:2: broken JSON"),
     "non-utf8 jsonl": (("d.jsonl", b'{"text": "a"}\n\xff\n'), r":2: line is not valid UTF-8"),
+    "half a character": (("d.jsonl", b'{"text": "a"}\n{"text": "a\\ud800b"}\n'), r":2: a \\uD800-\\uDFFF escape"),
     "no completion": (("d.jsonl", b'{"prompt": "a", "completion": ""}\n'), "no completion"),
     "unknown record": (("d.jsonl", b'{"question": "a"}\n'), "needs 'text'"),
     "no assistant": (("d.jsonl", b'{"messages": [{"role": "user", "content": "x"}]}\n'), "no assistant turn"),

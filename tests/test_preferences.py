@@ -97,6 +97,7 @@ def test_long_records_are_cut_at_the_end_of_the_completion(tmp_path, tokenizer):
     ("kto", {"messages": [USER], "label": "good"}, ":2: 'messages' must end with the assistant's answer"),
     ("kto", {"prompt": [USER], "completion": "b", "label": "good"}, ":2: 'prompt' and 'completion' must both"),
     ("kto", {"prompt": "a", "completion": " ", "label": "good"}, ":2: 'completion' is empty"),
+    ("kto", {"prompt": "a\ud800", "completion": "b", "label": "good"}, ":2: a \\uD800-\\uDFFF escape"),
     ("dpo", {"prompt": "a", "chosen": "b"}, ":2: record has no 'rejected'"),
     ("dpo", {"prompt": "a", "rejected": "b"}, ":2: record has no 'chosen'"),
     ("dpo", {"prompt": "a", "chosen": "b", "rejected": "b"}, ":2: 'chosen' and 'rejected' are the same"),

@@ -124,10 +124,15 @@ def test_two_ranks_train_the_adapter_one_process_does_with_twice_the_batch(tiny_
 @pytest.mark.auto_dtype
 @pytest.mark.parametrize("args, message", [
     (["--objective", "ppo"], "--objective ppo is not one of sft, kto, dpo"),
-    (["--objective", "dpo", "--beta", "0"], "--beta must be positive"),
-    (["--objective", "kto", "--undesirable-weight", "-1"], "must be positive"),
+    (["--objective", "dpo", "--beta", "0"], "--beta must be a positive number, got 0"),
+    (["--objective", "kto", "--undesirable-weight", "-1"], "--undesirable-weight must be a positive number"),
     (["--objective", "kto", "--batch-size", "1"], "use --batch-size 2 or more"),
     (["--objective", "dpo"], "record has no 'chosen'"),
+    (["--objective", "dpo", "--beta", "inf"], "--beta must be a positive number, got inf"),
+    (["--objective", "dpo", "--beta", "nan"], "--beta must be a positive number, got nan"),
+    (["--objective", "kto", "--desirable-weight", "inf"], "--desirable-weight must be a positive number"),
+    (["--beta", "0.5"], "apply to --objective kto or dpo"),
+    (["--objective", "kto", "--labels", "all"], "--labels applies to --objective sft"),
 ])
 def test_cli_errors_are_one_line(tiny_base, tmp_path, capsys, args, message):
     data = rule_set(tmp_path, "kto", TRAIN, "train")

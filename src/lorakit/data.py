@@ -130,7 +130,18 @@ def json_records(f, path: Path) -> Iterator[tuple[int, dict]]:
                             "that line") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        if b"\\ud" in raw.lower() and not _encodable(record):  # JSON escapes can spell half a character
+            raise UserError(f"{path}:{number}: a \\uD800-\\uDFFF escape without its pair is not text; "
+                            "fix or remove that line")
         yield number, record
+
+
+def _encodable(record: dict) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _read_jsonl(f, path: Path, tokenizer, labels: str, stats: DataStats) -> tuple[list[str], list[Example]]:

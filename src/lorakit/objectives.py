@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +51,12 @@ class Preference:
     undesirable_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.beta > 0:
-            raise UserError(f"--beta must be positive, got {self.beta}")
-        if not (self.desirable_weight > 0 and self.undesirable_weight > 0):
-            raise UserError("--desirable-weight and --undesirable-weight must be positive")
+        # inf passes "> 0" but turns the first step's zero log-ratios into NaN (inf * 0)
+        if not 0 < self.beta < math.inf:
+            raise UserError(f"--beta must be a positive number, got {self.beta}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
 
 
 # ---- the losses, as TRL defines them --------------------------------------------------------------

@@ -133,6 +133,13 @@ class TrainConfig:
         if self.objective not in OBJECTIVES:
             raise UserError(f"--objective {self.objective} is not one of {', '.join(OBJECTIVES)}")
         self.preference()  # validates --beta and the weights
+        # Options of one objective given to another would be silently ignored: say so instead.
+        if self.objective == "sft" and self.preference() != Preference():
+            raise UserError("--beta, --desirable-weight and --undesirable-weight apply to --objective kto or dpo; "
+                            "add --objective or drop them")
+        if self.objective != "sft" and self.labels != "good":
+            raise UserError(f"--labels applies to --objective sft (--objective {self.objective} learns from good "
+                            "and bad answers alike); drop it")
 
     def preference(self) -> Preference:
         return Preference(self.beta, self.desirable_weight, self.undesirable_weight)
