@@ -17,7 +17,7 @@ def test_json_round_trip_keeps_every_field_and_writes_peft_layout(tmp_path):
     config.save(tmp_path)
     data = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert data["peft_type"] == "LORA" and data["r"] == 8 and data["target_modules"] == ["q_proj", "v_proj"]
-    assert data["use_dora"] is False  # unsupported features are written as off, as PEFT expects the field
+    assert data["use_dora"] is False and data["use_qalora"] is False  # features off are written, as PEFT does
     assert LoraConfig.load(tmp_path).to_dict() == config.to_dict()
 
 

@@ -410,7 +410,7 @@ def _with(tmp_path, adapter, **changes):
 
 HOSTILE = {
     "unsupported architecture": (lambda b, a, t: ["--base", _unsupported_arch(b, t)], "'bert' is not supported"),
-    "DoRA adapter": (lambda b, a, t: ["--adapter", _dora(a["llama"], t)], "use_dora"),
+    "DoRA adapter": (lambda b, a, t: ["--adapter", _dora(a["llama"], t)], "is a DoRA adapter"),
     "modules_to_save": (lambda b, a, t: ["--adapter", _with(t, a["llama"], modules_to_save=["lm_head"])],
                         "modules_to_save"),
     "adapter on a tied embedding": (

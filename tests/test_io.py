@@ -150,7 +150,7 @@ BAD_FILES = {
                     "pickle"),
     "nan": (lambda p: save_file({k: v * float("nan") for k, v in load_file(p / WEIGHTS_NAME).items()},
                                 p / WEIGHTS_NAME), "NaN or Inf"),
-    "dora": (lambda p: _break_config(p, use_dora=True), "use_dora"),
+    "dora without magnitudes": (lambda p: _break_config(p, use_dora=True), "lora_magnitude_vector"),
     "other peft type": (lambda p: _break_config(p, peft_type="IA3"), "peft_type"),
     "lost tensor": (lambda p: save_file(dict(list(load_file(p / WEIGHTS_NAME).items())[1:]), p / WEIGHTS_NAME),
                     "lacks"),
@@ -188,7 +188,7 @@ CONFIG_ERRORS = {
     "dropout one": (dict(lora_dropout=1.0), "lora_dropout"),
     "empty targets": (dict(target_modules=[]), "target_modules is empty"),
     "bad bias": (dict(bias="some"), "bias must be"),
-    "bad init": (dict(init_lora_weights="pissa"), "init_lora_weights"),
+    "bad init": (dict(init_lora_weights="pissa_niter_0"), "init_lora_weights"),
     "bad rank pattern": (dict(rank_pattern={"q": 0}), "rank_pattern"),
 }
 

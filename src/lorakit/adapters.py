@@ -21,6 +21,7 @@ from lorakit.layers import LoraLayer, SavedModule, base_kind, layer_dims
 from lorakit.modules import matches, output_head, set_module
 from lorakit.nf4 import NF4Linear
 from lorakit.routing import RowRouting, RowSpec
+from lorakit.variants import init as variant_init
 
 ALL_LINEAR = "all-linear"
 
@@ -178,6 +179,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initi
     if any(isinstance(w, LoraLayer) and w.merged for w in wrappers):
         raise UserError("the model has merged adapters; unmerge(model) before adding another")
     targets = resolve_targets(model, config, modules)
+    if initialize:
+        bases = dict(modules)
+        variant_init.check(config, {name: bases[name] for name in targets})
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         # Record what "all-linear" meant here, as PEFT does, so the file says which layers it holds.
         config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in targets})
@@ -195,8 +199,12 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initi
             layer = _wrap(model, name, LoraLayer)
             if layer.kind == "conv1d":
                 config.fan_in_fan_out = True  # GPT-2's Conv1D stores (in, out); PEFT sets this too
+            if config.lora_bias and layer.kind == "embedding":
+                raise UserError(f"lora_bias is not supported on the embedding {name!r} (as in PEFT); "
+                                "leave it out of target_modules or set lora_bias=False")
             layer.add_adapter(adapter, r=config.rank_for(name), scaling=config.scaling_for(name),
-                              dropout=config.lora_dropout, init=config.init_lora_weights if initialize else None)
+                              dropout=config.lora_dropout, init=config.init_lora_weights if initialize else None,
+                              use_dora=config.use_dora, lora_bias=config.lora_bias)
         for name in saved:
             _wrap(model, name, SavedModule).add_adapter(adapter)
         for _, module in modules:
@@ -249,8 +257,9 @@ def mark_trainable(model: nn.Module, adapter: str | None) -> list[LoraLayer | Sa
     config = adapter_configs(model)[adapter]
     for module in wrappers:
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            module.lora_A[adapter].requires_grad_(True)
-            module.lora_B[adapter].requires_grad_(True)
+            for table in (module.lora_A, module.lora_B, module.lora_magnitude, module.lora_bias):
+                if adapter in table:
+                    table[adapter].requires_grad_(True)
             if config.bias == "lora_only" and getattr(module.base, "bias", None) is not None:
                 module.base.bias.requires_grad_(True)
         elif isinstance(module, SavedModule) and adapter in module.copies:
@@ -372,8 +381,21 @@ def _merge(model: nn.Module) -> None:
     if shared:
         raise UserError(f"cannot merge into {shared[0]!r}: its weight is tied to another module "
                         "(e.g. embeddings tied to the output head); untie the weights first")
-    for _, layer in lora_layers(model):
-        layer.merge()
+    for name, layer in lora_layers(model):
+        try:
+            layer.check_mergeable()
+        except UserError as err:
+            raise UserError(f"{name}: {err}") from None
+    merged = []
+    try:
+        for _, layer in lora_layers(model):
+            if not layer.merged:
+                merged.append(layer)
+            layer.merge()
+    except BaseException:  # leave the model as it was (a DoRA adapter can refuse a layer)
+        for layer in merged:
+            layer.unmerge()
+        raise
 
 
 def unmerge(model: nn.Module) -> None:

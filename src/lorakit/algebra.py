@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lorakit.adapters import adapter_configs
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import UserError
 from lorakit.files import check_output
-from lorakit.io import (EMBEDDING_COPY, EMBEDDING_FACTORS, FACTOR_SUFFIXES, PREFIX, adapter_state_dict, factor_keys,
-                        parse_adapter_spec, read_adapter, write_adapter)
+from lorakit.io import (EMBEDDING_COPY, EMBEDDING_FACTORS, FACTOR_SUFFIXES, PREFIX, factor_keys, parse_adapter_spec,
+                        portable_adapter, read_adapter, write_adapter)
 from lorakit.options import add_command, default_of, option
 
 METHODS: dict[str, str] = {
@@ -85,8 +84,8 @@ class Adapter:
     @classmethod
     def from_model(cls, model: torch.nn.Module, adapter: str = "default") -> Adapter:
         """A copy of adapter `adapter` of a model that carries it (e.g. one just trained)."""
-        tensors = {k: v.detach().clone() for k, v in adapter_state_dict(model, adapter).items()}
-        return cls(copy.deepcopy(adapter_configs(model)[adapter]), tensors, name=adapter)
+        config, tensors = portable_adapter(model, adapter)  # for the original base (PiSSA / OLoRA converted)
+        return cls(copy.deepcopy(config), {k: v.detach().clone() for k, v in tensors.items()}, name=adapter)
 
     def save(self, directory: str | Path) -> Path:
         return write_adapter(directory, self.config, self.tensors)
@@ -105,6 +104,15 @@ class Adapter:
                                     "the adapter is incomplete, re-save it")
                 out[path] = Factors(A, B, self.config.scaling_for(path), a_suffix == EMBEDDING_FACTORS[0])
         return out
+
+    def require_plain(self, purpose: str) -> None:
+        """UserError unless every module's update is ΔW = s·B·A (no DoRA magnitude, no lora_bias); `purpose`
+        says what needs that and what to do instead."""
+        if self.config.use_dora:
+            raise UserError(f"{self.name} is a DoRA adapter: its magnitude rescales each row of the whole weight "
+                            f"W + s·B·A, so its change is not a low-rank ΔW; {purpose}")
+        if self.config.lora_bias:
+            raise UserError(f"{self.name} trains a bias beside B (lora_bias), which is not a low-rank ΔW; {purpose}")
 
     def extras(self) -> dict[str, Tensor]:
         """Tensors that are not LoRA factors (biases, modules_to_save, PEFT's embedding copies)."""
@@ -126,6 +134,10 @@ def combine(adapters: Sequence[AdapterLike | tuple[AdapterLike, float]], method:
     weighted = [_weighted(item) for item in adapters]
     if not weighted:
         raise UserError("combine needs at least one adapter, e.g. combine(['a:0.5', 'b:0.5'])")
+    for adapter, _ in weighted:  # a weighted sum of DoRA adapters is not a DoRA adapter (nor is any mix with one)
+        adapter.require_plain("combine sums low-rank updates and cannot mix it (a weighted sum of DoRA adapters is "
+                              "not a DoRA adapter); apply adapters together instead (set_adapters, repeated --adapter) "
+                              "or merge them into the base (lorakit merge)")
     tables = [(adapter.modules(), weight) for adapter, weight in weighted]
     _check_same_base(weighted, [table for table, _ in tables])
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from lorakit.errors import UserError
 from lorakit.files import atomic_write_bytes, previous_directory, staged_directory
-from lorakit.io import adapter_state_dict, load_tensors, save_adapter, save_tensors
+from lorakit.adapters import adapter_configs
+from lorakit.io import adapter_state_dict, load_tensors, save_tensors, write_adapter
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -34,7 +35,8 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
             tensors[f"rng.cuda.{i}"] = s
     meta = {**state, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(), "settings": settings}
     with staged_directory(directory) as staging:
-        save_adapter(model, staging)
+        # as trained (a PiSSA adapter unconverted: the resumed run rebuilds the same residual base)
+        write_adapter(staging, adapter_configs(model)["default"], adapter_state_dict(model))
         save_tensors(staging / "optimizer.safetensors", tensors)
         atomic_write_bytes(staging / "state.json", (json.dumps(meta, indent=2) + "\n").encode())
 

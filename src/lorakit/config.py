@@ -2,7 +2,8 @@
 
 An `adapter_config.json` written by PEFT loads here and ours loads in PEFT. Fields from newer PEFT
 versions that we do not know are kept in `extra` and written back unchanged; fields whose meaning we
-do not implement (DoRA, LoftQ, ...) are refused when set, never silently ignored.
+do not implement (LoftQ, trainable token indices, ...) are refused by name when set, never silently
+ignored.
 """
 
 from __future__ import annotations
@@ -41,14 +42,9 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 
 # PEFT fields we do not implement, with the value that means "feature off". Any other value is refused.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "use_dora": False,
-    "lora_bias": False,
     "use_qalora": False,
     "layer_replication": None,
     "target_parameters": None,
-    "loftq_config": {},
-    "eva_config": None,
-    "corda_config": None,
     "trainable_token_indices": None,
     "alora_invocation_tokens": None,
     "megatron_config": None,
@@ -58,14 +54,37 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 # PEFT 0.21 fields that change the maths too but which PEFT does not write when off: refused when set,
 # and not added to the JSON we write (older PEFT versions would not know them).
 _REFUSED_WHEN_SET: dict[str, Any] = {
-    "lora_ga_config": None,  # LoRA-GA: gradient-based init that also shifts the base weights
     "kasa_config": None,  # KaSA: truncates the base's singular values, adds a learned diagonal
     "monteclora_config": None,  # MonteCLoRA: variational Monte Carlo sampling on top of A and B
     "ensure_weight_tying": False,  # adapters of tied layers share weights
 }
+# What each refused field would need, for the refusal.
+_WHY: dict[str, str] = {
+    "use_qalora": "QALoRA pools the input by groups before A",
+    "layer_replication": "the base's layers are duplicated before adapting them",
+    "target_parameters": "it adapts bare parameters (e.g. MoE expert weights), not layers",
+    "trainable_token_indices": "it trains new rows of the token embeddings beside LoRA",
+    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
+    "megatron_config": "its layers are Megatron's parallel linears",
+    "arrow_config": "Arrow routes between several adapters per token",
+    "use_bdlora": "block-diagonal LoRA shares its factors across shards",
+    "kasa_config": "KaSA truncates the base's singular values and adds a learned diagonal",
+    "monteclora_config": "MonteCLoRA samples its factors",
+    "ensure_weight_tying": "adapters of tied layers share weights",
+}
 # PEFT fields that do not change the result and are kept as given: velora_config (VeLoRA) changes only
 # how the backward stores activations; qalora_group_size matters only with use_qalora (refused);
-# runtime_config, peft_version and the rest of PEFT's bookkeeping are not about the maths.
+# eva_config, corda_config, loftq_config and lora_ga_config describe how an initialisation ran (what
+# matters when loading is init_lora_weights, below); runtime_config, peft_version and the rest of PEFT's
+# bookkeeping are not about the maths.
+# init_lora_weights values: what a new adapter can start from here (also "pissa_niter_N")...
+TRAINABLE_INITS = (True, False, "gaussian", "orthogonal", "pissa", "olora")
+# ... and what adapters saved by PEFT may also say: their inference is plain LoRA on the unchanged base
+# (PEFT loads a LoRA-GA adapter onto the unshifted base, as it has no gradients then).
+LOADABLE_INITS = ("eva", "lora_ga", "mica")
+# Initialisations that rewrite the base weight: an adapter saved with one (not converted) applies to a base
+# that PEFT rebuilds when it loads it.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 # Fields PEFT writes that carry no meaning for us; kept so the JSON round-trips.
 _PASSTHROUGH_DEFAULTS: dict[str, Any] = {
     "peft_type": "LORA",
@@ -96,7 +115,13 @@ class LoraConfig:
     use_rslora: bool = False
     """Rank-stabilised scale lora_alpha / sqrt(r), better for large r."""
     init_lora_weights: bool | str = True
-    """True: A kaiming-uniform, B zero (adapter starts as a no-op); "gaussian": A ~ N(0, 1/r); False: both random."""
+    """True: A kaiming-uniform, B zero (adapter starts as a no-op); "gaussian": A ~ N(0, 1/r); False: both random;
+    "orthogonal", "pissa", "pissa_niter_N", "olora": see lorakit.variants.init."""
+    use_dora: bool = False
+    """DoRA: a learned magnitude per output feature times the direction W + s·B·A normalised per output
+    feature (PEFT's definition; see lorakit.variants.dora)."""
+    lora_bias: bool = False
+    """A trainable bias on B, added as s·b (PEFT's lora_bias); Linear and Conv1D only, not with DoRA."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module rank overrides: {regex of a name suffix: r}."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -123,12 +148,18 @@ class LoraConfig:
             raise UserError(f"lora_dropout must be a number in [0, 1), got {_show(self.lora_dropout)}")
         if not isinstance(self.bias, str) or self.bias not in ("none", "all", "lora_only"):
             raise UserError(f"bias must be 'none', 'all' or 'lora_only', got {_show(self.bias)}")
-        for name in ("use_rslora", "fan_in_fan_out"):
+        for name in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {_show(getattr(self, name))}")
-        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
-            raise UserError(f"init_lora_weights={_show(self.init_lora_weights)} is not supported; "
-                            "use True, False or 'gaussian'")
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or isinstance(init, str) and (
+                init in (*TRAINABLE_INITS, *LOADABLE_INITS, *BASE_CHANGING_INITS) or _is_pissa_niter(init))):
+            raise UserError(f"init_lora_weights={_show(init)} is not supported; use True, False, 'gaussian', "
+                            "'orthogonal', 'pissa', 'pissa_niter_N' or 'olora'")
+        if self.use_dora and self.lora_bias:
+            raise UserError("lora_bias is not supported together with use_dora (PEFT refuses it too); drop one")
+        if self.lora_bias and not isinstance(init, bool):
+            raise UserError(f"lora_bias needs init_lora_weights True or False (as PEFT), got {_show(init)}")
         self.target_modules = _names("target_modules", self.target_modules, empty_ok=False)
         self.exclude_modules = _names("exclude_modules", self.exclude_modules, empty_ok=True)
         self.layers_pattern = _names("layers_pattern", self.layers_pattern, empty_ok=True)
@@ -152,11 +183,21 @@ class LoraConfig:
         for key, off in {**_UNSUPPORTED_DEFAULTS, **_REFUSED_WHEN_SET}.items():
             value = self.extra.get(key, off)
             if value != off and not (off is None and value in ({}, [], False)):
-                raise UserError(f"{key}={_show(value)} is not supported by lorakit (it changes what the adapter "
-                                "computes); this adapter needs PEFT")
+                raise UserError(f"{key}={_show(value)} is not supported by lorakit ({_WHY[key]}); this adapter "
+                                "needs PEFT")
         peft_type = self.extra.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise UserError(f"peft_type is {_show(peft_type)}; lorakit loads LoRA adapters only (peft_type 'LORA')")
+
+    def init_is_trainable(self) -> bool:
+        """Whether a new adapter can be initialised as `init_lora_weights` says (not only loaded)."""
+        init = self.init_lora_weights
+        return isinstance(init, bool) or init in TRAINABLE_INITS or _is_pissa_niter(init)
+
+    def changes_base(self) -> bool:
+        """Whether `init_lora_weights` rewrites the base weight (PiSSA, OLoRA, CorDA, LoftQ)."""
+        init = self.init_lora_weights
+        return isinstance(init, str) and (init in BASE_CHANGING_INITS or _is_pissa_niter(init))
 
     # -- scaling ------------------------------------------------------------------------------
 
@@ -284,3 +325,7 @@ def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
+
+
+def _is_pissa_niter(init: Any) -> bool:
+    return isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", init) is not None

@@ -142,6 +142,8 @@ def read_updates(specs: list[str], arch: Arch, config: dict[str, Any], base: dic
         if not math.isfinite(weight):
             raise UserError(f"adapter scale in {spec!r} must be a finite number")
         adapter = Adapter.load(path)
+        adapter.require_plain("llama.cpp's LoRA adapters carry only A and B; merge it into the base first "
+                              "(lorakit merge --adapter ... --out merged), then export that (lorakit gguf --base merged)")
         if adapter.config.modules_to_save:
             raise UserError(f"{path}: modules_to_save ({', '.join(adapter.config.modules_to_save)}) are whole "
                             "trained modules, not LoRA; the GGUF export does not carry them")

@@ -1,8 +1,9 @@
 """Adapters on disk, in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
 
 Keys are PEFT's: `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (Linear, Conv1D),
-`...lora_embedding_A` / `...lora_embedding_B` (Embedding), `<path>.base_layer.bias` for biases of
-adapted layers and `<path>.<param>` for the rest (`bias="all"`, `modules_to_save`). Files are written
+`...lora_embedding_A` / `...lora_embedding_B` (Embedding), `...lora_magnitude_vector` (DoRA's m),
+`...lora_B.bias` (`lora_bias`), `<path>.base_layer.bias` for biases of adapted layers and
+`<path>.<param>` for the rest (`bias="all"`, `modules_to_save`). Files are written
 atomically (temp file + rename) and read without pickle; `adapter_model.bin` is refused.
 """
 
@@ -16,12 +17,13 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from lorakit.adapters import adapter_configs, inject, planned_layers, set_adapters, transaction
+from lorakit.adapters import adapter_configs, inject, lora_layers, planned_layers, set_adapters, transaction
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import UserError
 from lorakit.files import atomic_write_bytes, check_directory, read_bytes
 from lorakit.layers import LoraLayer, SavedModule, base_kind, layer_dims
 from lorakit.options import option
+from lorakit.variants import init as variant_init
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -29,6 +31,8 @@ PREFIX = "base_model.model."
 LINEAR_FACTORS = (".lora_A.weight", ".lora_B.weight")  # key suffixes of A and B for Linear and Conv1D
 EMBEDDING_FACTORS = (".lora_embedding_A", ".lora_embedding_B")  # ... and for Embedding (bare tensors)
 FACTOR_SUFFIXES = dict((LINEAR_FACTORS, EMBEDDING_FACTORS))  # A's suffix -> B's
+MAGNITUDE = ".lora_magnitude_vector"  # DoRA's magnitude m (out,), for every kind of base
+LORA_BIAS = ".lora_B.bias"  # lora_bias: B's bias (out,)
 EMBEDDING_COPY = ".base_layer.weight"  # PEFT's copy of a whole base embedding matrix ("in case it was resized")
 
 
@@ -76,6 +80,10 @@ def _peft_params(model: nn.Module, adapter: str, config: LoraConfig):
                 a, b = factor_keys(name, embedding=module.kind == "embedding")
                 yield a, module.lora_A[adapter]
                 yield b, module.lora_B[adapter]
+                if adapter in module.lora_magnitude:
+                    yield f"{PREFIX}{name}{MAGNITUDE}", module.lora_magnitude[adapter]
+                if adapter in module.lora_bias:
+                    yield f"{PREFIX}{name}{LORA_BIAS}", module.lora_bias[adapter]
             bias = getattr(module.base, "bias", None)
             if bias is not None and (config.bias == "all" or (config.bias == "lora_only" and adapter in module.lora_A)):
                 yield f"{PREFIX}{name}.base_layer.bias", bias
@@ -96,11 +104,26 @@ def _peft_params(model: nn.Module, adapter: str, config: LoraConfig):
 def save_adapter(model: nn.Module, directory: str | Path, adapter: str = "default") -> Path:
     """Write `adapter` as `adapter_config.json` + `adapter_model.safetensors` (PEFT layout).
 
-    Each file is replaced atomically; an interrupted save leaves the previous files intact.
+    An adapter initialised by PiSSA or OLoRA (which rewrote the base weights) is written for the original
+    base, as a plain LoRA adapter of twice the rank (`portable_adapter`). Each file is replaced atomically;
+    an interrupted save leaves the previous files intact.
     """
+    return write_adapter(directory, *portable_adapter(model, adapter))
+
+
+def portable_adapter(model: nn.Module, adapter: str = "default") -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """`adapter`'s config and PEFT-keyed tensors as they apply to the original base: as they are, or for a
+    PiSSA / OLoRA adapter converted as PEFT's `path_initial_model_for_weight_conversion` does."""
     tensors = adapter_state_dict(model, adapter)
     config = adapter_configs(model)[adapter]
-    return write_adapter(directory, config, tensors)
+    initial = {}
+    for name, layer in lora_layers(model):
+        if adapter in layer.initial:
+            a, b = factor_keys(name, embedding=False)
+            initial[a], initial[b] = layer.initial[adapter]
+    if not initial:
+        return config, tensors
+    return variant_init.convert(config, tensors, initial)
 
 
 def write_adapter(directory: str | Path, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> Path:
@@ -206,6 +229,14 @@ def install_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, tor
     Every LoRA factor the config implies is checked against the file, by name and shape, before
     anything is allocated: the file's sizes, not the config's `r`, bound what a load may allocate.
     """
+    if config.init_lora_weights == "loftq":
+        raise UserError(f"{source} is a LoftQ adapter: it applies to the base as LoftQ quantizes it, which PEFT "
+                        "rebuilds when loading it and lorakit does not implement; load it with PEFT")
+    if config.changes_base():
+        raise UserError(f"{source} was saved with init_lora_weights={config.init_lora_weights!r} without PEFT's "
+                        "conversion, so it applies to base weights that this initialisation rewrote (PEFT rebuilds them "
+                        "when loading it); re-save it converted (PEFT: save_pretrained(..., "
+                        "path_initial_model_for_weight_conversion=...); lorakit train converts on its own)")
     _check_fits(model, config, tensors, Path(source))
     with transaction(model):
         inject(model, config, adapter=adapter, initialize=False)
@@ -260,7 +291,8 @@ def _copy_into(model: nn.Module, adapter: str, config: LoraConfig, tensors: dict
     return targets
 
 
-_SUFFIXES = (*FACTOR_SUFFIXES, *FACTOR_SUFFIXES.values(), ".base_layer.bias", EMBEDDING_COPY, ".bias", ".weight")
+_SUFFIXES = (*FACTOR_SUFFIXES, *FACTOR_SUFFIXES.values(), MAGNITUDE, LORA_BIAS, ".base_layer.bias", EMBEDDING_COPY,
+             ".bias", ".weight")
 
 
 def _module_of(key: str) -> str:

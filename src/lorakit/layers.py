@@ -2,13 +2,17 @@
 
     y = base(x) + Σ_adapters  w · s · B(A(dropout(x)))        s = alpha / r  (or alpha / sqrt(r))
 
+An adapter may also carry PEFT's `lora_bias` (a bias on B: + w·s·b) or be a DoRA adapter (a magnitude
+per output feature; `lorakit.variants.dora` holds its maths and says how it composes with others).
+
 `lora_A` is (r, in) and `lora_B` is (out, r) for every kind of base (for an Embedding, "in" is the
 vocabulary and "out" the embedding width), the shapes PEFT writes to disk. A layer can hold several
 adapters; `active` maps the names in use to the user's weight for each. `merge()` folds the active
 adapters into the base weight and `unmerge()` takes them out again; nothing merges as a side effect.
 
-The forward picks one of three paths: the fused autograd Function of `lorakit.fused` (a frozen plain
-linear base, nearly always), plain autograd ops (Embedding, a trainable or hooked base), or, inside
+The forward picks one of four paths: the fused autograd Function of `lorakit.fused` (plain LoRA
+adapters on a frozen plain linear base, nearly always), DoRA's own (one DoRA adapter on such a base),
+plain autograd ops (Embedding, a trainable or hooked base, anything else), or, inside
 `lorakit.per_row_adapters`, the `lorakit.routing.RowRouting` that gives each batch row its own adapters.
 """
 
@@ -21,10 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.errors import UserError
 from lorakit.fused import FusedLoraLinear, compute_dtype, fusable
 from lorakit.modules import Conv1D
-from lorakit.nf4 import NF4Linear
+from lorakit.nf4 import NF4Linear, NF4Tensor
 from lorakit.routing import RowRouting
+from lorakit.variants import dora
+from lorakit.variants import init as variant_init
 
 
 def base_kind(module: nn.Module) -> str | None:
@@ -61,17 +68,24 @@ class LoraLayer(nn.Module):
         self.in_features, self.out_features = layer_dims(base)
         self.lora_A = AdapterParameters()  # name -> (r, in)
         self.lora_B = AdapterParameters()  # name -> (out, r)
+        self.lora_magnitude = AdapterParameters()  # name -> (out,), DoRA adapters only (PEFT's lora_magnitude_vector)
+        self.lora_bias = AdapterParameters()  # name -> (out,), adapters with PEFT's lora_bias only
         self.dropout = AdapterModules()  # name -> nn.Dropout, only for adapters with p > 0
         self.scaling: dict[str, float] = {}
         self.active: dict[str, float] = {}  # adapters in use -> user weight
         self.merged: dict[str, float] = {}  # adapters folded into base.weight -> weight used
+        self.merged_scales: dict[str, torch.Tensor] = {}  # merged DoRA adapters -> their f (out,), for unmerge
+        self.dora_cache = dora.DoraCache()  # ‖W‖²_rows and inference-time f of DoRA adapters
+        self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA / OLoRA adapters -> A, B at init
         self.disabled = False
         # inside `per_row_adapters`: each batch row's own adapters (set and cleared by that context manager)
         self.routing: RowRouting | None = None
 
     # -- adapters -----------------------------------------------------------------------------
 
-    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: bool | str | None) -> None:
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: bool | str | None,
+                    use_dora: bool = False, lora_bias: bool = False) -> None:
+        """A new adapter. `init` None leaves the weights uninitialised (the caller copies saved ones in)."""
         base_dtype, device = self._base_dtype_device()
         if device.type == "meta":  # a skeleton's base (streamed merge reads it later); the adapter is real
             device = torch.device("cpu")
@@ -84,26 +98,66 @@ class LoraLayer(nn.Module):
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.scaling[name] = scaling
+        if init is not None and variant_init.changes_base(init):  # PiSSA / OLoRA: A, B from W; W <- W - s·B·A
+            self._init_from_weight(name, init)
         if dropout > 0:  # p = 0 needs no module at all: no copy of x, and less to walk over in the model
             drop = nn.Dropout(dropout)
             drop.training = self.training  # a new module defaults to training mode; follow the model
             self.dropout[name] = drop
+        if lora_bias:  # zero at init, as PEFT's (B is a Linear with a bias it zeroes)
+            self.lora_bias[name] = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device))
+        if use_dora:
+            self.lora_magnitude[name] = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device))
+            if init is not None:  # after A and B: m = ‖W + s·B·A‖
+                dora.init_magnitude(self, name)
+
+    @torch.no_grad()
+    def _init_from_weight(self, name: str, init: str) -> None:
+        """PiSSA / OLoRA: A and B from the base weight, which keeps the residual; the initial A, B are kept
+        in `initial` for `lorakit.variants.init.convert` (the adapter for the original base)."""
+        W = self._dense_weight()  # (out, in) fp32
+        A, B = variant_init.from_weight(init, W, self.rank(name), self.scaling[name])
+        self.lora_A[name].copy_(A)
+        self.lora_B[name].copy_(B)
+        W -= (self.scaling[name] * B) @ A  # (out, in); PEFT's order of operations, for the same residual
+        self._set_base(W if self.kind == "linear" else W.t())
+        self.initial[name] = variant_init.initial_state(self, name)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
             raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge before deleting it")
-        for table in (self.lora_A, self.lora_B):
-            del table[name]
-        if name in self.dropout:
-            del self.dropout[name]
+        for table in (self.lora_A, self.lora_B, self.lora_magnitude, self.lora_bias, self.dropout):
+            if name in table:
+                del table[name]
         self.scaling.pop(name)
         self.active.pop(name, None)
+        self.initial.pop(name, None)
+        self.dora_cache.scales.pop(name, None)
 
     def _base_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         """The base weight's dtype and device (an NF4 base's compute dtype; its weight is not dequantized)."""
         if isinstance(self.base, NF4Linear):
             return self.base.dtype, self.base.packed.device
         return self.base.weight.dtype, self.base.weight.device
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor | NF4Tensor:
+        """The base weight in the (out, in) layout (a view for Conv1D and Embedding), cast to `dtype` when
+        given; an NF4 base's `NF4Tensor` (dequantized where it is used)."""
+        if isinstance(self.base, NF4Linear):
+            return self.base.quantized
+        W = self.base.weight if self.kind == "linear" else self.base.weight.t()  # (out, in)
+        return W if dtype is None else W.to(dtype)
+
+    def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Wᵀ (..., out), the base's product without its bias, by autograd ops."""
+        if isinstance(self.base, NF4Linear):
+            y = self.base(x)  # (..., out)
+            return y if self.base.bias is None else y - self.base.bias.to(y.dtype)
+        return F.linear(x, self.base_weight(x.dtype))
+
+    def plain(self, name: str) -> bool:
+        """Whether adapter `name` is plain LoRA (no DoRA magnitude, no lora_bias)."""
+        return name not in self.lora_magnitude and name not in self.lora_bias
 
     def dropping(self, name: str) -> bool:
         """Whether adapter `name` drops out inputs right now (p > 0 and training mode)."""
@@ -122,11 +176,15 @@ class LoraLayer(nn.Module):
         names = self.running()
         if not names:
             return self.base(x)
-        if self.fusable() and not torch.compiler.is_compiling():  # compiled: plain ops, which inductor fuses
-            return self._fused(x, names)
+        if fusable(self.base) and not torch.compiler.is_compiling():  # compiled: plain ops, which inductor fuses
+            if all(self.plain(n) for n in names):
+                return self._fused(x, names)
+            if len(names) == 1 and names[0] in self.lora_magnitude and self.active[names[0]] == 1.0 \
+                    and not self.dropping(names[0]):
+                return self._fused_dora(x, names[0])
         result = self.base(x)  # (..., out)
         for name in names:
-            result = self._add_update(x, result, name, self.active[name])
+            result = self.add_update(x, result, name, self.active[name])
         return result
 
     def running(self) -> list[str]:
@@ -134,8 +192,9 @@ class LoraLayer(nn.Module):
         return [n for n in self.active if n in self.lora_A and n not in self.merged]
 
     def fusable(self) -> bool:
-        """Whether the forward may take the fused path (`lorakit.fused.fusable` of the base)."""
-        return fusable(self.base)
+        """Whether the forward may take the fused LoRA path: `lorakit.fused.fusable` of the base, and every
+        running adapter plain LoRA."""
+        return fusable(self.base) and all(self.plain(n) for n in self.running())
 
     def _fused(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """base(x) + Σ w·s·B(A(dropout(x))) through `FusedLoraLinear`, which saves and computes only what LoRA needs."""
@@ -144,14 +203,18 @@ class LoraLayer(nn.Module):
         y = FusedLoraLinear.apply(x2, *self.fused_args(names, dtype))
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)
 
+    def _fused_dora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """base(x) mapped by one DoRA adapter through `dora.FusedDoraLinear`."""
+        dtype = compute_dtype(x)
+        autocast = torch.is_autocast_enabled(self._base_dtype_device()[1].type)
+        y = dora.fused(self, x.reshape(-1, self.in_features).to(dtype), name, dtype, autocast)  # (N, out)
+        return y.view(*x.shape[:-1], self.out_features)  # (..., out)
+
     def fused_args(self, names: list[str], dtype: torch.dtype) -> tuple:
         """`FusedLoraLinear`'s arguments after x (N, in) in `dtype`: weight, bias, then per adapter the scale,
         the dropout probability and the down projection's dtype (tuples), then (Aᵢ, Bᵢ) per adapter."""
         base = self.base
-        if isinstance(base, NF4Linear):
-            W = base.quantized  # (out, in) in NF4, dequantized into `dtype` chunk by chunk where it is used
-        else:
-            W = (base.weight if self.kind == "linear" else base.weight.t()).to(dtype)  # (out, in): a view for Conv1D
+        W = self.base_weight(dtype)  # (out, in); NF4 is dequantized into `dtype` chunk by chunk where it is used
         autocast = torch.is_autocast_enabled(self._base_dtype_device()[1].type)
         bias = base.bias
         scales, drops, downs, weights = [], [], [], []
@@ -178,10 +241,15 @@ class LoraLayer(nn.Module):
         # Scale the rank-r tensor, not the (..., out) one: r/out of the work and no full-size temporary.
         return h * (self.scaling[name] * weight)
 
-    def _add_update(self, x: torch.Tensor, result: torch.Tensor, name: str, weight: float) -> torch.Tensor:
-        """The general path (Embedding, a trainable or hooked base): plain autograd ops."""
+    def add_update(self, x: torch.Tensor, result: torch.Tensor, name: str, weight: float) -> torch.Tensor:
+        """`result` with adapter `name` at `weight` applied, by plain autograd ops: the general path (Embedding, a
+        trainable or hooked base, DoRA with others), and per-row routing's for DoRA and lora_bias adapters."""
+        if name in self.lora_magnitude:
+            return dora.add(self, x, result, name, weight)
         h = self.project_down(x, name, weight).to(result.dtype)  # (..., r)
         B = self.lora_B[name].to(result.dtype)  # (out, r)
+        if name in self.lora_bias:
+            result = result + self.lora_bias[name].to(result.dtype) * (self.scaling[name] * weight)  # (..., out)
         if self.kind == "embedding":
             return result + h @ B.t()  # (..., out)
         # One addmm gives the sum without a separate (..., out) product. Not in place: under autograd an
@@ -193,30 +261,86 @@ class LoraLayer(nn.Module):
 
     def delta_weight(self, name: str, weight: float = 1.0) -> torch.Tensor:
         """w·s·B·A in fp32, laid out like base.weight ((out, in); (in, out) for Conv1D and Embedding)."""
-        delta = (self.lora_B[name].float() @ self.lora_A[name].float()) * (self.scaling[name] * weight)
+        delta = self._delta(name) * weight
         return delta if self.kind == "linear" else delta.t()
+
+    def _delta(self, name: str) -> torch.Tensor:
+        """s·B·A in fp32, (out, in)."""
+        return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling[name]
+
+    @torch.no_grad()
+    def folded_weight(self, adapters: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(W with `adapters` (default: the active, unmerged ones) folded in, in order, fp32 and laid out
+        like base.weight; each DoRA adapter's f). The base weight must be unmerged: DoRA's n reads it."""
+        adapters = {n: w for n, w in self.active.items() if n in self.lora_A and n not in self.merged} \
+            if adapters is None else adapters
+        scales = {n: dora.scale(self, n).float() for n in adapters if n in self.lora_magnitude}  # from the unmerged W
+        W = self._dense_weight()  # (out, in) fp32
+        for name, weight in adapters.items():
+            if name in scales:
+                keep = 1 + weight * (scales[name] - 1)
+                if not bool((keep != 0).all()):  # unmerge divides by it
+                    raise UserError(f"DoRA adapter {name!r} at weight {weight:g} zeroes an output feature of "
+                                    "the base weight, which could not be unmerged; merge it at another weight")
+                W = dora.merged_weight(W, self._delta(name), scales[name], weight)
+            else:
+                W += self._delta(name) * weight
+        return (W if self.kind == "linear" else W.t()), scales
+
+    def check_mergeable(self) -> None:
+        """Raise UserError if `merge()` would refuse this layer (checked for every layer before any merges)."""
+        if getattr(self.base, "bias", None) is None and any(n in self.lora_bias for n in self.running()):
+            raise UserError("an adapter with lora_bias cannot be merged into a layer without a bias (as in PEFT); "
+                            "use it unmerged")
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold every active, not yet merged adapter into base.weight."""
-        for name, weight in self.active.items():
-            if name in self.lora_A and name not in self.merged:
-                self._shift_base(self.delta_weight(name, weight))
-                self.merged[name] = weight
+        """Fold every active, not yet merged adapter into base.weight (and a lora_bias into base.bias)."""
+        todo = {n: w for n, w in self.active.items() if n in self.lora_A and n not in self.merged}
+        if not todo:
+            return
+        if self.merged and any(n in self.lora_magnitude for n in todo):  # DoRA's n needs the unmerged W
+            todo = {**self.merged, **todo}
+            self.unmerge()
+        self.check_mergeable()
+        W, scales = self.folded_weight(todo)
+        self._set_base(W)
+        for name, weight in todo.items():
+            if name in self.lora_bias:
+                self._shift_bias(self.lora_bias[name] * (self.scaling[name] * weight))
+            self.merged[name] = weight
+        self.merged_scales.update(scales)
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        if not self.merged:
+            return
+        W = self._dense_weight()  # (out, in) fp32
         for name, weight in reversed(list(self.merged.items())):
-            self._shift_base(-self.delta_weight(name, weight))
+            if name in self.merged_scales:
+                W = dora.unmerged_weight(W, self._delta(name), self.merged_scales.pop(name), weight)
+            else:
+                W -= self._delta(name) * weight
+            if name in self.lora_bias:
+                self._shift_bias(-self.lora_bias[name] * (self.scaling[name] * weight))
+        self._set_base(W if self.kind == "linear" else W.t())
         self.merged.clear()
 
-    def _shift_base(self, delta: torch.Tensor) -> None:
+    def _dense_weight(self) -> torch.Tensor:
+        """The base weight in fp32, (out, in); a copy (an NF4 base's dequantized)."""
+        W = self.base_weight()
+        return W.dequantize(torch.float32) if isinstance(W, NF4Tensor) else W.float().clone()
+
+    def _set_base(self, W: torch.Tensor) -> None:
+        """base.weight <- W (fp32, in base.weight's layout), rounded once to the base's dtype."""
         if isinstance(self.base, NF4Linear):  # dequantize, add, re-quantize: lossy, so unmerge is only close
-            self.base.add_to_weight(delta)
+            self.base.add_to_weight(W - self.base.weight.float())
             return
-        W = self.base.weight
-        # Accumulate in fp32 so a bf16 base loses no more than one rounding.
-        W.copy_((W.float() + delta.to(W.device)).to(W.dtype))
+        self.base.weight.copy_(W.to(self.base.weight.device))
+
+    def _shift_bias(self, delta: torch.Tensor) -> None:
+        bias = self.base.bias
+        bias.copy_((bias.float() + delta.float().to(bias.device)).to(bias.dtype))
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.rank(n)}" for n in self.lora_A)
@@ -418,6 +542,8 @@ def _init_lora(A: torch.Tensor, B: torch.Tensor, init: bool | str, embedding: bo
         elif embedding:  # as PEFT/loralib: A zero, B normal, so the update starts at zero
             nn.init.zeros_(A)
             nn.init.normal_(B)
+        elif init == "orthogonal":  # PEFT's: B·A ≠ 0 at the start, rows/columns from one orthogonal matrix
+            variant_init.orthogonal(A, B)
         else:  # B zero makes the injected model equal the base; A random so B gets gradients
             if init == "gaussian":
                 nn.init.normal_(A, std=1 / r)

@@ -17,7 +17,10 @@ computed BGMV-style (Punica, S-LoRA), so the cost is that of one adapter whateve
     y[b] += h · Bts[index[b]]                              (batch, L, out)
 
 An Embedding base, or an adapter with dropout in training mode, takes the plain loop over adapters
-(`_add_one_by_one`) instead.
+(`_add_one_by_one`) instead. A layer where some row applies a DoRA or lora_bias adapter groups the rows
+by their mix and runs each group through the layer's own sequential path (`_add_by_mix`): a DoRA
+adapter rescales the running output per feature (see `lorakit.variants.dora`), so a row's adapters are
+not a sum of low-rank products and their order matters.
 
 Everything this needs between forwards lives here, in plain view: `AdapterStacks` owns each layer's
 stacked (As, Bts), rebuilt only when the layer's adapters change; a `RowRouting` owns the mixes and,
@@ -52,6 +55,10 @@ class RoutedLayer(Protocol):
     scaling: dict[str, float]
 
     def dropping(self, name: str) -> bool: ...
+
+    def plain(self, name: str) -> bool: ...
+
+    def add_update(self, x: torch.Tensor, result: torch.Tensor, name: str, weight: float) -> torch.Tensor: ...
 
     def project_down(self, x: torch.Tensor, name: str, weight: float) -> torch.Tensor: ...
 
@@ -156,6 +163,8 @@ class RowRouting:
         route = self._route(layer)
         if not route.names:
             return result
+        if not all(layer.plain(n) for n in route.names):
+            return _add_by_mix(layer, x, result, route)
         if layer.kind == "embedding" or any(layer.dropping(n) for n in route.names):
             return _add_one_by_one(layer, x, result, route)
         stack = self.stacks.get(layer)
@@ -234,4 +243,20 @@ def _add_one_by_one(layer: RoutedLayer, x: torch.Tensor, result: torch.Tensor, r
         h = h * weights.to(h.dtype).view(-1, *[1] * (h.dim() - 1))
         delta = h @ layer.lora_B[name].to(result.dtype).t()  # (n, ..., out)
         result = result.index_add(0, index, delta)
+    return result
+
+
+def _add_by_mix(layer: RoutedLayer, x: torch.Tensor, result: torch.Tensor, route: _LayerRoute) -> torch.Tensor:
+    """Rows grouped by their mix, each group's adapters applied in order by the layer's own path: what
+    `set_adapters` with that mix computes, for the rows that asked for it (DoRA and lora_bias adapters)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, mix in enumerate(route.mixes):
+        if mix:
+            groups.setdefault(tuple(mix.items()), []).append(i)
+    for mix, rows in groups.items():
+        index = torch.tensor(rows, device=x.device)
+        xs, part = x.index_select(0, index), result.index_select(0, index)  # (n, ..., in), (n, ..., out)
+        for name, weight in mix:
+            part = layer.add_update(xs, part, name, weight)
+        result = result.index_copy(0, index, part)
     return result

@@ -13,9 +13,11 @@ uninterrupted run would give. Ctrl-C finishes the current step, checkpoints, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from lorakit import distributed
-from lorakit.adapters import disable_adapters, inject, trainable_parameters
+from lorakit.adapters import disable_adapters, inject, lora_layers, trainable_parameters
 from lorakit.base import autocast, base_name, load_base, resolve_dtype
 from lorakit.checkpoint import load_checkpoint, save_checkpoint
 from lorakit.config import LoraConfig
@@ -40,6 +42,7 @@ from lorakit.errors import UserError
 from lorakit.evaluate import mean_nll, perplexity
 from lorakit.files import atomic_write_bytes
 from lorakit.io import load_adapter, save_adapter
+from lorakit.loraplus import loraplus_groups
 from lorakit.modules import parse_names
 from lorakit.nf4 import BaseMemory, QuantizeSpec, base_memory
 from lorakit.objectives import DPO, KTO, OBJECTIVES, REFERENCE_ADAPTER, SFT, Preference, add_reference
@@ -60,7 +63,20 @@ class TrainConfig:
     alpha: float = option("LoRA alpha; the update is scaled by alpha / r", default=32.0)
     dropout: float = option("dropout on the adapter input", default=0.0)
     targets: str = option("modules to adapt: comma-separated names, a regex, or all-linear", default="all-linear")
+    dora: bool = option("DoRA (weight-decomposed LoRA, PEFT's use_dora): also learn a magnitude per output feature "
+                        "of each adapted weight, which rescales the direction W + s·B·A; often closer to full "
+                        "fine-tuning at low rank, for a slower step (docs/variants.md)", default=False)
     lr: float = option("peak learning rate (linear warmup, then cosine decay to 10%)", default=1e-3)
+    init: str = option("how A and B start: lora (A random, B zero: the base at first), gaussian, orthogonal, pissa "
+                       "(the base weight's top-r singular directions), pissa_niter_N (the same by a randomised SVD of N "
+                       "iterations, faster), olora (its QR). pissa and olora move that part out of the base weights "
+                       "while training; the saved adapter is converted, as PEFT does, to a plain LoRA adapter of rank "
+                       "2r that applies to the original base", default="lora")
+    lr_ratio: float | None = option("LoRA+: B's learning rate is --lr times this (A's stays --lr; DoRA magnitudes and "
+                                    "biases go with B), as PEFT's create_loraplus_optimizer; the paper suggests 16",
+                                    default=None)
+    lr_embedding: float = option("LoRA+ only: the learning rate of LoRA on Embedding layers (PEFT's "
+                                 "loraplus_lr_embedding)", default=1e-6)
     warmup: float = option("warmup length as a fraction of all steps", default=0.05)
     steps: int | None = option("optimizer steps (default: from --epochs)", default=None)
     epochs: float = option("passes over the data when --steps is not given", default=1.0)
@@ -125,6 +141,13 @@ class TrainConfig:
             raise UserError(f"unknown dtype {self.dtype!r}; use one of auto, fp32, bf16, fp16")
         if self.labels not in ("good", "all"):
             raise UserError(f"--labels must be 'good' or 'all', got {self.labels!r}")
+        if not (self.init in ("lora", "gaussian", "orthogonal", "pissa", "olora")
+                or re.fullmatch(r"pissa_niter_[1-9]\d*", self.init)):
+            raise UserError(f"--init {self.init} is not one of lora, gaussian, orthogonal, pissa, pissa_niter_N, olora")
+        for name in ("lr_ratio", "lr_embedding"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
         if self.quantize not in (None, "nf4"):
@@ -146,14 +169,16 @@ class TrainConfig:
 
     def lora_config(self) -> LoraConfig:
         # a list of module names; anything else ("all-linear", a regex over full names) stays a string
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+        init = True if self.init == "lora" else self.init
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, use_dora=self.dora,
+                          init_lora_weights=init,
                           target_modules=parse_names(self.targets), base_model_name_or_path=base_name(self.base))
 
 
 # Fields that must not change between a run and its --resume.
-RESUME_KEYS = ("data", "base", "r", "alpha", "dropout", "targets", "lr", "warmup", "batch_size", "grad_accum",
-               "seq_len", "seed", "init_from", "labels", "weight_decay", "max_grad_norm", "quantize", "objective",
-               "beta", "desirable_weight", "undesirable_weight")
+RESUME_KEYS = ("data", "base", "r", "alpha", "dropout", "targets", "dora", "init", "lr", "lr_ratio", "lr_embedding",
+               "warmup", "batch_size", "grad_accum", "seq_len", "seed", "init_from", "labels", "weight_decay",
+               "max_grad_norm", "quantize", "objective", "beta", "desirable_weight", "undesirable_weight")
 
 
 def train(config: TrainConfig, should_stop: Callable[[int], bool] | None = None) -> dict:
@@ -253,7 +278,11 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     params = [p for p in model.parameters() if p.requires_grad]
     objective = _objective(config, model, world)
     step_loss = _step_loss(objective, world, device)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.lr_ratio is not None:  # LoRA+: B faster than A, in PEFT's groups
+        groups = loraplus_groups(model, config.lr, config.lr_ratio, config.weight_decay, config.lr_embedding)
+        optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     global_rows = config.batch_size * config.grad_accum * world.size
     total_steps = config.steps or max(1, math.ceil(config.epochs * len(examples) / global_rows))
     warmup = int(config.warmup * total_steps)
@@ -339,9 +368,33 @@ def _base_eval(run: _Run, config: TrainConfig) -> float | None:
     their reference: margin 0, accuracy 0.5)."""
     if config.objective != "sft":
         return None
-    with disable_adapters(run.model):
+    with _original_base(run.model):
         return mean_nll(run.model, run.eval_examples, run.tokenizer.pad_token_id, config.batch_size,
                         config.eval_batches)[0]
+
+
+@contextlib.contextmanager
+def _original_base(model: nn.Module):
+    """The model as its original base: adapters disabled; after PiSSA / OLoRA, whose base weights hold the
+    residual W - s·B₀·A₀, the adapter at its initial A₀, B₀ instead (W to float rounding)."""
+    layers = [layer for _, layer in lora_layers(model) if layer.initial]
+    if not layers:
+        with disable_adapters(model):
+            yield
+        return
+    trained = {layer: (layer.lora_A["default"].detach().clone(), layer.lora_B["default"].detach().clone())
+               for layer in layers}
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                layer.lora_A["default"].copy_(layer.initial["default"][0])
+                layer.lora_B["default"].copy_(layer.initial["default"][1])
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, (A, B) in trained.items():
+                layer.lora_A["default"].copy_(A)
+                layer.lora_B["default"].copy_(B)
 
 
 # ---- loop -----------------------------------------------------------------------------------------
