@@ -128,8 +128,10 @@ def test_adapters_whose_inference_is_plain_lora_load_like_peft(init, extra, ids,
 
 @pytest.mark.parametrize("field,value,name", [
     ("trainable_token_indices", [3, 4], "new rows of the token embeddings"),
-    ("velora_config", {"rank": 1}, "VeLoRA"),
+    ("velora_config", {"rank": 1}, None),  # VeLoRA changes only how the backward stores activations: loads
     ("kasa_config", {}, None),  # {} is "off" for a None field
+    ("kasa_config", {"x": 1}, "KaSA"),
+    ("monteclora_config", {"x": 1}, "MonteCLoRA"),
     ("target_parameters", ["mlp.experts.down_proj"], "bare parameters"),
     ("init_lora_weights", "loftq", "LoftQ adapter"),
     ("init_lora_weights", "corda", "corda"),

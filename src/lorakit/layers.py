@@ -126,12 +126,16 @@ class LoraLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
             raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge before deleting it")
+        if name in self.initial:  # PiSSA / OLoRA: give the base weight back the part the adapter took
+            A0, B0 = self.initial.pop(name)
+            with torch.no_grad():
+                W = self._dense_weight() + (self.scaling[name] * B0) @ A0  # (out, in)
+                self._set_base(W if self.kind == "linear" else W.t())
         for table in (self.lora_A, self.lora_B, self.lora_magnitude, self.lora_bias, self.dropout):
             if name in table:
                 del table[name]
         self.scaling.pop(name)
         self.active.pop(name, None)
-        self.initial.pop(name, None)
         self.dora_cache.scales.pop(name, None)
 
     def _base_dtype_device(self) -> tuple[torch.dtype, torch.device]:
