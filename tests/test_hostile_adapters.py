@@ -88,10 +88,10 @@ def _with(key: str, value: torch.Tensor):
 
 
 PEFT_MATHS = {  # PEFT 0.21.2 LoraConfig fields that change what the adapter computes, set to something "on"
+    # (use_dora and lora_bias load, but this file lacks the tensors they imply; eva / corda / loftq / lora_ga
+    # configs only describe how an init ran: init_lora_weights decides, see tests/test_init.py)
     "use_dora": True, "lora_bias": True, "use_qalora": True, "layer_replication": [[0, 1]],
-    "target_parameters": ["mlp.experts.down_proj"], "loftq_config": {"loftq_bits": 4},
-    "eva_config": {"rho": 2.0}, "corda_config": {"corda_method": "ipm"}, "lora_ga_config": {"direction": "ArB2r"},
-    "kasa_config": {"beta": 1.0}, "monteclora_config": {"num_samples": 4}, "trainable_token_indices": [1, 2],
+    "target_parameters": ["mlp.experts.down_proj"], "kasa_config": {"beta": 1.0}, "monteclora_config": {"num_samples": 4}, "trainable_token_indices": [1, 2],
     "alora_invocation_tokens": [5, 6], "megatron_config": {"tensor_model_parallel_size": 2},
     "arrow_config": {"top_k": 2}, "use_bdlora": {"nblocks": 2}, "ensure_weight_tying": True,
     "init_lora_weights": "pissa",

@@ -252,9 +252,15 @@ def _check_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.T
     for name, module in planned_layers(model, config):
         inputs, outputs = layer_dims(module)
         r = config.rank_for(name)
-        for key, shape in zip(factor_keys(name, base_kind(module) == "embedding"), ((r, inputs), (outputs, r))):
+        wanted = dict(zip(factor_keys(name, base_kind(module) == "embedding"), ((r, inputs), (outputs, r))))
+        for flag, suffix in (("use_dora", MAGNITUDE), ("lora_bias", LORA_BIAS)):
+            if getattr(config, flag):
+                wanted[f"{PREFIX}{name}{suffix}"] = (outputs,)
+        for key, shape in wanted.items():
             if key not in tensors:
-                raise UserError(f"{source}: {WEIGHTS_NAME} lacks {key} that its config implies; "
+                flags = [f for f in ("use_dora", "lora_bias") if getattr(config, f)]
+                why = f" ({', '.join(f + '=true' for f in flags)})" if flags else ""
+                raise UserError(f"{source}: {WEIGHTS_NAME} lacks {key} that its config implies{why}; "
                                 "the adapter is incomplete (or made for a different base)")
             if tuple(tensors[key].shape) != shape:
                 raise UserError(f"{source}: module {name!r} does not fit: {key.rsplit(name + '.', 1)[-1]} is "
