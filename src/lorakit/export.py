@@ -175,11 +175,11 @@ def _merge_into_nf4(model) -> float:
     error = update = 0.0
     for _, layer in lora_layers(model):
         if isinstance(layer.base, nf4.NF4Linear):
-            delta = sum(layer.delta_weight(n, w) for n, w in layer.active.items() if n in layer.lora_A)
-            exact = layer.base.weight.float() + delta  # (out, in): what a full-precision merge would hold
+            exact = layer.folded_weight()[0]  # (out, in) fp32: what a full-precision merge would hold (DoRA too)
+            delta = exact - layer.base.weight.float()
             layer.merge()
             error += float((layer.base.weight.float() - exact).square().sum())
-            update += float(torch.as_tensor(delta).square().sum())
+            update += float(delta.square().sum())
     return (error / update) ** 0.5 if update else 0.0
 
 
