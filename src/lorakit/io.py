@@ -154,9 +154,23 @@ def read_adapter(directory: str | Path, inside: str | Path | None = None) -> tup
                             "re-save it with PEFT's save_pretrained(safe_serialization=True)")
         raise UserError(f"{weights} not found; an adapter directory needs {WEIGHTS_NAME}")
     config = LoraConfig.load(directory, inside=inside)
+    check_applies_to_base(config, directory)
     tensors = parse_tensors(read_bytes(weights, "safetensors file", inside=inside), weights)
     check_adapter_tensors(config, tensors, weights)
     return config, tensors
+
+
+def check_applies_to_base(config: LoraConfig, source: str | Path) -> None:
+    """Refuse an adapter saved against base weights its initialisation rewrote (PiSSA, OLoRA, CorDA unconverted;
+    LoftQ): it does not apply to the base a user has."""
+    if config.init_lora_weights == "loftq":
+        raise UserError(f"{source} is a LoftQ adapter: it applies to the base as LoftQ quantizes it, which PEFT "
+                        "rebuilds when loading it and lorakit does not implement; load it with PEFT")
+    if config.changes_base():
+        raise UserError(f"{source} was saved with init_lora_weights={config.init_lora_weights!r} without PEFT's "
+                        "conversion, so it applies to base weights that this initialisation rewrote (PEFT rebuilds them "
+                        "when loading it); re-save it converted (PEFT: save_pretrained(..., "
+                        "path_initial_model_for_weight_conversion=...); lorakit train converts on its own)")
 
 
 def parse_tensors(data: bytes, where: str | Path) -> dict[str, torch.Tensor]:
@@ -201,6 +215,11 @@ def check_adapter_tensors(config: LoraConfig, tensors: dict[str, torch.Tensor], 
             if A.shape[0] != config.rank_for(module):
                 raise UserError(f"{weights}: module {module!r} has rank {A.shape[0]} but {CONFIG_NAME} says "
                                 f"r={config.rank_for(module)} for it; the files do not belong together")
+            for flag, suffix in (("use_dora", MAGNITUDE), ("lora_bias", LORA_BIAS)):
+                extra = tensors.get(f"{PREFIX}{module}{suffix}")
+                if getattr(config, flag) and (extra is None or tuple(extra.shape) != (B.shape[0],)):
+                    raise UserError(f"{weights}: module {module!r} lacks a {suffix[1:]} of shape ({B.shape[0]},) "
+                                    f"that {flag}=true implies; the adapter is incomplete")
             pairs += 1
     a_of = {b: a for a, b in FACTOR_SUFFIXES.items()}
     orphans = [k for k in tensors for b in a_of if k.endswith(b) and k[: -len(b)] + a_of[b] not in tensors]
@@ -229,14 +248,7 @@ def install_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, tor
     Every LoRA factor the config implies is checked against the file, by name and shape, before
     anything is allocated: the file's sizes, not the config's `r`, bound what a load may allocate.
     """
-    if config.init_lora_weights == "loftq":
-        raise UserError(f"{source} is a LoftQ adapter: it applies to the base as LoftQ quantizes it, which PEFT "
-                        "rebuilds when loading it and lorakit does not implement; load it with PEFT")
-    if config.changes_base():
-        raise UserError(f"{source} was saved with init_lora_weights={config.init_lora_weights!r} without PEFT's "
-                        "conversion, so it applies to base weights that this initialisation rewrote (PEFT rebuilds them "
-                        "when loading it); re-save it converted (PEFT: save_pretrained(..., "
-                        "path_initial_model_for_weight_conversion=...); lorakit train converts on its own)")
+    check_applies_to_base(config, source)
     _check_fits(model, config, tensors, Path(source))
     with transaction(model):
         inject(model, config, adapter=adapter, initialize=False)
