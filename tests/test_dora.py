@@ -331,3 +331,18 @@ def test_qdora_on_an_nf4_base_equals_dora_on_its_dequantized_weights(ids):
     (logits(plain, ids) * target).sum().backward()
     theirs = lorakit.adapter_state_dict(plain)
     assert all(torch.allclose(p.grad, theirs[k].grad, atol=1e-5, rtol=1e-4) for k, p in ours.items())
+
+
+def test_lorakit_merge_streams_dora_into_the_base(tiny_base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.export import merge_export
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True))
+    _perturb(model)
+    lorakit.save_adapter(model, tmp_path / "a")
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    merge_export([str(tmp_path / "a")], tmp_path / "merged", base=str(tiny_base), dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert (logits(merged, ids) - logits(model, ids)).abs().max() <= 1e-5

@@ -36,6 +36,7 @@ from lorakit.modules import matches
 from lorakit.options import add_command, default_of, option
 from lorakit.streaming import Checkpoint, plain_config, skeleton
 from lorakit.tensorfiles import DEFAULT_SHARD_BYTES, Planned, write_shards
+from lorakit.variants import dora
 
 
 def merge_export(adapters: list[str], out: str | Path, base: str | Path | None = None, dtype: str = "fp32",
@@ -148,9 +149,17 @@ def _reader(checkpoint: Checkpoint, name: str, layer: LoraLayer | None, dtype: t
         if layer is None or not layer.merged:
             return tensor.to(dtype)
         weight = tensor.float()  # (out, in); (in, out) for Conv1D and Embedding, as delta_weight lays it out
-        for adapter, scale in layer.merged.items():  # LoraLayer.merge's sum, in its order, into an fp32 base
-            weight += layer.delta_weight(adapter, scale)
-        return weight.to(dtype)
+        W = weight if layer.kind == "linear" else weight.t()  # (out, in)
+        unmerged = W.clone() if any(a in layer.lora_magnitude for a in layer.merged) else None
+        for adapter, scale in layer.merged.items():  # LoraLayer.merge's maps, in its order, into an fp32 base
+            delta = layer.delta_weight(adapter)
+            delta = delta if layer.kind == "linear" else delta.t()  # (out, in): s·B·A
+            if adapter in layer.lora_magnitude:  # DoRA: its norm from the unmerged W, as LoraLayer.merge
+                f = layer.lora_magnitude[adapter].detach().float() / torch.linalg.vector_norm(unmerged + delta, dim=1)
+                W = dora.merged_weight(W, delta, f, scale)
+            else:
+                W += delta * scale
+        return (W if layer.kind == "linear" else W.t()).to(dtype)
 
     return produce
 

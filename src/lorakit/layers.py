@@ -278,8 +278,10 @@ class LoraLayer(nn.Module):
         like base.weight; each DoRA adapter's f). The base weight must be unmerged: DoRA's n reads it."""
         adapters = {n: w for n, w in self.active.items() if n in self.lora_A and n not in self.merged} \
             if adapters is None else adapters
-        scales = {n: dora.scale(self, n).float() for n in adapters if n in self.lora_magnitude}  # from the unmerged W
         W = self._dense_weight()  # (out, in) fp32
+        if W.is_meta:  # a streamed merge's skeleton (lorakit.export): the real weights are folded as they stream
+            return (W if self.kind == "linear" else W.t()), {}
+        scales = {n: dora.scale(self, n).float() for n in adapters if n in self.lora_magnitude}  # from the unmerged W
         for name, weight in adapters.items():
             if name in scales:
                 keep = 1 + weight * (scales[name] - 1)
