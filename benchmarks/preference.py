@@ -59,7 +59,7 @@ def lorakit_step(base, spec: dict):
     pairs = [Pair(p, Example(c, list(c)), Example(r, list(r))) for p, c, r in _token_pairs(spec)]
     batch = DPO.collate(pairs, 0, len(pairs), 0, spec["prompt"] + spec["completion"])
     objective = DPO(model, Preference())
-    return _stepper(model, lambda: objective(batch, 1.0))
+    return _stepper(model, lambda: objective(batch, 1.0)), model
 
 
 def trl_step(base, spec: dict):
@@ -83,7 +83,7 @@ def trl_step(base, spec: dict):
     model.train()
     inputs = trainer.data_collator([{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
                                     for p, c, r in _token_pairs(spec)])
-    return _stepper(model, lambda: trainer.compute_loss(model, inputs))
+    return _stepper(model, lambda: trainer.compute_loss(model, inputs)), model
 
 
 def _stepper(model, loss_fn):
@@ -101,8 +101,14 @@ def _stepper(model, loss_fn):
 
 def time_steps(spec: dict, rounds: int) -> dict:
     base = llama(spec["shape"])
-    (ours, n_ours), (theirs, n_theirs) = lorakit_step(base, spec), trl_step(base, spec)
+    ((ours, n_ours), our_model), ((theirs, n_theirs), their_model) = lorakit_step(base, spec), trl_step(base, spec)
     assert n_ours == n_theirs, f"lorakit and TRL train different parameter counts: {n_ours} vs {n_theirs}"
+    # the two libraries draw lora_A differently: give TRL's PEFT adapter lorakit's, so the losses can be compared
+    peers = dict(their_model.named_parameters())
+    with torch.no_grad():
+        for name, p in our_model.named_parameters():
+            if p.requires_grad:
+                peers[f"base_model.model.{name}.weight"].copy_(p)
     # B starts at zero: both first losses are log 2 exactly; a step later they must still agree
     first = (ours(), theirs())
     second = (ours(), theirs())
@@ -124,7 +130,7 @@ def _measure_peak(request: dict) -> None:
     torch.set_num_threads(request["threads"])
     spec = request["spec"]
     base = llama(spec["shape"])
-    step, _ = (lorakit_step if request["which"] == "lorakit" else trl_step)(base, spec)
+    (step, _), _ = (lorakit_step if request["which"] == "lorakit" else trl_step)(base, spec)
     del base
     step()
 
