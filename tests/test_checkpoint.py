@@ -80,5 +80,5 @@ def test_changed_settings_and_a_missing_checkpoint_are_refused(tmp_path):
         load_checkpoint(tmp_path / "checkpoint", model, optimizer, scheduler, SETTINGS)
     save_checkpoint(tmp_path / "checkpoint", model, optimizer, scheduler, {"step": 1, "tokens": 0,
                                                                              "train_seconds": 0.0}, SETTINGS)
-    with pytest.raises(UserError, match=r"changes lr \(was --lr 0.01\)"):
+    with pytest.raises(UserError, match=r"changes --lr \(was 0.01, now 0.5\)"):
         load_checkpoint(tmp_path / "checkpoint", model, optimizer, scheduler, {**SETTINGS, "lr": 0.5})

@@ -410,17 +410,7 @@ def workdir(tmp_path, assets):
             path.chmod(0o700)
 
 
-# Cases whose fix is in train's setup order (outputs checked before work, nothing left behind on a refusal):
-# that code is being restructured by #16; these turn green with #15's train part.
-PENDING = {"train-r-huge", "train-seq-len-over-context", "train-batch-size-huge", "train-grad-accum-huge",
-           "train-targets-no-match", "data-empty", "data-binary", "data-utf16", "data-directory",
-           "data-unknown-extension", "data-jsonl-broken-line", "data-jsonl-list-line", "data-jsonl-text-number",
-           "data-jsonl-no-known-key", "data-jsonl-label-odd", "data-jsonl-messages-not-list",
-           "data-jsonl-messages-role-odd", "data-jsonl-no-assistant", "data-jsonl-prompt-number",
-           "data-jsonl-huge-number", "data-jsonl-deep-nesting", "data-jsonl-not-utf8", "data-jsonl-only-blank",
-           "data-symlink-loop"}
-TABLE = [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason="train setup order (#15 part d)")]
-                      if c.id in PENDING else []) for c in NUMBERS + FILES]
+TABLE = [pytest.param(c, id=c.id) for c in NUMBERS + FILES]
 
 
 @pytest.mark.parametrize("case", TABLE)

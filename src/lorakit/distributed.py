@@ -73,6 +73,15 @@ def all_sum(world: World, value: int | float) -> int | float:
     return type(value)(t.item())
 
 
+def gather(world: World, value) -> list:
+    """`value` from every rank, in rank order, on every rank ([value] in a single process)."""
+    if not world.active:
+        return [value]
+    values = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `lorakit <argv>` under torchrun with `nproc` processes on this machine; its exit code."""
     if nproc < 1:

@@ -44,6 +44,21 @@ def atomic_write_bytes(path: str | Path, data: bytes, make_parents: bool = True)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)  # the rename itself survives a power cut only once its directory is synced
+
+
+def fsync_directory(path: str | Path) -> None:
+    """Make the entries of directory `path` (files created, renamed or removed in it) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # not every platform opens directories; the data itself was synced already
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_png(fig, path: str | Path, make_parents: bool = True) -> None:
@@ -70,6 +85,7 @@ def staged_directory(out: str | Path) -> Iterator[Path]:
         raise UserError(f"cannot write to {out.parent} ({err.strerror}); choose a writable directory") from None
     try:
         yield staging
+        fsync_directory(staging)
         replace_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -89,6 +105,7 @@ def replace_directory(staging: Path, out: Path) -> None:
         if moved:
             old.rename(out)
         raise
+    fsync_directory(out.parent)  # both renames durable before the old copy goes
     shutil.rmtree(old, ignore_errors=True)
 
 

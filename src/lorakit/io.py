@@ -131,6 +131,9 @@ def write_adapter(directory: str | Path, config: LoraConfig, tensors: dict[str, 
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} exists and is not a directory; choose another output path")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # never an adapter full of NaN on disk, whoever computed it
+        raise UserError(f"refusing to write {directory}: {bad[0]} holds NaN or Inf")
     save_tensors(directory / WEIGHTS_NAME, tensors)
     saved = LoraConfig.from_dict({**config.to_dict(), "inference_mode": True})
     saved.save(directory)

@@ -14,6 +14,7 @@ uninterrupted run would give. Ctrl-C finishes the current step, checkpoints, and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -35,12 +36,12 @@ from torch import nn
 from lorakit import distributed
 from lorakit.adapters import disable_adapters, inject, lora_layers, trainable_parameters
 from lorakit.base import autocast, base_name, load_base, resolve_dtype
-from lorakit.checkpoint import load_checkpoint, save_checkpoint
+from lorakit.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from lorakit.config import LoraConfig
 from lorakit.data import batch_at, load_examples
 from lorakit.errors import UserError
 from lorakit.evaluate import mean_nll, perplexity
-from lorakit.files import atomic_write_bytes
+from lorakit.files import atomic_write_bytes, check_output, open_regular, previous_directory
 from lorakit.io import load_adapter, save_adapter
 from lorakit.loraplus import loraplus_groups
 from lorakit.modules import parse_names
@@ -175,10 +176,15 @@ class TrainConfig:
                           target_modules=parse_names(self.targets), base_model_name_or_path=base_name(self.base))
 
 
-# Fields that must not change between a run and its --resume.
-RESUME_KEYS = ("data", "base", "r", "alpha", "dropout", "targets", "dora", "init", "lr", "lr_ratio", "lr_embedding",
-               "warmup", "batch_size", "grad_accum", "seq_len", "seed", "init_from", "labels", "weight_decay",
-               "max_grad_norm", "quantize", "objective", "beta", "desirable_weight", "undesirable_weight")
+# Fields that must not change between a run and its --resume: everything that decides the numbers (the
+# schedule's length included). The number of processes and the data file's contents (its sha256, not its
+# path: the file may move) are compared too. What may change: where --data and --out are, --eval-data,
+# --eval-every, --eval-batches, --checkpoint-every, --quiet (they change what is reported or how often it
+# is saved, not the adapter).
+RESUME_KEYS = ("base", "r", "alpha", "dropout", "targets", "dora", "init", "lr", "lr_ratio", "lr_embedding", "warmup",
+               "steps", "epochs", "batch_size", "grad_accum", "seq_len", "seed", "init_from", "dtype", "quantize",
+               "activation_checkpointing", "compile", "labels", "weight_decay", "max_grad_norm", "objective", "beta",
+               "desirable_weight", "undesirable_weight")
 
 
 def train(config: TrainConfig, should_stop: Callable[[int], bool] | None = None) -> dict:
@@ -203,7 +209,7 @@ def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world
     history = _read_metrics(run.out / "metrics.jsonl", upto=run.state["step"]) if world.main else []
 
     stopped = False
-    with _progress(config, world, run) as bar:
+    with _progress(config, world, run) as bar:  # a non-finite loss raises in _train_step: the last checkpoint stays
         for step in range(run.state["step"], run.total_steps):
             record = _train_step(run, config, world, step)
             last = step + 1 == run.total_steps
@@ -248,15 +254,19 @@ class _Run:
     total_steps: int
     counts: object
     state: dict  # step, tokens, train_seconds: what a checkpoint restores
+    settings: dict  # what a --resume must match (`_resume_view`)
 
 
 # ---- setup ----------------------------------------------------------------------------------------
 
 
 def _setup(config: TrainConfig, world: distributed.World) -> _Run:
-    """Output directory, base, data, adapter, optimizer and schedule; the checkpoint's state on --resume."""
-    out = _prepare_out(config) if world.main else config.out
-    distributed.barrier(world)
+    """Base, data, adapter, optimizer and schedule, the checkpoint's state on --resume; then the output
+    directory. Everything that can be refused is, before --out is created or touched: a refusal leaves
+    no file behind and an --overwrite'd run as it was."""
+    out = config.out
+    if world.main:
+        _check_out(config)
     torch.manual_seed(config.seed)
     device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = resolve_dtype(config.dtype, device)
@@ -288,11 +298,15 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     warmup = int(config.warmup * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps))
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
+    settings = _resume_view(config, world)
     if config.resume:
-        state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler, _resume_view(config))
+        state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler, settings, rank=world.rank)
+    if world.main:
+        _prepare_out(config)
+    distributed.barrier(world)
     return _Run(out, device, dtype, model, tokenizer, memory, examples, stats, eval_examples, seq_len, params,
                 objective, step_loss, optimizer, scheduler, total_steps, trainable_parameters(model),
-                state)
+                state, settings)
 
 
 def _seq_len(config: TrainConfig, model: nn.Module) -> int:
@@ -429,19 +443,40 @@ def _train_step(run: _Run, config: TrainConfig, world: distributed.World, step: 
         loss.backward()
         loss_sum += loss.item() / world.size
         tokens += int(batch["attention_mask"].sum())
-    if config.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm)
+    norm = _grad_norm(run.params, config.max_grad_norm)  # clipped to --max-grad-norm when it is > 0
+    loss_sum = distributed.all_sum(world, loss_sum)  # the step's mean loss over every learned token
+    if not (math.isfinite(loss_sum) and math.isfinite(norm)):  # the same values on every rank: all stop here
+        run.optimizer.zero_grad(set_to_none=True)
+        raise UserError(_non_finite(run, config, step, loss_sum, norm))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
-    loss_sum = distributed.all_sum(world, loss_sum)  # the step's mean loss over every learned token
     tokens = distributed.all_sum(world, tokens)
     state = run.state
     run.state = {"step": step + 1, "tokens": state["tokens"] + tokens,
                  "train_seconds": state["train_seconds"] + seconds}
     return {"step": step + 1, "loss": loss_sum, "lr": run.scheduler.get_last_lr()[0], "tokens": run.state["tokens"],
             "tokens_per_s": tokens / seconds, **run.objective.figures(world)}
+
+
+def _grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """The adapter gradient's total norm, clipping it to `max_norm` first when that is > 0."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _non_finite(run: _Run, config: TrainConfig, step: int, loss: float, norm: float) -> str:
+    """What to tell the user when a step's loss or gradient is NaN or Inf (nothing of that step is applied)."""
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+    checkpoint = run.out / "checkpoint"
+    kept = (f"the last good checkpoint is kept in {checkpoint}" if has_checkpoint(checkpoint)
+            else "no checkpoint had been written yet")
+    return (f"step {step + 1}: {what}, so training stopped before that step changed the adapter (no adapter was "
+            f"saved; {kept}). Lower --lr (now {config.lr:g}), use --dtype fp32 or a --max-grad-norm, or check the "
+            "data")
 
 
 def _record(run: _Run, config: TrainConfig, record: dict, history: list[dict], last: bool) -> None:
@@ -473,9 +508,10 @@ def _should_stop(world: distributed.World, should_stop: Callable[[int], bool] | 
 
 
 def _checkpoint(run: _Run, config: TrainConfig, world: distributed.World) -> None:
+    rng_states = distributed.gather(world, rng_state())  # every rank's own generators (dropout differs per rank)
     if world.main:
-        save_checkpoint(run.out / "checkpoint", run.model, run.optimizer, run.scheduler, run.state,
-                        _resume_view(config))
+        save_checkpoint(run.out / "checkpoint", run.model, run.optimizer, run.scheduler, run.state, run.settings,
+                        rng_states)
     distributed.barrier(world)
 
 
@@ -499,7 +535,7 @@ def _save(run: _Run, config: TrainConfig, world: distributed.World, history: lis
     summary["objective"] = config.objective
     summary["figures"] = _final_figures(history)
     atomic_write_bytes(run.out / "training_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    shutil.rmtree(run.out / "checkpoint", ignore_errors=True)
+    _remove_checkpoints(run.out)
     distributed.barrier(world)
     say(f"adapter saved to {run.out} ({summary['adapter_bytes'] / 1e6:.2f} MB); "
         f"{summary['tokens_per_s']:,.0f} tokens/s; final train loss {summary['final_train_loss']:.3f}"
@@ -520,39 +556,95 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _prepare_out(config: TrainConfig) -> Path:
+# What a run writes into --out: removed by --overwrite (and nothing else there), so no file of an earlier
+# run ends up beside the new one's.
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "training_summary.json")
+
+
+def _check_out(config: TrainConfig) -> None:
+    """Refuse an --out that cannot take this run, before any work; creates and changes nothing."""
     out = config.out
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a directory path")
+    check_output(out, "--out", directory=True)
     if config.resume:
-        if not (out / "checkpoint" / "state.json").is_file():
-            raise UserError(f"nothing to resume in {out}: no checkpoint/ there (it is removed when a run finishes)")
-        return out
-    if out.exists() and any(out.iterdir()):
-        if not config.overwrite:
-            raise UserError(f"--out {out} already exists; pass --overwrite to replace it or --resume to continue it")
-        for name in ("metrics.jsonl", "loss.png", "training_summary.json"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        if not has_checkpoint(out / "checkpoint"):
+            done = " (the run there finished: its adapter is saved)" if (out / "training_summary.json").exists() else ""
+            raise UserError(f"nothing to resume in {out}: no checkpoint/ there{done}; it is removed when a run "
+                            "finishes")
+        return
+    if out.exists() and any(out.iterdir()) and not config.overwrite:
+        raise UserError(f"--out {out} already exists; pass --overwrite to replace it or --resume to continue it")
+
+
+def _prepare_out(config: TrainConfig) -> Path:
+    """Create --out, or clear an earlier run's files from it (--overwrite); sweep a crashed save's leftovers."""
+    out = config.out
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as err:
         raise UserError(f"cannot write to --out {out} ({err.strerror}); choose a writable directory") from None
+    if not config.resume:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        _remove_checkpoints(out)
+    # What a killed process leaves: a checkpoint being staged or removed, a run file's temporary copy.
+    # (`.checkpoint.old`, a checkpoint mid-swap, stays: it may be what this run resumed from.)
+    for leftover in [*out.glob(".checkpoint.*.tmp"), out / ".checkpoint.removing",
+                     *(p for name in RUN_FILES for p in out.glob(f".{name}.*.tmp"))]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
     return out
 
 
-def _resume_view(config: TrainConfig) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items() if k in RESUME_KEYS}
+def _remove_checkpoints(out: Path) -> None:
+    """Remove the checkpoint (and its mid-swap copy): renamed away first, so no half-removed one can be resumed."""
+    for directory in (out / "checkpoint", previous_directory(out / "checkpoint")):
+        if directory.exists():
+            doomed = directory.with_name(f".{directory.name}.removing")
+            shutil.rmtree(doomed, ignore_errors=True)
+            directory.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _resume_view(config: TrainConfig, world: distributed.World) -> dict:
+    """The settings a --resume must match: RESUME_KEYS, the number of processes, the data's sha256."""
+    view = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items() if k in RESUME_KEYS}
+    view["world_size"] = world.size
+    view["data_sha256"] = _sha256(config.data)
+    return view
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open_regular(path, "data file") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_metrics(path: Path, upto: int) -> list[dict]:
-    """Metrics of steps up to `upto` (a resumed run drops what came after its checkpoint)."""
+    """Metrics of steps up to `upto` (a resumed run drops what came after its checkpoint).
+
+    A last line cut short (the process was killed while writing it) is dropped; any other line that
+    is not a step's record is an error naming it.
+    """
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            if number == len(lines):
+                break  # torn by a crash
+            raise UserError(f"{path}:{number} is not a metrics record; fix or remove that line to resume")
+        rows.append(row)
     rows = [r for r in rows if r["step"] <= upto]
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
     return rows
