@@ -120,7 +120,7 @@ NUMBERS = [
     Case("train-alpha-zero", train("--alpha", "0"), "alpha"),
     Case("train-r-zero", train("--r", "0"), "--r"),
     Case("train-r-negative", train("--r", "-3"), "--r"),
-    Case("train-r-huge", train("--r", str(10**9)), "--r"),
+    Case("train-r-huge", train("--r", str(10**9)), "lower r"),
     Case("train-r-float", train("--r", "1.5"), "--r"),
     Case("train-max-grad-norm-nan", train("--max-grad-norm", "nan"), "--max-grad-norm"),
     Case("train-max-grad-norm-negative", train("--max-grad-norm", "-1"), "--max-grad-norm"),

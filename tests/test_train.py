@@ -66,7 +66,7 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny_base, text_f
 def test_resume_refuses_changed_settings(tiny_base, text_file, tmp_path):
     out = tmp_path / "run"
     train(_config(tiny_base, text_file, out), should_stop=lambda step: step == 2)
-    with pytest.raises(UserError, match="--resume needs the original settings.*lr"):
+    with pytest.raises(UserError, match="--resume continues the same run.*changes --lr"):
         train(_config(tiny_base, text_file, out, resume=True, lr=0.5))
 
 
@@ -102,7 +102,7 @@ def test_cli_errors_are_one_line(tiny_base, text_file, tmp_path, capsys):
         (["--data", str(text_file), "--out", str(out)], "already exists; pass --overwrite"),
         (["--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o1")], "not found"),
         (["--data", str(text_file), "--out", str(tmp_path / "o2"), "--seq-len", "4096"], "maximum of 128"),
-        (["--data", str(text_file), "--out", str(text_file / "sub")], "cannot write"),
+        (["--data", str(text_file), "--out", str(text_file / "sub")], "is a file, not a directory"),
         (["--data", str(text_file), "--out", str(tmp_path / "o3"), "--r", "0"], "--r must be a positive integer"),
         (["--data", str(text_file), "--out", str(tmp_path / "o4"), "--resume"], "nothing to resume"),
     ]
