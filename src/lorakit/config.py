@@ -180,6 +180,13 @@ class LoraConfig:
             raise UserError(f"base_model_name_or_path must be a string, got {_show(self.base_model_name_or_path)}")
         if not isinstance(self.extra, dict):
             raise UserError(f"extra must be a dict of JSON fields, got {type(self.extra).__name__}")
+        for key, value in self.extra.items():  # kept to be written back: each must be valid JSON again
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError, RecursionError):
+                raise UserError(f"adapter_config field {key!r} holds {_show(value)}, which JSON cannot hold "
+                                "(NaN, Infinity or a non-JSON type); give a finite number, string, list or object"
+                                ) from None
         for key, off in {**_UNSUPPORTED_DEFAULTS, **_REFUSED_WHEN_SET}.items():
             value = self.extra.get(key, off)
             if value != off and not (off is None and value in ({}, [], False)):
