@@ -17,6 +17,7 @@ import llama_cpp  # a dev dependency (make setup builds it): the point of these 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from conftest import TOKENIZER_TEXT, make_tiny_base, randomize_adapters
 
 import lorakit
@@ -328,7 +329,6 @@ def test_q8_0_blocks_are_the_explicit_maths(bases, tmp_path):
     from zero in f32, and d stored as f16."""
     out = tmp_path / "q.gguf"
     assert gguf_cli("--base", bases["qwen2"], "--out", out, "--type", "q8_0")[0] == 0
-    from safetensors.torch import load_file
 
     w = load_file(str(bases["qwen2"] / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"].numpy()
     blocks = w.reshape(-1, 32)  # float32, as ggml computes
@@ -359,7 +359,11 @@ def test_nf4_base_needs_a_type_then_matches_its_dequantized_weights(bases, tmp_p
 def _dora(adapter, tmp_path):
     d = tmp_path / "dora"
     d.mkdir()
-    (d / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    for key, B in list(tensors.items()):  # a complete DoRA adapter: each module's magnitude, (out,)
+        if key.endswith(".lora_B.weight"):
+            tensors[key[: -len(".lora_B.weight")] + ".lora_magnitude_vector"] = torch.ones(B.shape[0], dtype=B.dtype)
+    save_file(tensors, d / "adapter_model.safetensors")
     config = json.loads((adapter / "adapter_config.json").read_text())
     (d / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     return d

@@ -171,9 +171,9 @@ def test_a_resume_after_a_crash_ends_with_the_uninterrupted_adapter(case, runs, 
 
 def test_a_non_finite_loss_stops_training_keeps_the_last_checkpoint_and_saves_no_adapter(runs, tiny_base, tmp_path,
                                                                                         monkeypatch):
-    import lorakit.train
+    import lorakit.objectives
 
-    real = lorakit.train.causal_lm_loss
+    real = lorakit.objectives.causal_lm_loss
     calls = []
 
     def nan_at_step_3(model, batch):
@@ -181,7 +181,7 @@ def test_a_non_finite_loss_stops_training_keeps_the_last_checkpoint_and_saves_no
         loss = real(model, batch)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(lorakit.train, "causal_lm_loss", nan_at_step_3)
+    monkeypatch.setattr(lorakit.objectives, "causal_lm_loss", nan_at_step_3)
     out, data = tmp_path / "run", runs["data"]
     run = run_cli(_argv(tiny_base, data, out), cwd=tmp_path)
     assert_refused(run, 2, "step 3: the loss is nan")
@@ -190,16 +190,16 @@ def test_a_non_finite_loss_stops_training_keeps_the_last_checkpoint_and_saves_no
     state = json.loads((out / CK / "state.json").read_text())
     assert state["step"] == 2
     assert all(torch.isfinite(t).all() for t in load_file(out / CK / "adapter_model.safetensors").values())
-    monkeypatch.setattr(lorakit.train, "causal_lm_loss", real)
+    monkeypatch.setattr(lorakit.objectives, "causal_lm_loss", real)
     run = run_cli(_argv(tiny_base, data, out, "--resume"), cwd=tmp_path)  # the cause gone, the run goes on
     assert run.code == 0, run.err
     _same_adapter(out, runs["straight"])
 
 
 def test_a_non_finite_gradient_is_caught_too(runs, tiny_base, tmp_path, monkeypatch):
-    import lorakit.train
+    import lorakit.objectives
 
-    real = lorakit.train.causal_lm_loss
+    real = lorakit.objectives.causal_lm_loss
 
     class Overflow(torch.autograd.Function):  # the identity forward, an infinite backward
         @staticmethod
@@ -213,7 +213,7 @@ def test_a_non_finite_gradient_is_caught_too(runs, tiny_base, tmp_path, monkeypa
     def inf_gradient(model, batch):  # a finite loss whose gradient overflows
         return Overflow.apply(real(model, batch))
 
-    monkeypatch.setattr(lorakit.train, "causal_lm_loss", inf_gradient)
+    monkeypatch.setattr(lorakit.objectives, "causal_lm_loss", inf_gradient)
     out = tmp_path / "run"
     with pytest.raises(UserError, match="step 1: the gradient norm is (nan|inf).*no checkpoint had been written"):
         train(_config(tiny_base, runs["data"], out, max_grad_norm=0.0))
