@@ -11,7 +11,16 @@ from torch import nn
 
 import lorakit
 from lorakit.errors import UserError
+from lorakit import routing as routing_module
 from lorakit.routing import AdapterStacks, RowRouting
+
+COST_RULE = routing_module._dense_is_cheaper  # as shipped (the fixture below replaces it in each test)
+
+@pytest.fixture(autouse=True, params=["dense", "gathered"])
+def path(request, monkeypatch):
+    """Every test runs through both ways of applying per-row adapters (the cost rule picks one in use)."""
+    monkeypatch.setattr(routing_module, "_dense_is_cheaper", lambda *args: request.param == "dense")
+    return request.param
 
 
 def _loop_reference(model: nn.Module, ids: torch.Tensor, names: list[str | None]) -> torch.Tensor:
@@ -175,3 +184,13 @@ def test_a_batch_of_another_size_is_an_error():
     with pytest.raises(ValueError, match="name 2 rows but the batch has 3"):
         with torch.no_grad(), lorakit.per_row_adapters(model, ["a", None]):
             logits(model, torch.zeros(3, 4, dtype=torch.long))
+
+
+def test_the_cost_rule_gathers_only_for_many_adapters_against_few_tokens():
+    # (tokens, rows, k, padded rank, used rank): decode steps of 8 rows on one rank-8 adapter, on a mix of
+    # four (ranks 8+16+8+4) and on the four spread over the rows; a prefill of 8 x 40 tokens on one adapter
+    assert COST_RULE(8, 8, 1, 16, 8) and COST_RULE(8, 8, 4, 16, 36) and COST_RULE(8, 8, 1, 16, 36)
+    assert COST_RULE(320, 8, 1, 16, 16)
+    # many adapters against few tokens: a decode step of 32 rows, each its own rank-16 adapter; a prefill
+    # of 8 x 40 tokens on 8 different ones
+    assert not COST_RULE(32, 32, 1, 16, 512) and not COST_RULE(320, 8, 1, 16, 128)

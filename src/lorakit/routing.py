@@ -16,6 +16,18 @@ computed BGMV-style (Punica, S-LoRA), so the cost is that of one adapter whateve
     h = x[b] · As[index[b]]ᵀ · scale[b]                    (batch, L, k·r)    a row of k adapters = rank k·r
     y[b] += h · Bts[index[b]]                              (batch, L, out)
 
+Gathering copies each row's matrices, which for a decode step (one token per row) costs as much as
+the products themselves. When the batch's adapters are few against its rows (one adapter or one mix
+for every client, a handful of adapters spread over the rows: a server's common case), the layer
+instead runs every adapter the batch uses on every row and zeroes what a row does not use:
+
+    A_u  = [A_a; A_b; …]          (R, in)    the batch's adapters at their own ranks, R = Σ r (no padding)
+    Bt_u = [s_a B_aᵀ; s_b B_bᵀ; …] (R, out)
+    W[b] = w of row b's adapter for each of its r columns, 0 for the adapters it does not use   (batch, R)
+    y   += ((x · A_uᵀ) ⊙ W) · Bt_u                       two plain matmuls, nothing copied per row
+
+`_dense_is_cheaper` picks between the two by their arithmetic (R per token against k·r per row).
+
 An Embedding base, or an adapter with dropout in training mode, takes the plain loop over adapters
 (`_add_one_by_one`) instead. A layer where some row applies a DoRA or lora_bias adapter groups the rows
 by their mix and runs each group through the layer's own sequential path (`_add_by_mix`): a DoRA
@@ -87,6 +99,8 @@ class AdapterStacks:
 
     def __init__(self) -> None:
         self._stacks: dict[nn.Module, AdapterStack] = {}  # not buffers: never saved, moved or counted
+        # per layer: the stack key they were made from, and {names: (A_u, Bt_u)} (see `concatenated`)
+        self._concatenated: dict[nn.Module, tuple[tuple, dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     def get(self, layer: RoutedLayer) -> AdapterStack:
         A, B = layer.lora_A.by_name(), layer.lora_B.by_name()  # plain dicts by adapter name: no module lookups
@@ -97,6 +111,32 @@ class AdapterStacks:
         if cached is None or cached.key != key:
             cached = self._stacks[layer] = _stack(layer, key)
         return cached
+
+
+    def concatenated(self, layer: RoutedLayer, stack: AdapterStack,
+                     names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_uᵀ, Bt_u): the adapters `names` of `layer` at their own ranks, (in, Σr) and (Σr, out), each
+        adapter's scaling s folded into its rows of Bt_u. Kept, like `stack` (the layer's current one, from
+        `get`), until the layer's adapters change."""
+        if torch.is_grad_enabled():
+            return _concatenate(layer, names)
+        key = stack.key
+        known = self._concatenated.get(layer)
+        if known is None or known[0] != key:
+            known = self._concatenated[layer] = (key, {})
+        found = known[1].get(names)
+        if found is None:
+            if len(known[1]) >= 64:  # a server cycling through many adapter sets: keep the memory bounded
+                known[1].clear()
+            found = known[1][names] = _concatenate(layer, names)
+        return found
+
+
+def _concatenate(layer: RoutedLayer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_uᵀ (in, Σr), Bt_u (Σr, out)), both contiguous for the two matmuls."""
+    At = torch.cat([layer.lora_A[n] for n in names]).t().contiguous()  # (in, Σr)
+    Bt = torch.cat([layer.lora_B[n].t() * layer.scaling[n] for n in names])  # (Σr, out)
+    return At, Bt
 
 
 def _stack(layer: RoutedLayer, key: tuple) -> AdapterStack:
@@ -130,6 +170,10 @@ class _LayerRoute:
     stack: AdapterStack | None = None  # what `index` points into
     index: torch.Tensor | None = None  # (batch, k) slots
     scale: torch.Tensor | None = None  # (batch, k) w · s per slot
+    weights: torch.Tensor | None = None  # (batch, Σr) each row's weight per column of the concatenated adapters
+    all_ones: bool = False  # every row applies every adapter of `names` at weight 1: no weights to apply
+    used_rank: int = 0  # Σr over `names`
+    k: int = 0  # the most adapters one row applies
 
 
 class RowRouting:
@@ -168,9 +212,17 @@ class RowRouting:
         if layer.kind == "embedding" or any(layer.dropping(n) for n in route.names):
             return _add_one_by_one(layer, x, result, route)
         stack = self.stacks.get(layer)
-        if route.stack is not stack or route.index.device != x.device:  # new stack: new slots
+        if route.stack is not stack:  # the layer's adapters changed: new slots, maybe new ranks
+            route.stack, route.index, route.scale, route.weights = stack, None, None, None
+            route.used_rank = sum(layer.lora_A[n].shape[0] for n in route.names)
+        if _dense_is_cheaper(x.numel() // layer.in_features, len(self.mixes), route.k, stack.A.shape[1],
+                             route.used_rank):
+            At, Bt = self.stacks.concatenated(layer, stack, tuple(route.names))
+            if route.weights is None or route.weights.device != x.device or route.weights.dtype != At.dtype:
+                route.weights, route.all_ones = _column_weights(route, layer, At.dtype, x.device)
+            return _add_dense(x, result, At, Bt, None if route.all_ones else route.weights)
+        if route.index is None or route.index.device != x.device:
             route.index, route.scale = _gather_index(route.mixes, stack, layer.scaling, x.device)
-            route.stack = stack
         return _add_gathered(layer, x, result, stack, route.index, route.scale)
 
     def _route(self, layer: RoutedLayer) -> _LayerRoute:
@@ -178,7 +230,8 @@ class RowRouting:
         route = self._layers.get(layer)
         if route is None or route.held != held:
             mixes = [{n: w for n, w in mix.items() if n in layer.lora_A} for mix in self.mixes]
-            route = self._layers[layer] = _LayerRoute(held, mixes, list(dict.fromkeys(n for m in mixes for n in m)))
+            route = self._layers[layer] = _LayerRoute(held, mixes, list(dict.fromkeys(n for m in mixes for n in m)),
+                                                      k=max(len(m) for m in mixes))
         return route
 
 
@@ -198,6 +251,36 @@ def _mix(row: int, spec: RowSpec) -> dict[str, float]:
         if weight != 0:
             mix[name] = float(weight)
     return mix
+
+
+def _dense_is_cheaper(tokens: int, rows: int, k: int, padded_rank: int, used_rank: int) -> bool:
+    """Whether every used adapter on every token (`tokens` x `used_rank` multiply-adds per feature) costs
+    less than gathering: `rows` x k·r matrices copied, at about three multiply-adds per copied element,
+    and then applied to each row's tokens."""
+    return tokens * used_rank <= rows * k * padded_rank * (tokens / rows + 3)
+
+
+def _column_weights(route: _LayerRoute, layer: RoutedLayer, dtype: torch.dtype,
+                    device: torch.device) -> tuple[torch.Tensor, bool]:
+    """(batch, 1, Σr): row b's weight for each column of `route.names`' concatenated adapters (0: not used);
+    and whether all of them are 1."""
+    ranks = [layer.lora_A[n].shape[0] for n in route.names]
+    weights = torch.tensor([[mix.get(n, 0.0) for n, r in zip(route.names, ranks) for _ in range(r)]
+                            for mix in route.mixes], dtype=dtype)
+    return weights.unsqueeze(1).to(device), bool((weights == 1).all())
+
+
+def _add_dense(x: torch.Tensor, result: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor,
+               weights: torch.Tensor | None) -> torch.Tensor:
+    """Every used adapter on every row, each row's weights (None: all 1) zeroing what it does not use."""
+    rank = At.shape[1]
+    h = torch.mm(x.reshape(-1, At.shape[0]).to(At.dtype), At)  # (tokens, Σr)
+    if weights is not None:  # (batch, 1, Σr) over each row's tokens
+        h = (h.view(x.shape[0], -1, rank) * weights).view(-1, rank)
+    flat, h, Bt = result.reshape(-1, Bt.shape[1]), h.to(result.dtype), Bt.to(result.dtype)
+    if torch.is_grad_enabled():
+        return torch.addmm(flat, h, Bt).view_as(result)
+    return flat.addmm_(h, Bt).view_as(result)  # in place: inference makes no copy
 
 
 def _gather_index(mixes: list[dict[str, float]], stack: AdapterStack, scaling: dict[str, float],
