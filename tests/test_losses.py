@@ -80,10 +80,32 @@ def test_trainable_head_gets_the_same_gradients():
     assert torch.allclose(model.lm_head.weight.grad, twin.lm_head.weight.grad, atol=1e-6, rtol=1e-4)
 
 
-def test_head_with_an_adapter_falls_back_to_the_model_loss():
-    model = lorakit.inject(build("llama"), lorakit.LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+@pytest.mark.parametrize("family", ["llama", "llama-tied", "gpt2"])
+def test_head_with_an_adapter_gets_the_same_loss_and_gradients(family):
+    """The head's weight plus its adapter's update is one (V, d) matrix: same loss, same adapter gradients."""
+    config = lorakit.LoraConfig(r=3, lora_alpha=6, target_modules=["lm_head", "q_proj", "c_attn"], init_lora_weights=False)
+    model = lorakit.inject(MODELS[family](), config)
+    model.eval()  # GPT-2's own dropout off: both sides see the same activations
+    twin = copy.deepcopy(model)
     batch = _batch()
-    assert torch.equal(causal_lm_loss(model, batch), model(**batch).loss)
+    ours, theirs = causal_lm_loss(model, batch, chunk_elements=4 * VOCAB), twin(**batch).loss
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+    ours.backward()
+    theirs.backward()
+    got, want = _lora_grads(model), _lora_grads(twin)
+    assert any("lm_head" in name for name in got) and got.keys() == want.keys()
+    for name in got:
+        assert torch.allclose(got[name], want[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_head_adapter_with_dropout_falls_back_to_the_model_loss():
+    model = lorakit.inject(build("llama"), lorakit.LoraConfig(r=2, target_modules=["lm_head"], lora_dropout=0.5))
+    model.train()
+    batch = _batch()
+    torch.manual_seed(3)
+    ours = causal_lm_loss(model, batch)
+    torch.manual_seed(3)
+    assert torch.equal(ours, model(**batch).loss)  # the same dropout draws: the very same path
 
 
 def test_function_gradcheck_with_bias_in_float64():

@@ -25,6 +25,8 @@ def text_file(tmp_path):
 def _config(tiny_base, data, out, **kw) -> TrainConfig:
     values = dict(data=data, out=out, base=str(tiny_base), steps=6, batch_size=2, seq_len=16, r=4,
                   dtype="fp32", quiet=True, checkpoint_every=2)
+    if kw.get("full"):
+        del values["r"]  # an adapter's option: --full refuses it
     values.update(kw)
     return TrainConfig(**values)
 
@@ -132,3 +134,60 @@ def test_memory_and_speed_options_train_the_same_adapter(tiny_base, text_file, t
     assert plain.keys() == other.keys()
     for key in plain:
         assert torch.allclose(plain[key], other[key], atol=1e-5), key
+
+
+# ---- --full: a full fine-tune through the same loop ---------------------------------------------
+
+
+def test_full_fine_tune_writes_a_model_transformers_loads(tiny_base, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "full"
+    summary = train(_config(tiny_base, text_file, out, full=True, steps=4, eval_data=text_file, eval_every=4,
+                            lr=1e-3))
+    assert summary["full"] and summary["adapter_bytes"] is None
+    assert not (out / "adapter_config.json").exists() and not (out / "checkpoint").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert summary["trainable_params"] == summary["total_params"] == sum(p.numel() for p in base.parameters())
+    assert summary["weights_bytes"] == (out / "model.safetensors").stat().st_size
+    # every weight moved, the tied head with the embedding, and the model on disk is the one evaluated
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, base.get_parameter(name))]
+    assert changed == [name for name, _ in base.named_parameters()]
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert AutoTokenizer.from_pretrained(out)("light").input_ids == AutoTokenizer.from_pretrained(tiny_base)("light").input_ids
+    assert summary["eval_perplexity_adapted"] < summary["eval_perplexity_base"]
+
+
+def test_full_fine_tune_resumes_bit_exactly(tiny_base, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(_config(tiny_base, text_file, straight, full=True))
+    result = train(_config(tiny_base, text_file, resumed, full=True), should_stop=lambda step: step == 3)
+    assert result["interrupted"] and (resumed / "checkpoint" / "model.safetensors").is_file()
+    train(_config(tiny_base, text_file, resumed, full=True, resume=True))
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overwrite_replaces_a_full_model_with_an_adapter(tiny_base, text_file, tmp_path):
+    out = tmp_path / "run"
+    train(_config(tiny_base, text_file, out, full=True, steps=2))
+    train(_config(tiny_base, text_file, out, steps=2, overwrite=True))
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quantize", "nf4"], "leave out --quantize"),
+    (["--r", "8"], "--r sets up an adapter"),
+    (["--targets", "q_proj"], "--targets sets up an adapter"),
+    (["--init-from", "{data}"], "--init-from continues an adapter"),
+])
+def test_full_refuses_adapter_options(tiny_base, text_file, tmp_path, capsys, flags, message):
+    flags = [f.format(data=text_file) for f in flags]
+    code = main(["train", "--full", "--base", str(tiny_base), "--data", str(text_file), "--out", str(tmp_path / "o"),
+                 "--dtype", "fp32", "--quiet", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()

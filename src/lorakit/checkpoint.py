@@ -1,7 +1,9 @@
 """Training checkpoints: everything a resumed run needs to continue as if never stopped.
 
 A checkpoint is a directory:
-    adapter_config.json, adapter_model.safetensors   the adapter so far (a loadable PEFT adapter)
+    adapter_config.json, adapter_model.safetensors   the adapter so far (a loadable PEFT adapter), or
+    model.safetensors                                a full fine-tune's weights so far (`--full`: a model
+                                                     without adapters trains its own parameters)
     optimizer.safetensors                            AdamW moments and steps, every rank's RNG state(s)
     state.json                                       step, tokens, time, LR schedule, param groups,
                                                      and the settings a resume must not change
@@ -29,6 +31,7 @@ from lorakit.io import WEIGHTS_NAME, adapter_state_dict, parse_tensors, save_ten
 
 STATE_NAME = "state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
+MODEL_WEIGHTS = "model.safetensors"
 
 
 class SettingsChanged(UserError):
@@ -56,7 +59,13 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     with staged_directory(directory) as staging:
         # as trained (a PiSSA adapter unconverted: the resumed run rebuilds the same residual base);
         # write_adapter refuses a non-finite adapter
-        write_adapter(staging, adapter_configs(model)["default"], adapter_state_dict(model))
+        if adapter_configs(model):
+            write_adapter(staging, adapter_configs(model)["default"], adapter_state_dict(model))
+        else:  # --full: the model's own parameters (tied weights once)
+            weights = dict(model.named_parameters())
+            if not all(torch.isfinite(w).all() for w in weights.values()):
+                raise UserError("the model's weights are not finite; no checkpoint written")
+            save_tensors(staging / MODEL_WEIGHTS, {k: w.detach() for k, w in weights.items()})
         save_tensors(staging / OPTIMIZER_NAME, tensors)
         atomic_write_bytes(staging / STATE_NAME, (json.dumps(meta, indent=2) + "\n").encode())
 
@@ -111,13 +120,14 @@ def _read(where: Path, model: nn.Module, settings: dict) -> _Checkpoint:
     if problem:
         raise UserError(f"{where / STATE_NAME} is damaged ({problem})")
     _check_settings(meta["settings"], settings)
-    adapter = parse_tensors(read_bytes(where / WEIGHTS_NAME, "checkpoint adapter"), where / WEIGHTS_NAME)
-    for key, param in adapter_state_dict(model).items():
+    name = WEIGHTS_NAME if adapter_configs(model) else MODEL_WEIGHTS
+    adapter = parse_tensors(read_bytes(where / name, "checkpoint weights"), where / name)
+    for key, param in _trained(model).items():
         value = adapter.get(key)
         if value is None:
-            raise UserError(f"{where / WEIGHTS_NAME} lacks {key}; the checkpoint is damaged")
+            raise UserError(f"{where / name} lacks {key}; the checkpoint is damaged")
         if value.shape != param.shape or not value.is_floating_point() or not torch.isfinite(value).all():
-            raise UserError(f"{where / WEIGHTS_NAME}: {key} is {tuple(value.shape)} {value.dtype} or not finite; "
+            raise UserError(f"{where / name}: {key} is {tuple(value.shape)} {value.dtype} or not finite; "
                             f"this run needs a finite {tuple(param.shape)}: the checkpoint is damaged")
     tensors = parse_tensors(read_bytes(where / OPTIMIZER_NAME, "optimizer state"), where / OPTIMIZER_NAME)
     if not any(k in tensors for k in ("rng.0.cpu", "rng.cpu")):
@@ -155,8 +165,13 @@ def _flag(key: str) -> str:
         key, f"--{key.replace('_', '-')}")
 
 
+def _trained(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of the model: its adapter, or (a full fine-tune) all its parameters."""
+    return adapter_state_dict(model) if adapter_configs(model) else dict(model.named_parameters())
+
+
 def _restore(found: _Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, rank: int) -> None:
-    for key, param in adapter_state_dict(model).items():
+    for key, param in _trained(model).items():
         param.copy_(found.adapter[key])
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in found.tensors.items():

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.layers import LoraLayer
 from lorakit.modules import output_head
 
 IGNORE = -100  # label value the loss skips (PyTorch / transformers convention)
@@ -27,11 +28,12 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_eleme
     """Mean next-token cross-entropy over the labels that are not IGNORE, as `model(**batch).loss`.
 
     Works for transformers causal LMs whose head is a plain Linear after the body's last hidden
-    state (Llama, Qwen2, GPT-2, ...; tied or untied). Anything else, e.g. a head with its own
-    adapter or a model that rescales its logits, falls back to `model(**batch).loss`.
+    state (Llama, Qwen2, GPT-2, ...; tied or untied), also with a LoRA adapter on it (its weight plus
+    the adapter's update is one (V, d) matrix, as small as the head itself). Anything else, e.g. a head
+    whose adapter draws dropout or a model that rescales its logits, falls back to `model(**batch).loss`.
     `chunk_elements` bounds the logits held at once (rows x vocabulary).
     """
-    body, head = _body_and_head(model)
+    body, weight, bias = _body_and_head(model)
     if body is None:
         return model(**batch).loss
     labels = batch["labels"]  # (B, T)
@@ -39,20 +41,24 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_eleme
     hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, d)
     # Position t predicts label t+1: shift the labels, not the hidden state (no copy of it).
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)  # (B*T,)
-    rows = max(1, chunk_elements // head.out_features)
-    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets, rows)
+    rows = max(1, chunk_elements // weight.shape[0])
+    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets, rows)
 
 
-def _body_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:
-    """(body giving last_hidden_state, plain Linear head), or (None, None) where that split is not safe."""
+def _body_and_head(model: nn.Module) -> tuple[nn.Module | None, torch.Tensor | None, torch.Tensor | None]:
+    """(body giving last_hidden_state, the head's weight (V, d) and bias), or Nones where that split is not safe."""
     head = output_head(model)
     body = getattr(model, "base_model", model)
     config = getattr(model, "config", None)
-    if type(head) is not nn.Linear or body is model or config is None:
-        return None, None
+    if body is model or config is None:
+        return None, None, None
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
-        return None, None
-    return body, head
+        return None, None, None
+    if type(head) is nn.Linear:
+        return body, head.weight, head.bias
+    if isinstance(head, LoraLayer) and (weight := head.dense_weight()) is not None:
+        return body, weight, head.base.bias
+    return None, None, None
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -116,7 +122,7 @@ def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_elements
     labels = batch["labels"]  # (B, T)
     targets = labels[:, 1:]  # (B, T-1)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    body, head = _body_and_head(model)
+    body, weight, bias = _body_and_head(model)
     if body is None:
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
         logp = torch.log_softmax(logits, dim=-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
@@ -124,8 +130,8 @@ def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_elements
     hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, d)
     # Shift the labels, not the hidden state (no copy of it): the last position scores nothing.
     shifted = F.pad(targets, (0, 1), value=IGNORE).reshape(-1)  # (B*T,)
-    rows = max(1, chunk_elements // head.out_features)
-    flat = LinearLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, shifted, rows)  # (B*T,)
+    rows = max(1, chunk_elements // weight.shape[0])
+    flat = LinearLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, shifted, rows)  # (B*T,)
     return flat.view(labels.shape)[:, :-1]
 
 

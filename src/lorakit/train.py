@@ -4,8 +4,9 @@
     lorakit train --base ~/models/llama --data chats.jsonl --r 16 --targets all-linear --out adapters/x
     lorakit train --base ~/models/big --quantize nf4 --data d.jsonl --out adapters/q     # QLoRA
     lorakit train --objective kto --data judged.jsonl --init-from adapters/sft --out adapters/kto  # good/bad labels
+    lorakit train --full --data my_domain.txt --out models/mine      # full fine-tune: every weight trains
 
-Writes into --out: the adapter (PEFT layout) at the end, `metrics.jsonl` as it goes, `loss.png`,
+Writes into --out: the adapter (PEFT layout; with --full a transformers model directory) at the end, `metrics.jsonl` as it goes, `loss.png`,
 `training_summary.json`, and `checkpoint/` every --checkpoint-every steps (adapter, optimizer,
 scheduler, RNG and data position). `--resume` continues from it and ends with the same adapter an
 uninterrupted run would give. Ctrl-C finishes the current step, checkpoints, and prints how to resume.
@@ -23,9 +24,10 @@ import resource
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ from lorakit.config import LoraConfig
 from lorakit.data import batch_at, load_examples
 from lorakit.errors import UserError
 from lorakit.evaluate import mean_nll, perplexity
+from lorakit.export import fresh_tokenizer
 from lorakit.files import atomic_write_bytes, check_output, open_regular, previous_directory
 from lorakit.io import load_adapter, save_adapter
 from lorakit.loraplus import loraplus_groups
@@ -50,6 +53,10 @@ from lorakit.objectives import DPO, KTO, OBJECTIVES, REFERENCE_ADAPTER, SFT, Pre
 from lorakit.options import add_options, option, options
 from lorakit.plots import plot_loss
 from lorakit.preferences import load_preferences
+
+# Default peak learning rates: an adapter, and every weight with --full.
+LORA_LR = 1e-3
+FULL_LR = 1e-3
 
 
 @dataclass
@@ -67,7 +74,8 @@ class TrainConfig:
     dora: bool = option("DoRA (weight-decomposed LoRA, PEFT's use_dora): also learn a magnitude per output feature "
                         "of each adapted weight, which rescales the direction W + s·B·A; often closer to full "
                         "fine-tuning at low rank, for a slower step (docs/variants.md)", default=False)
-    lr: float = option("peak learning rate (linear warmup, then cosine decay to 10%)", default=1e-3)
+    lr: float | None = option(f"peak learning rate (linear warmup, then cosine decay to 10%); default {LORA_LR:g} "
+                              f"for an adapter, {FULL_LR:g} with --full", default=None)
     init: str = option("how A and B start: lora (A random, B zero: the base at first), gaussian, orthogonal, pissa "
                        "(the base weight's top-r singular directions), pissa_niter_N (the same by a randomised SVD of N "
                        "iterations, faster), olora (its QR). pissa and olora move that part out of the base weights "
@@ -113,6 +121,10 @@ class TrainConfig:
     resume: bool = option("continue an interrupted run in --out from its checkpoint", default=False)
     overwrite: bool = option("replace an existing --out", default=False)
     quiet: bool = option("no progress bar", default=False)
+    full: bool = option("full fine-tune instead of an adapter: every weight of the base trains (fp32 master weights) "
+                        "and --out gets a complete transformers model directory (config, safetensors, tokenizer). "
+                        "Memory: weights, gradients and AdamW's two moments, 16 bytes per parameter in fp32, "
+                        "where LoRA adds that only for its own few parameters", default=False)
 
     def __post_init__(self) -> None:
         # Every value is checked here, before anything loads or any file is written.
@@ -121,6 +133,8 @@ class TrainConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).exists() and not Path(path).is_symlink():
                 raise UserError(f"--{name.replace('_', '-')} {path} not found")
+        if self.lr is None:
+            self.lr = FULL_LR if self.full else LORA_LR
         for name in ("r", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "checkpoint_every"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -153,7 +167,10 @@ class TrainConfig:
             raise UserError("--resume and --overwrite contradict each other; pick one")
         if self.quantize not in (None, "nf4"):
             raise UserError(f"--quantize {self.quantize} is not supported; use --quantize nf4 (or leave it out)")
-        self.lora_config()  # --targets (and the rest of the adapter's shape) checked too
+        if self.full:
+            self._check_full()
+        else:
+            self.lora_config()  # --targets (and the rest of the adapter's shape) checked too
         if self.objective not in OBJECTIVES:
             raise UserError(f"--objective {self.objective} is not one of {', '.join(OBJECTIVES)}")
         self.preference()  # validates --beta and the weights
@@ -164,6 +181,22 @@ class TrainConfig:
         if self.objective != "sft" and self.labels != "good":
             raise UserError(f"--labels applies to --objective sft (--objective {self.objective} learns from good "
                             "and bad answers alike); drop it")
+
+    def _check_full(self) -> None:
+        """--full trains the weights themselves: the adapter's own options mean nothing there."""
+        if self.quantize:
+            raise UserError("--full trains every weight and a 4-bit base cannot be trained; leave out --quantize")
+        if self.init_from is not None:
+            raise UserError("--init-from continues an adapter; to continue a full fine-tune pass its directory "
+                            "as --base")
+        if self.objective != "sft":
+            raise UserError(f"--objective {self.objective} compares with the base through disabled adapters; "
+                            "--full has none: leave out --full or --objective")
+        fields = TrainConfig.__dataclass_fields__
+        for name in ("r", "alpha", "dropout", "targets", "dora", "init", "lr_ratio", "lr_embedding"):
+            if getattr(self, name) != fields[name].default:
+                raise UserError(f"--{name.replace('_', '-')} sets up an adapter and has no meaning with --full; "
+                                "leave it out")
 
     def preference(self) -> Preference:
         return Preference(self.beta, self.desirable_weight, self.undesirable_weight)
@@ -184,7 +217,7 @@ class TrainConfig:
 RESUME_KEYS = ("base", "r", "alpha", "dropout", "targets", "dora", "init", "lr", "lr_ratio", "lr_embedding", "warmup",
                "steps", "epochs", "batch_size", "grad_accum", "seq_len", "seed", "init_from", "dtype", "quantize",
                "activation_checkpointing", "compile", "labels", "weight_decay", "max_grad_norm", "objective", "beta",
-               "desirable_weight", "undesirable_weight")
+               "desirable_weight", "undesirable_weight", "full")
 
 
 def train(config: TrainConfig, should_stop: Callable[[int], bool] | None = None) -> dict:
@@ -205,7 +238,7 @@ def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world
     say = _say if world.main and not config.quiet else _silent
     run = _setup(config, world)
     say(_describe(run, config, world))
-    base_eval = _base_eval(run, config) if run.eval_examples and world.main else None
+    base_eval = run.base_eval
     history = _read_metrics(run.out / "metrics.jsonl", upto=run.state["step"]) if world.main else []
 
     stopped = False
@@ -255,6 +288,7 @@ class _Run:
     counts: object
     state: dict  # step, tokens, train_seconds: what a checkpoint restores
     settings: dict  # what a --resume must match (`_resume_view`)
+    base_eval: float | None  # the base's held-out loss (rank 0, sft with --eval-data), to set the trained one's against
 
 
 # ---- setup ----------------------------------------------------------------------------------------
@@ -270,8 +304,10 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     torch.manual_seed(config.seed)
     device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = resolve_dtype(config.dtype, device)
-    # QLoRA: the base streams in and each chosen Linear is quantized as it arrives (never whole at full precision)
-    model, tokenizer = load_base(config.base, dtype=dtype, device=device,
+    # QLoRA: the base streams in and each chosen Linear is quantized as it arrives (never whole at full precision).
+    # A full fine-tune keeps fp32 master weights (autocast computes in `dtype`): AdamW's small updates
+    # would round away in bf16 weights. An adapter's own weights are fp32 whatever the base's dtype.
+    model, tokenizer = load_base(config.base, dtype=torch.float32 if config.full else dtype, device=device,
                                  quantize=QuantizeSpec(config.quantize) if config.quantize else None)
     memory = base_memory(model)
     seq_len = _seq_len(config, model)
@@ -284,6 +320,8 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
                         f"{seq_len}; lower them or add data")
     eval_examples = _load_data(config, config.eval_data, tokenizer, seq_len, "all")[0] if config.eval_data else None
     _add_adapter(config, model)
+    # Before a checkpoint is restored: with --full that overwrites the base's own weights.
+    base_eval = _base_eval(model, tokenizer, eval_examples, config) if eval_examples and world.main else None
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     objective = _objective(config, model, world)
@@ -306,7 +344,7 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     distributed.barrier(world)
     return _Run(out, device, dtype, model, tokenizer, memory, examples, stats, eval_examples, seq_len, params,
                 objective, step_loss, optimizer, scheduler, total_steps, trainable_parameters(model),
-                state, settings)
+                state, settings, base_eval)
 
 
 def _seq_len(config: TrainConfig, model: nn.Module) -> int:
@@ -327,8 +365,11 @@ def _add_adapter(config: TrainConfig, model: nn.Module) -> None:
     """A new adapter (or --init-from's, trainable), then the memory and speed options that act on it.
 
     A preference run that continues an adapter compares with that adapter as it started (TRL's
-    behaviour from an SFT model): a frozen copy of it is loaded first, as the reference."""
-    if config.init_from is not None:
+    behaviour from an SFT model): a frozen copy of it is loaded first, as the reference. With --full
+    there is no adapter: the base's own weights train."""
+    if config.full:
+        model.requires_grad_(True)
+    elif config.init_from is not None:
         if config.objective != "sft":
             add_reference(model, config.init_from)
         load_adapter(model, config.init_from, adapter="default", trainable=True)
@@ -372,19 +413,21 @@ def _describe(run: _Run, config: TrainConfig, world: distributed.World) -> str:
     ranks = f" x {world.size} ranks" if world.active else ""
     nf4_note = f", NF4 at {run.memory.nf4_bits_per_param:.3f} bits/param" if run.memory.nf4_params else ""
     objective = "" if config.objective == "sft" else f"{config.objective} (beta {config.beta}) on "
+    # fp32 weights, gradients and AdamW's two moments; an adapter's few parameters need the same each
+    full_note = (f"\nfull fine-tune: weights, gradients and AdamW moments take {16 * run.counts.trainable / 1e6:,.0f} MB "
+                 "(16 bytes per parameter)" if config.full else "")
     return (f"base {base_name(config.base)} ({dtype_name(run.dtype)} on {run.device.type}{nf4_note}); "
             f"{objective}data: {run.stats.summary()}\n"
-            f"{run.counts}; {run.total_steps} steps of {config.batch_size}x{config.grad_accum} rows{ranks}")
+            f"{run.counts}; {run.total_steps} steps of {config.batch_size}x{config.grad_accum} rows{ranks}{full_note}")
 
 
-def _base_eval(run: _Run, config: TrainConfig) -> float | None:
+def _base_eval(model: nn.Module, tokenizer, eval_examples: list, config: TrainConfig) -> float | None:
     """The base's held-out loss, to set the adapter's against (sft; the preference objectives start from
     their reference: margin 0, accuracy 0.5)."""
     if config.objective != "sft":
         return None
-    with _original_base(run.model):
-        return mean_nll(run.model, run.eval_examples, run.tokenizer.pad_token_id, config.batch_size,
-                        config.eval_batches)[0]
+    with _original_base(model):  # with --full there are no adapters: the model is still the base
+        return mean_nll(model, eval_examples, tokenizer.pad_token_id, config.batch_size, config.eval_batches)[0]
 
 
 @contextlib.contextmanager
@@ -521,15 +564,18 @@ def _checkpoint(run: _Run, config: TrainConfig, world: distributed.World) -> Non
 def _interrupted(run: _Run, config: TrainConfig, world: distributed.World, say: Callable[[str], None]) -> dict:
     distributed.barrier(world)
     say(f"interrupted at step {run.state['step']}/{run.total_steps}; checkpoint saved. Resume with:\n"
-        f"  lorakit train {shlex.join(a for a in _cli_args(config) if a != '--overwrite')} --resume")
+        f"  lorakit train {shlex.join(a for a in cli_args(config) if a != '--overwrite')} --resume")
     return {"interrupted": True, "step": run.state["step"], "total_steps": run.total_steps}
 
 
 def _save(run: _Run, config: TrainConfig, world: distributed.World, history: list[dict], base_eval: float | None,
           say: Callable[[str], None]) -> dict:
-    """The adapter and the run's summary into --out; the checkpoint goes."""
+    """The adapter (or with --full the model) and the run's summary into --out; the checkpoint goes."""
     run.model.eval()
-    save_adapter(run.model, run.out)
+    if config.full:
+        save_model(run.model, config.base, run.out)
+    else:
+        save_adapter(run.model, run.out)
     summary = _summary(config, run.counts, run.stats, run.state, history, base_eval, run.total_steps, run.memory)
     summary["world_size"] = world.size
     summary["objective"] = config.objective
@@ -537,12 +583,32 @@ def _save(run: _Run, config: TrainConfig, world: distributed.World, history: lis
     atomic_write_bytes(run.out / "training_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     _remove_checkpoints(run.out)
     distributed.barrier(world)
-    say(f"adapter saved to {run.out} ({summary['adapter_bytes'] / 1e6:.2f} MB); "
+    say(f"{'model' if config.full else 'adapter'} saved to {run.out} ({summary['weights_bytes'] / 1e6:.2f} MB); "
         f"{summary['tokens_per_s']:,.0f} tokens/s; final train loss {summary['final_train_loss']:.3f}"
         + (f"; eval perplexity {summary['eval_perplexity_base']:.2f} -> {summary['eval_perplexity_adapted']:.2f}"
            if base_eval is not None else "")
         + (f"\n{config.objective}: {_figures_line(summary['figures'], config.objective)}" if summary["figures"] else ""))
     return summary
+
+
+def save_model(model: nn.Module, base: str | None, out: Path) -> None:
+    """A full fine-tune's result: a transformers model directory in `out` (config, safetensors weights and
+    the base's own tokenizer files), which `AutoModelForCausalLM.from_pretrained(out)` loads. Written
+    beside, then moved in file by file: `out` also holds the run's metrics, and a crash leaves whole files."""
+    from transformers.utils import logging as hf_logging
+
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError("the trained weights are not finite; no model written (lower --lr)")
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".model.", suffix=".tmp"))
+    hf_logging.disable_progress_bar()  # a bar for writing one shard is noise
+    try:
+        model.save_pretrained(staging)
+        fresh_tokenizer(base).save_pretrained(staging)  # load_base may have set a pad token; ship the base's files
+        for path in staging.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        hf_logging.enable_progress_bar()
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---- pieces ---------------------------------------------------------------------------------------
@@ -558,7 +624,10 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 
 # What a run writes into --out: removed by --overwrite (and nothing else there), so no file of an earlier
 # run ends up beside the new one's.
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "training_summary.json")
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "training_summary.json",
+             # with --full, a model directory
+             "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def _check_out(config: TrainConfig) -> None:
@@ -567,7 +636,7 @@ def _check_out(config: TrainConfig) -> None:
     check_output(out, "--out", directory=True)
     if config.resume:
         if not has_checkpoint(out / "checkpoint"):
-            done = " (the run there finished: its adapter is saved)" if (out / "training_summary.json").exists() else ""
+            done = " (the run there finished: its result is saved)" if (out / "training_summary.json").exists() else ""
             raise UserError(f"nothing to resume in {out}: no checkpoint/ there{done}; it is removed when a run "
                             "finishes")
         return
@@ -585,11 +654,13 @@ def _prepare_out(config: TrainConfig) -> Path:
     if not config.resume:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
+        for shard in out.glob("model-*-of-*.safetensors"):  # a sharded --full model
+            shard.unlink()
         _remove_checkpoints(out)
     # What a killed process leaves: a checkpoint being staged or removed, a run file's temporary copy.
     # (`.checkpoint.old`, a checkpoint mid-swap, stays: it may be what this run resumed from.)
     for leftover in [*out.glob(".checkpoint.*.tmp"), out / ".checkpoint.removing",
-                     *(p for name in RUN_FILES for p in out.glob(f".{name}.*.tmp"))]:
+                     *(p for name in RUN_FILES for p in out.glob(f".{name}.*.tmp")), *out.glob(".model.*.tmp")]:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
@@ -656,6 +727,7 @@ def _summary(config, counts, stats, state, history, base_eval, total_steps, memo
     adapter_bytes = sum(f.stat().st_size for f in config.out.glob("adapter_*"))
     return {
         "base": base_name(config.base),
+        "full": config.full,
         "trainable_params": counts.trainable,
         "total_params": counts.total,
         "trainable_percent": counts.percent,
@@ -667,7 +739,8 @@ def _summary(config, counts, stats, state, history, base_eval, total_steps, memo
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "eval_perplexity_base": perplexity(base_eval) if base_eval is not None else None,
         "eval_perplexity_adapted": evals[-1]["eval_perplexity"] if evals else None,
-        "adapter_bytes": adapter_bytes,
+        "adapter_bytes": None if config.full else adapter_bytes,
+        "weights_bytes": sum(f.stat().st_size for f in config.out.glob("*.safetensors")),  # adapter or model
         "memory": {
             "base_bytes": memory.bytes,
             "base_bits_per_param": memory.bits_per_param,  # all base weights, NF4 or not
@@ -722,7 +795,7 @@ def _silent(text: str) -> None:
     pass
 
 
-def _cli_args(config: TrainConfig) -> list[str]:
+def cli_args(config: TrainConfig) -> list[str]:
     """The command-line arguments that reproduce `config` (--data, --out and what differs from defaults)."""
     defaults = TrainConfig.__dataclass_fields__
     args: list[str] = []
@@ -748,7 +821,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 def register(subparsers) -> None:
     import argparse
-    import signal
 
     p = subparsers.add_parser(
         "train", help="train an adapter on a frozen base",
@@ -765,20 +837,30 @@ def register(subparsers) -> None:
     def run(args) -> int:
         config = TrainConfig(**options(args, TrainConfig))
         if args.nproc is not None and "WORLD_SIZE" not in os.environ:
-            return distributed.launch(args.nproc, ["train", *_cli_args(config)])
-        interrupted = []
-
-        def on_sigint(signum, frame):
-            if interrupted:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
-            interrupted.append(True)
-            print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort)", flush=True)
-
-        previous = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            result = train(config, should_stop=lambda step: bool(interrupted))
-        finally:
-            signal.signal(signal.SIGINT, previous)
+            return distributed.launch(args.nproc, ["train", *cli_args(config)])
+        with ctrl_c_stops() as should_stop:
+            result = train(config, should_stop=should_stop)
         return 130 if result.get("interrupted") else 0
 
     p.set_defaults(func=run)
+
+
+@contextlib.contextmanager
+def ctrl_c_stops() -> Iterator[Callable[[int], bool]]:
+    """In the block, a first Ctrl-C makes the yielded `should_stop` say True (the step finishes and a
+    checkpoint is written); a second one stops at once."""
+    import signal
+
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+        print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort)", flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda step: bool(interrupted)
+    finally:
+        signal.signal(signal.SIGINT, previous)
