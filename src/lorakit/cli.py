@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lorakit.generate", "sample text with adapters at chosen scales (streamed)"),
     "eval": ("lorakit.evaluate", "perplexity of base vs adapted model on some data"),
     "demo": ("lorakit.demo", "train and compare an adapter on a shipped corpus in ~3 minutes"),
+    "sweep": ("lorakit.sweep", "train a grid of recipes on your data: learning vs forgetting, size, time"),
     "merge": ("lorakit.export", "fold adapters into the base weights and write a plain transformers model"),
     "gguf": ("lorakit.gguf", "write adapters, bases or merged models as GGUF files for llama.cpp and Ollama"),
     "quantize": ("lorakit.quantize_cli", "write an NF4 (4-bit) copy of a base model for QLoRA training"),
