@@ -25,6 +25,8 @@ INTEROP_CASES = {
     "gpt2 conv1d bias all": ("gpt2", dict(r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"], bias="all",
                                           fan_in_fan_out=True)),
     "embedding": ("llama", dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "o_proj"])),
+    # GPT-2 ties its head to the embedding: an adapter on each, the shared weight itself untouched
+    "tied head + embedding": ("gpt2", dict(r=2, lora_alpha=4, target_modules=["c_attn", "wte", "lm_head"])),
     "modules_to_save": ("llama", dict(r=2, target_modules=["v_proj"], modules_to_save=["lm_head"])),
     "regex + layers": ("llama", dict(r=2, target_modules=r".*\.(q|v)_proj", lora_dropout=0.1)),
     "layers_to_transform": ("llama", dict(r=2, target_modules=["q_proj"], layers_to_transform=[1],
