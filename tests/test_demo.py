@@ -9,7 +9,13 @@ from lorakit.demo import DemoConfig, run_demo
 
 @pytest.mark.slow
 def test_demo_runs_and_meets_its_targets(tmp_path, capsys):
-    report = run_demo(DemoConfig(out=tmp_path / "demo", steps=40, dtype="fp32"))  # numeric targets: pinned
+    report = run_demo(DemoConfig(out=tmp_path / "demo", steps=20, dtype="fp32"))  # numeric targets: pinned
     assert report["disabled_equals_base"]
     assert report["disabled_general_perplexity"] == report["base_general_perplexity"]
     assert report["adapted_domain_perplexity"] < report["base_domain_perplexity"]
+    lora, full = report["recipes"]  # one line per recipe: the adapter, then the full fine-tune on the same steps
+    assert lora["trainable_params"] < full["trainable_params"] and lora["bytes"] < full["bytes"]
+    assert full["gain_vs_full"] == 1 and lora["domain"] == report["adapted_domain_perplexity"]
+    assert full["domain"] < report["base_domain_perplexity"]
+    printed = capsys.readouterr().out
+    assert printed.count("of the full fine-tune's gain") == 2 and (tmp_path / "demo" / "full" / "config.json").is_file()

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lorakit.train", "train an adapter on a frozen base"),
     "generate": ("lorakit.generate", "sample text with adapters at chosen scales (streamed)"),
     "eval": ("lorakit.evaluate", "perplexity of base vs adapted model on some data"),
-    "demo": ("lorakit.demo", "train and compare an adapter on a shipped corpus in ~3 minutes"),
+    "demo": ("lorakit.demo", "train an adapter on a shipped corpus, compare it with the base and a full fine-tune"),
     "sweep": ("lorakit.sweep", "train a grid of recipes on your data: learning vs forgetting, size, time"),
     "merge": ("lorakit.export", "fold adapters into the base weights and write a plain transformers model"),
     "gguf": ("lorakit.gguf", "write adapters, bases or merged models as GGUF files for llama.cpp and Ollama"),

@@ -1,14 +1,16 @@
-"""`lorakit demo`: the whole story in about three minutes on a laptop CPU.
+"""`lorakit demo`: the whole story in a few minutes on a laptop CPU (less with --no-full: no full fine-tune).
 
 From the embedded base, train an adapter on a shipped domain corpus, then show what changed:
 domain and general held-out perplexity before/after (and with the adapter disabled, which must
-equal the base exactly), the same prompt continued by base and adapted model, and how small the
-adapter is next to the base.
+equal the base exactly), the same prompt continued by base and adapted model, how small the
+adapter is next to the base, and (unless --no-full) the same data and steps as a full fine-tune:
+one line per recipe with what it trains, its file, what it learned and what it forgot.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,8 @@ class DemoConfig:
     steps: int = option("training steps", default=150)
     seed: int = option("random seed", default=0)
     dtype: str = dtype_option()
+    full: bool = option("leave out the full fine-tune that the adapter is compared with (same data and steps; "
+                        "about as long again)", default=True)
 
 
 def run_demo(config: DemoConfig | None = None) -> dict:
@@ -114,10 +118,42 @@ def run_demo(config: DemoConfig | None = None) -> dict:
           f"{base_bytes / 1e6:.1f} MB: {100 * adapter_bytes / base_bytes:.1f}% of the base file")
     print(f"  trained {summary['tokens_seen']:,} tokens at {summary['tokens_per_s']:,.0f} tokens/s")
     print(f"  loss curve: {out / 'loss.png'}   adapter: {out}/   metrics: {out / 'metrics.jsonl'}")
-    report.update(adapter_bytes=adapter_bytes, base_bytes=base_bytes, seconds=time.perf_counter() - started)
+    report.update(adapter_bytes=adapter_bytes, base_bytes=base_bytes)
+    if config.full:
+        report["recipes"] = _compare_with_full(config, summary, scores, sets, domain_train, domain_held)
+    report["seconds"] = time.perf_counter() - started
     (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n  done in {report['seconds']:.0f} s. Try: lorakit generate --adapter {out} --prompt \"...\" --compare")
     return report
+
+
+def _compare_with_full(config: DemoConfig, lora: dict, scores: dict, sets: dict, data: Path, held: Path) -> list[dict]:
+    """Train every weight on the same data for the same steps (`lorakit train --full`), score it as the adapter
+    was, and print one line per recipe: trainable parameters, file size, domain and general perplexity."""
+    _header(f"5. LoRA vs a full fine-tune: the same {lora['tokens_seen']:,} tokens, {config.steps} steps")
+    out = Path(config.out) / "full"
+    full = train(TrainConfig(data=data, out=out, steps=config.steps, seq_len=SEQ_LEN, batch_size=BATCH_SIZE,
+                             seed=config.seed, dtype=config.dtype, eval_data=held, eval_every=config.steps,
+                             eval_batches=8, overwrite=True, checkpoint_every=config.steps, full=True, quiet=True))
+    device = default_device()
+    model, tokenizer = load_base(out, dtype=resolve_dtype(config.dtype, device), device=device)
+    full_scores = {name: _ppl(model, examples, tokenizer) for name, examples in sets.items()}
+    base = {name: scores[("base", name)] for name in sets}
+    rows = [{"recipe": f"LoRA r={RANK} {lora['config']['targets']}", "trainable_params": lora["trainable_params"],
+             "bytes": lora["adapter_bytes"], "seconds": lora["train_seconds"],
+             **{name: scores[("adapted", name)] for name in sets}},
+            {"recipe": "full fine-tune", "trainable_params": full["trainable_params"], "bytes": full["weights_bytes"],
+             "seconds": full["train_seconds"], **full_scores}]
+    gain_full = math.log(base["domain"] / full_scores["domain"])
+    for row in rows:
+        row["gain_vs_full"] = math.log(base["domain"] / row["domain"]) / gain_full if gain_full > 0 else None
+        share = "-" if row["gain_vs_full"] is None else f"{100 * row['gain_vs_full']:.0f}%"
+        print(f"  {row['recipe']:26} {row['trainable_params'] / 1e6:5.2f}M trained, {row['bytes'] / 1e6:5.1f} MB, "
+              f"{row['seconds']:4.0f} s: domain ppl {base['domain']:.0f} -> {row['domain']:.0f} ({share} of the full "
+              f"fine-tune's gain), general {base['general']:.0f} -> {row['general']:.0f}")
+    print(f"  (gain: the drop in held-out log-perplexity; `lorakit sweep` draws this trade-off on your own data; "
+          f"model: {out}/)")
+    return rows
 
 
 def _ppl(model, examples, tokenizer) -> float:
@@ -133,7 +169,7 @@ def _header(text: str) -> None:
 
 
 def register(subparsers) -> None:
-    add_command(subparsers, "demo", "train and compare an adapter on a shipped corpus in ~3 minutes",
+    add_command(subparsers, "demo", "train an adapter on a shipped corpus, compare it with the base and a full fine-tune",
                 "The whole story on the embedded base: train an adapter on a shipped domain corpus, then "
                 "compare perplexity, generations and sizes.\n\nexample:\n  lorakit demo --corpus jargon",
                 run_demo, DemoConfig)
