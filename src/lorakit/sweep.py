@@ -30,6 +30,7 @@ import torch
 
 from lorakit.adapters import delete_adapter, disable_adapters, set_adapters
 from lorakit.base import base_name, base_option, default_device, dtype_option, load_base, resolve_dtype
+from lorakit.checkpoint import has_checkpoint
 from lorakit.data import Example, load_examples
 from lorakit.errors import UserError
 from lorakit.evaluate import mean_nll, perplexity
@@ -273,7 +274,7 @@ def _run_recipe(config: SweepConfig, recipe: Recipe, model, tokenizer, sets: dic
     out = config.out / "runs" / recipe.slug
     base = str(_scratch_base(config)) if recipe.kind == "scratch" else None
     settings = train_config(config, recipe, out, base)
-    resume = (out / "checkpoint" / "state.json").is_file()
+    resume = has_checkpoint(out / "checkpoint")  # or its mid-swap copy
     summary = train(TrainConfig(**{**asdict(settings), "resume": resume, "overwrite": not resume}), should_stop)
     if summary.get("interrupted"):
         return None
