@@ -231,7 +231,7 @@ class RowRouting:
         if route is None or route.held != held:
             mixes = [{n: w for n, w in mix.items() if n in layer.lora_A} for mix in self.mixes]
             route = self._layers[layer] = _LayerRoute(held, mixes, list(dict.fromkeys(n for m in mixes for n in m)),
-                                                      k=max(len(m) for m in mixes))
+                                                      k=max((len(m) for m in mixes), default=0))
         return route
 
 
