@@ -111,12 +111,18 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("case", REFUSED, ids=lambda c: c.id)
-def test_a_damaged_or_changed_resume_is_refused_in_one_line(case, runs, tiny_base, tmp_path):
+def _damaged_copy(runs, case, tmp_path):
+    """The stopped run and its data copied under tmp_path, then damaged as `case` says: (out, data)."""
     out, data = tmp_path / "run", tmp_path / "d.txt"
     shutil.copytree(runs["stopped"], out)
     shutil.copy(runs["data"], data)
     case.damage(out, data)
+    return out, data
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=lambda c: c.id)
+def test_a_damaged_or_changed_resume_is_refused_in_one_line(case, runs, tiny_base, tmp_path):
+    out, data = _damaged_copy(runs, case, tmp_path)
     before = snapshot(tmp_path)
     run = run_cli(_argv(tiny_base, data, out, *case.extra, "--resume"), cwd=tmp_path)
     assert_refused(run, 2, case.mentions)
@@ -155,10 +161,7 @@ RESUMED = [
 
 @pytest.mark.parametrize("case", RESUMED, ids=lambda c: c.id)
 def test_a_resume_after_a_crash_ends_with_the_uninterrupted_adapter(case, runs, tiny_base, tmp_path):
-    out, data = tmp_path / "run", tmp_path / "d.txt"
-    shutil.copytree(runs["stopped"], out)
-    shutil.copy(runs["data"], data)
-    case.damage(out, data)
+    out, data = _damaged_copy(runs, case, tmp_path)
     extra = [str(e).format(data=data) for e in case.extra]
     run = run_cli(_argv(tiny_base, data, out, *extra, "--resume"), cwd=tmp_path)
     assert run.code == 0 and "Traceback" not in run.err, run.err
