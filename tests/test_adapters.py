@@ -88,6 +88,51 @@ def test_unload_with_merge_keeps_outputs(family, ids):
     assert torch.allclose(logits(plain, ids), adapted, atol=1e-5, rtol=0)
 
 
+def _tied(family: str, targets: list[str]) -> nn.Module:
+    model = build(family)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model = lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomize_adapters(model, scale=0.3)
+    return model
+
+
+@pytest.mark.parametrize("family,targets", [("llama", ["q_proj", "lm_head"]), ("llama", ["embed_tokens"]),
+                                            ("gpt2", ["c_attn", "lm_head"])])
+def test_merging_into_a_tied_weight_unties_it_and_unmerge_ties_it_back(family, targets, ids, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _tied(family, targets)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    shared = (embedding.base if isinstance(embedding, LoraLayer) else embedding).weight
+    original = shared.clone()
+    unmerged = logits(model, ids)
+    lorakit.merge(model)
+    # the adapted module computes what it did unmerged; the module it shared a weight with is unchanged
+    assert torch.allclose(logits(model, ids), unmerged, atol=1e-5, rtol=0)
+    assert torch.equal(shared, original) and model.config.tie_word_embeddings is False
+    lorakit.unmerge(model)
+    assert model.config.tie_word_embeddings is True
+    for module in (embedding, head):
+        assert (module.base if isinstance(module, LoraLayer) else module).weight is shared
+    assert torch.equal(shared, original)  # tied back exactly (the other layers' unmerge is subtraction)
+    assert torch.allclose(logits(model, ids), unmerged, atol=1e-5, rtol=0)
+    plain = lorakit.unload(model, merge=True)
+    plain.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert torch.allclose(logits(again, ids), unmerged, atol=1e-5, rtol=0)
+
+
+def test_a_failed_merge_leaves_a_tied_model_tied(ids):
+    model = _tied("llama", ["q_proj", "lm_head"])
+    head = model.get_output_embeddings()
+    head.lora_bias["default"] = nn.Parameter(torch.ones(head.out_features))  # the head has no bias: refused
+    with pytest.raises(lorakit.UserError, match="lora_bias"):
+        lorakit.merge(model)
+    assert head.base.weight is model.get_input_embeddings().weight and model.config.tie_word_embeddings is True
+    assert not any(layer.merged for _, layer in lorakit.lora_layers(model))
+
+
 # -- the math against an explicit oracle ----------------------------------------------------------
 
 

@@ -156,6 +156,11 @@ def _weights(directory):
      [dict(target_modules=["q_proj", "k_proj"], bias="all", modules_to_save=["lm_head"]),
       dict(target_modules=["v_proj", "up_proj"], bias="lora_only", use_rslora=True)]),
     ("gpt2", torch.float32, "fp32", True, None, [dict(target_modules=["c_attn", "c_proj", "wpe"])]),
+    # tied bases: the adapted head (or embedding) gets a weight of its own in the merged model
+    ("llama", torch.float32, "fp32", True, None, [dict(target_modules=["q_proj", "lm_head"])]),
+    ("llama", torch.bfloat16, "bf16", True, None,
+     [dict(target_modules=["embed_tokens", "v_proj"]), dict(target_modules=["lm_head"])]),
+    ("gpt2", torch.float32, "fp32", True, None, [dict(target_modules=["c_attn", "lm_head"])]),
     ("llama", "nf4", "fp32", False, None, [dict(target_modules=["q_proj", "gate_proj"])]),
 ])
 def test_streamed_merge_equals_the_in_memory_merge_bit_for_bit(tmp_path, ids, family, stored, out, tied, shard,
@@ -196,9 +201,6 @@ def test_a_streamed_merge_refuses_what_the_in_memory_one_refuses(tmp_path, tiny_
     with pytest.raises(lorakit.UserError, match="cannot load the tokenizer"):
         export.merge_export([str(adapter)], tmp_path / "out", base=str(base))
     _with_tokenizer(base, tiny_base)
-    adapter = _adapter_for(base, tmp_path / "a", seed=0, target_modules=["embed_tokens"])
-    with pytest.raises(lorakit.UserError, match="tied"):
-        export.merge_export([str(adapter)], tmp_path / "out", base=str(base))
     other = _saved_base(tmp_path / "other", "qwen2")
     with pytest.raises(lorakit.UserError, match="different base|lacks"):
         export.merge_export([str(_adapter_for(other, tmp_path / "b", seed=0, target_modules=["q_proj"], bias="all"))],

@@ -159,6 +159,11 @@ def transaction(model: nn.Module) -> Iterator[None]:
         for w, active in actives:
             w.active = active
         raise
+    finally:
+        _IN_TRANSACTION.discard(id(model))
+
+
+_IN_TRANSACTION: set[int] = set()  # ids of the models inside a transaction (an inner one is the outer's part)
 
 
 # -- inject / delete ------------------------------------------------------------------------------
@@ -377,24 +382,28 @@ def merge(model: nn.Module) -> None:
 
 
 def _merge(model: nn.Module) -> None:
-    shared = _tied_lora_weights(model)
-    if shared:
-        raise UserError(f"cannot merge into {shared[0]!r}: its weight is tied to another module "
-                        "(e.g. embeddings tied to the output head); untie the weights first")
     for name, layer in lora_layers(model):
         try:
             layer.check_mergeable()
         except UserError as err:
             raise UserError(f"{name}: {err}") from None
+    # A layer whose weight another module shares (an output head tied to the input embedding) gets a
+    # weight of its own: the adapter changes what that layer computes, not the other module. The model
+    # is then untied, and says so in its config (save_pretrained writes both weights); unmerge ties back.
+    tied = set(_tied_lora_weights(model))
     merged = []
     try:
-        for _, layer in lora_layers(model):
+        for name, layer in lora_layers(model):
             if not layer.merged:
                 merged.append(layer)
+                if name in tied:
+                    layer.untie()
+                    _set_tied(model, False)
             layer.merge()
     except BaseException:  # leave the model as it was (a DoRA adapter can refuse a layer)
         for layer in merged:
             layer.unmerge()
+        _retie(model)
         raise
 
 
@@ -402,6 +411,28 @@ def unmerge(model: nn.Module) -> None:
     """Take merged adapters out of the base weights again."""
     for _, layer in lora_layers(model):
         layer.unmerge()
+    _retie(model)
+
+
+def _retie(model: nn.Module) -> None:
+    """Tie back what `_merge` untied and did not merge (it failed), and the config once nothing is untied."""
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        if layer.untied_from and not layer.merged:
+            layer.base.weight = layer.untied_from.pop()
+    if model.__dict__.get("lorakit_untied") and not any(layer.untied_from for layer in layers):
+        _set_tied(model, True)
+
+
+def _set_tied(model: nn.Module, tied: bool) -> None:
+    """tie_word_embeddings in the model's config (and its text config), remembering that we changed it."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    for c in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: config)())}.values():
+        if hasattr(c, "tie_word_embeddings"):
+            c.tie_word_embeddings = tied
+    model.__dict__["lorakit_untied"] = not tied
 
 
 def _tied_lora_weights(model: nn.Module) -> list[str]:

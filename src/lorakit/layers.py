@@ -75,6 +75,7 @@ class LoraLayer(nn.Module):
         self.active: dict[str, float] = {}  # adapters in use -> user weight
         self.merged: dict[str, float] = {}  # adapters folded into base.weight -> weight used
         self.merged_scales: dict[str, torch.Tensor] = {}  # merged DoRA adapters -> their f (out,), for unmerge
+        self.untied_from: list[nn.Parameter] = []  # the weight shared with another module before `untie` (0 or 1)
         self.dora_cache = dora.DoraCache()  # ‖W‖²_rows and inference-time f of DoRA adapters
         self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA / OLoRA adapters -> A, B at init
         self.disabled = False
@@ -332,19 +333,33 @@ class LoraLayer(nn.Module):
             self.merged[name] = weight
         self.merged_scales.update(scales)
 
+    def untie(self) -> None:
+        """Give base.weight a copy of its own, so that a merge changes this layer only and not the module
+        that shares the weight (an output head tied to the input embedding); `unmerge` ties it back."""
+        if self.untied_from:
+            return
+        self.untied_from.append(self.base.weight)
+        self.base.weight = nn.Parameter(self.base.weight.detach().clone(), requires_grad=False)
+
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        W = self._dense_weight()  # (out, in) fp32
+        if self.untied_from:  # the shared weight was never written: take it back, exactly
+            self.base.weight = self.untied_from.pop()
+            self.merged_scales.clear()
+            W = None
+        else:
+            W = self._dense_weight()  # (out, in) fp32
         for name, weight in reversed(list(self.merged.items())):
-            if name in self.merged_scales:
+            if W is not None and name in self.merged_scales:
                 W = dora.unmerged_weight(W, self._delta(name), self.merged_scales.pop(name), weight)
-            else:
+            elif W is not None:
                 W -= self._delta(name) * weight
             if name in self.lora_bias:
                 self._shift_bias(-self.lora_bias[name] * (self.scaling[name] * weight))
-        self._set_base(W if self.kind == "linear" else W.t())
+        if W is not None:
+            self._set_base(W if self.kind == "linear" else W.t())
         self.merged.clear()
 
     def _dense_weight(self) -> torch.Tensor:
