@@ -136,13 +136,18 @@ def transaction(model: nn.Module) -> Iterator[None]:
     """Inside the block, adapters may be added; if it raises, the model is put back exactly as it was:
     the new adapters' weights and wrappers removed, requires_grad, active sets, the lean MLP forwards
     and the config table restored."""
+    if id(model) in _IN_TRANSACTION:  # the outer block puts everything back
+        yield
+        return
     configs = adapter_configs(model)
     saved_configs = dict(configs)
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    wrappers = list(_wrappers(model))
+    modules = list(model.modules())  # one walk: this runs on every adapter load, also a server's
+    grads = [(p, p.requires_grad) for m in modules for p in m._parameters.values() if p is not None]
+    wrappers = [m for m in modules if isinstance(m, (LoraLayer, SavedModule))]
     names = {n for w in wrappers for n in (w.lora_A if isinstance(w, LoraLayer) else w.copies)}
     actives = [(w, dict(w.active)) for w in wrappers]
-    lean = {id(m) for m in model.modules() if "forward" in m.__dict__}
+    lean = {id(m) for m in modules if "forward" in m.__dict__}
+    _IN_TRANSACTION.add(id(model))
     try:
         yield
     except BaseException:
@@ -451,16 +456,17 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """
     if merge:
         _merge(model)
+    else:
+        unmerge(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            if module.merged and not merge:
-                module.unmerge()
             set_module(model, name, module.base)
         elif isinstance(module, SavedModule):
             set_module(model, name, module.current() if merge else module.base)
         else:
             mlp.uninstall(module)
     model.__dict__.pop("lorakit_configs", None)
+    model.__dict__.pop("lorakit_untied", None)
     return model
 
 
