@@ -181,6 +181,14 @@ def test_target_matching_rules():
         names = [name for name, _ in lorakit.lora_layers(m)]
         assert len(names) == n, label
         assert "lm_head" not in names
+    for family, body in (("llama", 14), ("gpt2", 8)):  # all-linear+head: the same layers and the output head
+        m = build(family)
+        config = lorakit.LoraConfig(target_modules="all-linear+head")
+        lorakit.inject(m, config)
+        lorakit.inject(m, lorakit.LoraConfig(target_modules="all-linear+head"), adapter="second")
+        names = [name for name, _ in lorakit.lora_layers(m)]
+        assert len(names) == body + 1 and names[-1] == "lm_head", family
+        assert "lm_head" in config.target_modules  # recorded as names, as PEFT writes all-linear
     m = copy.deepcopy(model)
     lorakit.inject(m, lorakit.LoraConfig(target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
                                           layers_pattern="layers", exclude_modules=["v_proj"]))

@@ -24,6 +24,7 @@ from lorakit.routing import RowRouting, RowSpec
 from lorakit.variants import init as variant_init
 
 ALL_LINEAR = "all-linear"
+ALL_LINEAR_HEAD = "all-linear+head"  # every linear layer and the output head: `lorakit train`'s default
 
 
 # -- finding things -------------------------------------------------------------------------------
@@ -102,9 +103,12 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
                             "pass target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
         targets = DEFAULT_TARGETS[model_type]
     modules = list(_base_modules(model)) if modules is None else modules
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+    if isinstance(targets, str) and targets.lower() in (ALL_LINEAR, ALL_LINEAR_HEAD):
         head = output_head(model)
-        found = [n for n, m in modules if base_kind(m) in ("linear", "conv1d") and m is not head]
+        head = head.base if isinstance(head, (LoraLayer, SavedModule)) else head  # as `modules` lists it
+        with_head = targets.lower() == ALL_LINEAR_HEAD
+        found = [n for n, m in modules if (base_kind(m) in ("linear", "conv1d") and m is not head)
+                 or (with_head and m is head and base_kind(m) is not None)]
     else:
         found = [n for n, m in modules if n and matches(targets, n)]
         if not isinstance(targets, str):
@@ -192,7 +196,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initi
     if initialize:
         bases = dict(modules)
         variant_init.check(config, {name: bases[name] for name in targets})
-    if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+    if isinstance(config.target_modules, str) and config.target_modules.lower() in (ALL_LINEAR, ALL_LINEAR_HEAD):
         # Record what "all-linear" meant here, as PEFT does, so the file says which layers it holds.
         config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in targets})
 

@@ -107,7 +107,8 @@ class LoraConfig:
     lora_dropout: float = 0.0
     """Dropout on the adapter's input during training, in [0, 1)."""
     target_modules: list[str] | str | None = None
-    """Module names (exact or '.'-suffix), a regex matched against the full name, or "all-linear"."""
+    """Module names (exact or '.'-suffix), a regex matched against the full name, "all-linear" (every
+    linear layer but the output head, as PEFT) or "all-linear+head" (and the output head)."""
     exclude_modules: list[str] | str | None = None
     """Modules never adapted, matched like target_modules."""
     bias: str = "none"
