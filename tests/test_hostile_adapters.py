@@ -88,7 +88,7 @@ def _with(key: str, value: torch.Tensor):
 
 
 PEFT_MATHS = {  # PEFT 0.21.2 LoraConfig fields that change what the adapter computes, set to something "on"
-    # (use_dora and lora_bias load, but this file lacks the tensors they imply; eva / corda / loftq / lora_ga
+    # (use_dora, lora_bias and trainable_token_indices load, but this file lacks the tensors they imply; eva / corda / loftq / lora_ga
     # configs only describe how an init ran: init_lora_weights decides, see tests/test_init.py)
     "use_dora": True, "lora_bias": True, "use_qalora": True, "layer_replication": [[0, 1]],
     "target_parameters": ["mlp.experts.down_proj"], "kasa_config": {"beta": 1.0}, "monteclora_config": {"num_samples": 4}, "trainable_token_indices": [1, 2],

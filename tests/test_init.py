@@ -127,7 +127,7 @@ def test_adapters_whose_inference_is_plain_lora_load_like_peft(init, extra, ids,
 
 
 @pytest.mark.parametrize("field,value,name", [
-    ("trainable_token_indices", [3, 4], "new rows of the token embeddings"),
+    ("alora_invocation_tokens", [3, 4], "invocation tokens"),
     ("velora_config", {"rank": 1}, None),  # VeLoRA changes only how the backward stores activations: loads
     ("kasa_config", {}, None),  # {} is "off" for a None field
     ("kasa_config", {"x": 1}, "KaSA"),

@@ -1,7 +1,8 @@
 """Putting adapters into a model and steering them: free functions over any `nn.Module`.
 
-`inject` wraps the matched layers in place (a `LoraLayer` where the base layer was) and freezes
-everything but the new adapter. The configs of the adapters a model carries live in
+`inject` wraps the matched layers in place (a `LoraLayer` where the base layer was; a `SavedModule` for
+modules_to_save, a `lorakit.tokens.TokenLayer` for trainable token rows) and freezes everything but the
+new adapter. The configs of the adapters a model carries live in
 `model.lorakit_configs` (name -> LoraConfig); everything else is found by walking the modules.
 """
 
@@ -21,10 +22,13 @@ from lorakit.layers import LoraLayer, SavedModule, base_kind, layer_dims
 from lorakit.modules import matches, output_head, set_module
 from lorakit.nf4 import NF4Linear
 from lorakit.routing import RowRouting, RowSpec
+from lorakit.tokens import TokenLayer
+from lorakit.tokens import plan as token_plan
 from lorakit.variants import init as variant_init
 
 ALL_LINEAR = "all-linear"
 ALL_LINEAR_HEAD = "all-linear+head"  # every linear layer and the output head: `lorakit train`'s default
+WRAPPERS = (LoraLayer, SavedModule, TokenLayer)  # what lorakit puts where a user's module was
 
 
 # -- finding things -------------------------------------------------------------------------------
@@ -42,10 +46,24 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
-def _wrappers(model: nn.Module) -> Iterator[LoraLayer | SavedModule]:
+def _wrappers(model: nn.Module) -> Iterator[LoraLayer | SavedModule | TokenLayer]:
     for module in model.modules():
-        if isinstance(module, (LoraLayer, SavedModule)):
+        if isinstance(module, WRAPPERS):
             yield module
+
+
+def _held(wrapper: LoraLayer | SavedModule | TokenLayer):
+    """The names of the adapters a wrapper holds weights of."""
+    if isinstance(wrapper, LoraLayer):
+        return wrapper.lora_A
+    return wrapper.copies if isinstance(wrapper, SavedModule) else wrapper.indices
+
+
+def _mergeable(model: nn.Module) -> Iterator[tuple[str, LoraLayer | TokenLayer]]:
+    """(name, layer) for every wrapper a merge writes into the base weight of: LoRA layers and token rows."""
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraLayer, TokenLayer)):
+            yield name, module
 
 
 def _base_modules(model: nn.Module, wrappers: list | None = None) -> Iterator[tuple[str, nn.Module]]:
@@ -58,7 +76,7 @@ def _base_modules(model: nn.Module, wrappers: list | None = None) -> Iterator[tu
         if inside is not None and name.startswith(inside):
             continue
         inside = None
-        if isinstance(module, (LoraLayer, SavedModule)):
+        if isinstance(module, WRAPPERS):
             inside = name + "."
             if wrappers is not None:
                 wrappers.append(module)
@@ -105,7 +123,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
     modules = list(_base_modules(model)) if modules is None else modules
     if isinstance(targets, str) and targets.lower() in (ALL_LINEAR, ALL_LINEAR_HEAD):
         head = output_head(model)
-        head = head.base if isinstance(head, (LoraLayer, SavedModule)) else head  # as `modules` lists it
+        head = head.base if isinstance(head, WRAPPERS) else head  # as `modules` lists it
         with_head = targets.lower() == ALL_LINEAR_HEAD
         found = [n for n, m in modules if (base_kind(m) in ("linear", "conv1d") and m is not head)
                  or (with_head and m is head and base_kind(m) is not None)]
@@ -135,6 +153,16 @@ def planned_layers(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.M
     return [(name, kinds[name]) for name in resolve_targets(model, config, modules)]
 
 
+def planned_tokens(model: nn.Module, config: LoraConfig, modules: list[tuple[str, nn.Module]] | None = None,
+                   targets: list[str] | None = None) -> list[tuple[str, list[int], str | None]]:
+    """`lorakit.tokens.plan` for `model`: (module, token ids, the module it shares rows with or None) of every
+    token layer `inject(model, config)` would add; changes nothing. `modules` and `targets` when known."""
+    modules = list(_base_modules(model)) if modules is None else modules
+    targets = resolve_targets(model, config, modules) if targets is None else targets
+    saved = [n for n, _ in modules if n and matches(config.modules_to_save or [], n)]
+    return token_plan(model, config, dict(modules), set(targets) | set(saved))
+
+
 @contextlib.contextmanager
 def transaction(model: nn.Module) -> Iterator[None]:
     """Inside the block, adapters may be added; if it raises, the model is put back exactly as it was:
@@ -147,15 +175,15 @@ def transaction(model: nn.Module) -> Iterator[None]:
     saved_configs = dict(configs)
     modules = list(model.modules())  # one walk: this runs on every adapter load, also a server's
     grads = [(p, p.requires_grad) for m in modules for p in m._parameters.values() if p is not None]
-    wrappers = [m for m in modules if isinstance(m, (LoraLayer, SavedModule))]
-    names = {n for w in wrappers for n in (w.lora_A if isinstance(w, LoraLayer) else w.copies)}
+    wrappers = [m for m in modules if isinstance(m, WRAPPERS)]
+    names = {n for w in wrappers for n in _held(w)}
     actives = [(w, dict(w.active)) for w in wrappers]
     lean = {id(m) for m in modules if "forward" in m.__dict__}
     _IN_TRANSACTION.add(id(model))
     try:
         yield
     except BaseException:
-        added = {n for w in _wrappers(model) for n in (w.lora_A if isinstance(w, LoraLayer) else w.copies)} - names
+        added = {n for w in _wrappers(model) for n in _held(w)} - names
         for name in added:
             _remove(model, name)
         for module in model.modules():
@@ -181,14 +209,14 @@ _IN_TRANSACTION: set[int] = set()  # ids of the models inside a transaction (an 
 def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initialize: bool = True) -> nn.Module:
     """Wrap the layers `config` targets with a new adapter, freeze the rest, and make it the active one.
 
-    Afterwards only the new adapter's parameters (plus biases per `config.bias` and copies of
-    `modules_to_save`) have requires_grad. Returns the same model, changed in place.
+    Afterwards only the new adapter's parameters (plus biases per `config.bias`, copies of `modules_to_save`
+    and rows of `trainable_token_indices`) have requires_grad. Returns the same model, changed in place.
     `initialize=False` leaves the new weights uninitialized, for a caller about to copy saved ones in.
     """
     configs = adapter_configs(model)
     if adapter in configs:
         raise UserError(f"the model already has an adapter named {adapter!r}; pick another name or delete it")
-    wrappers: list[LoraLayer | SavedModule] = []
+    wrappers: list[LoraLayer | SavedModule | TokenLayer] = []
     modules = list(_base_modules(model, wrappers))  # the one walk before changing anything
     if any(isinstance(w, LoraLayer) and w.merged for w in wrappers):
         raise UserError("the model has merged adapters; unmerge(model) before adding another")
@@ -206,6 +234,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initi
         if not hits:
             raise UserError(f"modules_to_save entry {pattern!r} matches no module in the model")
         saved += hits
+    tokens = planned_tokens(model, config, modules, targets)
     if initialize:
         _check_size(config, targets, dict(modules))
     with transaction(model):  # on any failure, no half-added adapter
@@ -221,6 +250,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initi
                               use_dora=config.use_dora, lora_bias=config.lora_bias)
         for name in saved:
             _wrap(model, name, SavedModule).add_adapter(adapter)
+        for name, ids, shared in tokens:  # a tied head after its embedding, whose rows it takes
+            values = model.get_submodule(shared).values[adapter] if shared else None
+            _wrap(model, name, TokenLayer).add_adapter(adapter, ids, values, initialize=initialize)
         for _, module in modules:
             if "down_proj" in module._modules:  # a gated MLP keeps less for the backward (see lorakit.mlp)
                 mlp.install(module)
@@ -243,18 +275,19 @@ def _check_size(config: LoraConfig, targets: list[str], modules: dict[str, nn.Mo
                         "layers it adapts (a full update of them would be smaller); lower r")
 
 
-def _wrap(model: nn.Module, name: str, kind: type) -> LoraLayer | SavedModule:
+def _wrap(model: nn.Module, name: str, kind: type) -> LoraLayer | SavedModule | TokenLayer:
     module = model.get_submodule(name)
     if isinstance(module, kind):
         return module
-    if isinstance(module, (LoraLayer, SavedModule)):
-        raise UserError(f"module {name!r} is both a LoRA target and in modules_to_save; choose one")
+    if isinstance(module, WRAPPERS):
+        raise UserError(f"module {name!r} would get two kinds of adapter (of LoRA, modules_to_save and "
+                        "trainable_token_indices, one module takes one); choose one")
     wrapper = kind(module).train(module.training)
     set_module(model, name, wrapper)
     return wrapper
 
 
-def mark_trainable(model: nn.Module, adapter: str | None) -> list[LoraLayer | SavedModule]:
+def mark_trainable(model: nn.Module, adapter: str | None) -> list[LoraLayer | SavedModule | TokenLayer]:
     """requires_grad only on `adapter`'s parameters (and biases per its config); None freezes all.
 
     Returns the model's wrappers (found on the way).
@@ -264,7 +297,7 @@ def mark_trainable(model: nn.Module, adapter: str | None) -> list[LoraLayer | Sa
         for p in module._parameters.values():  # its own (not its children's), without parameters()'s generators
             if p is not None:
                 p.requires_grad_(False)
-        if isinstance(module, (LoraLayer, SavedModule)):
+        if isinstance(module, WRAPPERS):
             wrappers.append(module)
     if adapter is None:
         return wrappers
@@ -278,6 +311,8 @@ def mark_trainable(model: nn.Module, adapter: str | None) -> list[LoraLayer | Sa
                 module.base.bias.requires_grad_(True)
         elif isinstance(module, SavedModule) and adapter in module.copies:
             module.copies[adapter].requires_grad_(True)
+        elif isinstance(module, TokenLayer) and adapter in module.values:
+            module.values[adapter].requires_grad_(True)
     if config.bias == "all":
         for name, p in model.named_parameters():
             if name.endswith("bias") and ".lora_" not in name:
@@ -303,9 +338,11 @@ def _remove(model: nn.Module, adapter: str) -> None:
             module.delete_adapter(adapter)
             if not module.lora_A:
                 set_module(model, name, module.base)
-        elif isinstance(module, SavedModule) and adapter in module.copies:
+        elif isinstance(module, (SavedModule, TokenLayer)) and adapter in _held(module):
+            if adapter in getattr(module, "merged", {}):
+                raise UserError(f"adapter {adapter!r} is merged; unmerge(model) before deleting it")
             module.delete_adapter(adapter)
-            if not module.copies:
+            if not _held(module):
                 set_module(model, name, module.base)
 
 
@@ -326,7 +363,7 @@ def set_adapters(model: nn.Module, adapters: str | list[str] | dict[str, float])
             raise UserError(f"weight for adapter {name!r} must be a number, got {weight!r}")
     wrappers = list(_wrappers(model))
     for module in wrappers:
-        if isinstance(module, LoraLayer) and module.merged and dict(module.active) != adapters:
+        if isinstance(module, (LoraLayer, TokenLayer)) and module.merged and dict(module.active) != adapters:
             raise UserError("adapters are merged into the base; unmerge(model) before changing the active set")
     for module in wrappers:
         module.active = {n: float(w) for n, w in adapters.items()}
@@ -341,7 +378,7 @@ def active_adapters(model: nn.Module) -> dict[str, float]:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model is exactly its base (merged adapters are taken out, then put back)."""
-    was_merged = any(layer.merged for _, layer in lora_layers(model))
+    was_merged = any(layer.merged for _, layer in _mergeable(model))
     if was_merged:
         unmerge(model)
     wrappers = list(_wrappers(model))
@@ -373,6 +410,11 @@ def per_row_adapters(model: nn.Module, rows: list[RowSpec] | RowRouting) -> Iter
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged for layer in layers):
         raise UserError("per-row adapters need unmerged weights; unmerge(model) first")
+    rows = [name for module in _wrappers(model) if isinstance(module, TokenLayer) for name in module.indices
+            if name in routing.adapters()]
+    if rows:  # a TokenLayer replaces rows for the whole batch; routing them per row is not built
+        raise UserError(f"adapter {rows[0]!r} has trainable token rows, which per-row adapters do not route; "
+                        "serve it alone (set_adapters) or merge it into its own copy of the base")
     for layer in layers:
         layer.routing = routing
     try:
@@ -391,7 +433,7 @@ def merge(model: nn.Module) -> None:
 
 
 def _merge(model: nn.Module) -> None:
-    for name, layer in lora_layers(model):
+    for name, layer in _mergeable(model):
         try:
             layer.check_mergeable()
         except UserError as err:
@@ -402,7 +444,7 @@ def _merge(model: nn.Module) -> None:
     tied = set(_tied_lora_weights(model))
     merged = []
     try:
-        for name, layer in lora_layers(model):
+        for name, layer in _mergeable(model):
             if not layer.merged:
                 merged.append(layer)
                 if name in tied:
@@ -418,14 +460,14 @@ def _merge(model: nn.Module) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Take merged adapters out of the base weights again."""
-    for _, layer in lora_layers(model):
+    for _, layer in _mergeable(model):
         layer.unmerge()
     _retie(model)
 
 
 def _retie(model: nn.Module) -> None:
     """Tie back what `_merge` untied and did not merge (it failed), and the config once nothing is untied."""
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = [layer for _, layer in _mergeable(model)]
     for layer in layers:
         if layer.untied_from and not layer.merged:
             layer.base.weight = layer.untied_from.pop()
@@ -449,7 +491,7 @@ def _tied_lora_weights(model: nn.Module) -> list[str]:
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    return [name for name, layer in lora_layers(model)
+    return [name for name, layer in _mergeable(model)
             if layer.active and not layer.merged and owners.get(id(layer.base.weight), 0) > 1]
 
 
@@ -463,7 +505,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     else:
         unmerge(model)
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
+        if isinstance(module, (LoraLayer, TokenLayer)):
             set_module(model, name, module.base)
         elif isinstance(module, SavedModule):
             set_module(model, name, module.current() if merge else module.base)

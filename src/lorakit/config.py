@@ -2,7 +2,7 @@
 
 An `adapter_config.json` written by PEFT loads here and ours loads in PEFT. Fields from newer PEFT
 versions that we do not know are kept in `extra` and written back unchanged; fields whose meaning we
-do not implement (LoftQ, trainable token indices, ...) are refused by name when set, never silently
+do not implement (LoftQ, layer replication, ...) are refused by name when set, never silently
 ignored.
 """
 
@@ -45,7 +45,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "use_qalora": False,
     "layer_replication": None,
     "target_parameters": None,
-    "trainable_token_indices": None,
     "alora_invocation_tokens": None,
     "megatron_config": None,
     "arrow_config": None,
@@ -63,7 +62,6 @@ _WHY: dict[str, str] = {
     "use_qalora": "QALoRA pools the input by groups before A",
     "layer_replication": "the base's layers are duplicated before adapting them",
     "target_parameters": "it adapts bare parameters (e.g. MoE expert weights), not layers",
-    "trainable_token_indices": "it trains new rows of the token embeddings beside LoRA",
     "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
     "megatron_config": "its layers are Megatron's parallel linears",
     "arrow_config": "Arrow routes between several adapters per token",
@@ -133,6 +131,9 @@ class LoraConfig:
     """Name of the layer list holding the index, e.g. "layers" or "h"."""
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (e.g. a classifier head)."""
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Token ids whose rows train in full beside LoRA (new or changed tokens of a chat fine-tune): a list for
+    the input embedding (and the output head tied to it), or {module name: ids} (see lorakit.tokens)."""
     fan_in_fan_out: bool = False
     """Base weight stored as (in, out), like GPT-2's Conv1D; set automatically for Conv1D."""
     base_model_name_or_path: str | None = None
@@ -168,6 +169,7 @@ class LoraConfig:
             if not isinstance(self.modules_to_save, (list, tuple)):
                 raise UserError(f"modules_to_save must be a list of module names, got {_show(self.modules_to_save)}")
             self.modules_to_save = [_pattern("modules_to_save", m) for m in self.modules_to_save]
+        self.trainable_token_indices = _token_indices(self.trainable_token_indices)
         self.rank_pattern = _pattern_table("rank_pattern", self.rank_pattern, _positive_int)
         self.alpha_pattern = _pattern_table("alpha_pattern", self.alpha_pattern, _positive_number)
         wanted = self.layers_to_transform
@@ -325,6 +327,27 @@ def _pattern_table(field_name: str, value: Any, check) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"{field_name} must be an object {{module pattern: value}}, got {_show(value)}")
     return {_pattern(field_name, k): check(f"{field_name}[{k!r}]", v) for k, v in value.items()}
+
+
+def _token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
+    """trainable_token_indices: None, a list of token ids, or {module name: list of token ids}; each list
+    non-empty and without repeats (two values for one row would leave which one wins to chance)."""
+    if value is None or value == [] or value == {}:  # PEFT's "off" too
+        return None
+    if isinstance(value, dict):
+        return {_pattern("trainable_token_indices", k): _token_ids(f"trainable_token_indices[{k!r}]", v)
+                for k, v in value.items()}
+    return _token_ids("trainable_token_indices", value)
+
+
+def _token_ids(field_name: str, ids: Any) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or not ids or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 31 for i in ids):
+        raise UserError(f"{field_name} must be a non-empty list of token ids (integers >= 0), got {_show(ids)}")
+    if len(set(ids)) != len(ids):
+        repeated = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(f"{field_name} lists token id {repeated} twice; list each id once")
+    return list(ids)
 
 
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:

@@ -2,8 +2,9 @@
 
 Keys are PEFT's: `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (Linear, Conv1D),
 `...lora_embedding_A` / `...lora_embedding_B` (Embedding), `...lora_magnitude_vector` (DoRA's m),
-`...lora_B.bias` (`lora_bias`), `<path>.base_layer.bias` for biases of adapted layers and
-`<path>.<param>` for the rest (`bias="all"`, `modules_to_save`). Files are written
+`...lora_B.bias` (`lora_bias`), `<path>.base_layer.bias` for biases of adapted layers,
+`<path>.token_adapter.trainable_tokens_delta` for trainable token rows (k, dim) and `<path>.<param>` for
+the rest (`bias="all"`, `modules_to_save`). Files are written
 atomically (temp file + rename) and read without pickle; `adapter_model.bin` is refused.
 """
 
@@ -17,12 +18,15 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from lorakit.adapters import adapter_configs, inject, lora_layers, planned_layers, set_adapters, transaction
+from lorakit.adapters import (adapter_configs, inject, lora_layers, planned_layers, planned_tokens, set_adapters,
+                              transaction)
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import UserError
 from lorakit.files import atomic_write_bytes, check_directory, read_bytes
 from lorakit.layers import LoraLayer, SavedModule, base_kind, layer_dims
+from lorakit.modules import matches
 from lorakit.options import option
+from lorakit.tokens import TokenLayer
 from lorakit.variants import init as variant_init
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,6 +38,7 @@ FACTOR_SUFFIXES = dict((LINEAR_FACTORS, EMBEDDING_FACTORS))  # A's suffix -> B's
 MAGNITUDE = ".lora_magnitude_vector"  # DoRA's magnitude m (out,), for every kind of base
 LORA_BIAS = ".lora_B.bias"  # lora_bias: B's bias (out,)
 EMBEDDING_COPY = ".base_layer.weight"  # PEFT's copy of a whole base embedding matrix ("in case it was resized")
+TOKEN_ROWS = ".token_adapter.trainable_tokens_delta"  # trainable_token_indices: the k rows' values (k, dim)
 
 
 def factor_keys(module: str, embedding: bool) -> tuple[str, str]:
@@ -87,6 +92,10 @@ def _peft_params(model: nn.Module, adapter: str, config: LoraConfig):
             bias = getattr(module.base, "bias", None)
             if bias is not None and (config.bias == "all" or (config.bias == "lora_only" and adapter in module.lora_A)):
                 yield f"{PREFIX}{name}.base_layer.bias", bias
+        elif isinstance(module, TokenLayer):
+            inside = name + "."
+            if adapter in module.values and adapter not in module.shared:  # a tied head's rows are the embedding's
+                yield f"{PREFIX}{name}{TOKEN_ROWS}", module.values[adapter]
         elif isinstance(module, SavedModule):
             inside = name + "."
             if adapter in module.copies:
@@ -224,12 +233,31 @@ def check_adapter_tensors(config: LoraConfig, tensors: dict[str, torch.Tensor], 
                     raise UserError(f"{weights}: module {module!r} lacks a {suffix[1:]} of shape ({B.shape[0]},) "
                                     f"that {flag}=true implies; the adapter is incomplete")
             pairs += 1
+    _check_token_tensors(config, tensors, weights)
     a_of = {b: a for a, b in FACTOR_SUFFIXES.items()}
     orphans = [k for k in tensors for b in a_of if k.endswith(b) and k[: -len(b)] + a_of[b] not in tensors]
     if orphans:
         raise UserError(f"{weights} lacks the lora_A beside {orphans[0]}; the adapter is incomplete")
     if not pairs:
         raise UserError(f"{weights} holds no LoRA weights (no lora_A / lora_B tensors); the adapter is empty")
+
+
+def _check_token_tensors(config: LoraConfig, tensors: dict[str, torch.Tensor], weights: str | Path) -> None:
+    """Token rows without a model: present exactly when trainable_token_indices is set, (ids, dim) each."""
+    wanted = config.trainable_token_indices
+    rows = {key.removeprefix(PREFIX)[: -len(TOKEN_ROWS)]: t for key, t in tensors.items() if key.endswith(TOKEN_ROWS)}
+    if wanted is None and rows:
+        raise UserError(f"{weights} holds token rows for {next(iter(rows))!r} but its config's "
+                        "trainable_token_indices is not set; the files do not belong together")
+    if wanted is not None and not rows:
+        raise UserError(f"{weights} lacks the token rows (*{TOKEN_ROWS}) that its config's trainable_token_indices "
+                        "implies; the adapter is incomplete")
+    for module, t in rows.items():
+        ids = wanted if isinstance(wanted, list) else \
+            next((v for k, v in wanted.items() if matches([k], module)), None)
+        if t.dim() != 2 or ids is not None and t.shape[0] != len(ids):
+            raise UserError(f"{weights}: module {module!r} has token rows of shape {tuple(t.shape)}; "
+                            f"trainable_token_indices needs ({len(ids or [])}, width)")
 
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter: str | None = None,
@@ -263,8 +291,10 @@ def install_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, tor
 
 
 def _check_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Each target's A (r, in) and B (out, r) must be in the file with the base's in and out (no allocation)."""
-    for name, module in planned_layers(model, config):
+    """Each target's A (r, in) and B (out, r) must be in the file with the base's in and out, and each token
+    layer's rows (k, dim) (no allocation)."""
+    layers = planned_layers(model, config)
+    for name, module in layers:
         inputs, outputs = layer_dims(module)
         r = config.rank_for(name)
         wanted = dict(zip(factor_keys(name, base_kind(module) == "embedding"), ((r, inputs), (outputs, r))))
@@ -281,6 +311,25 @@ def _check_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.T
                 raise UserError(f"{source}: module {name!r} does not fit: {key.rsplit(name + '.', 1)[-1]} is "
                                 f"{tuple(tensors[key].shape)} in the adapter but this base needs {shape}; is it the "
                                 "adapter for a different base?")
+    _check_token_rows(model, config, tensors, source, [name for name, _ in layers])
+
+
+def _check_token_rows(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: Path,
+                      targets: list[str]) -> None:
+    """Each module trainable_token_indices names needs its rows in the file: (number of ids, the base's width)."""
+    for name, ids, shared in planned_tokens(model, config, targets=targets):
+        key = f"{PREFIX}{name}{TOKEN_ROWS}"
+        if shared:  # a tied head takes the embedding's rows (PEFT saves them once)
+            continue
+        if key not in tensors:
+            raise UserError(f"{source}: {WEIGHTS_NAME} lacks {key}, the rows its config's trainable_token_indices "
+                            "implies; the adapter is incomplete")
+        module = model.get_submodule(name)  # a TokenLayer already when another adapter has rows there
+        shape = (len(ids), (module.base if isinstance(module, TokenLayer) else module).weight.shape[1])
+        if tuple(tensors[key].shape) != shape:
+            raise UserError(f"{source}: module {name!r} does not fit: {TOKEN_ROWS[1:]} is "
+                            f"{tuple(tensors[key].shape)} in the adapter but {len(ids)} token ids on this base need {shape}; is it the adapter "
+                            "for a different base, or its trainable_token_indices edited?")
 
 
 @torch.no_grad()
@@ -296,6 +345,9 @@ def _copy_into(model: nn.Module, adapter: str, config: LoraConfig, tensors: dict
                 continue
             raise UserError(f"{source}: {key} replaces the base's embedding matrix (resized vocabulary?); "
                             "lorakit does not support that, load this adapter with PEFT")
+        if key.endswith(TOKEN_ROWS):
+            raise UserError(f"{source}: adapter has token rows for {_module_of(key)!r}, which its config's "
+                            "trainable_token_indices does not name; the files do not belong together")
         raise UserError(f"{source}: adapter has weights for {_module_of(key)!r}, which this base model lacks; "
                         "is it the adapter for a different base?")
     missing = [k for k in targets if k not in tensors]
@@ -313,7 +365,7 @@ def _copy_into(model: nn.Module, adapter: str, config: LoraConfig, tensors: dict
 
 
 _SUFFIXES = (*FACTOR_SUFFIXES, *FACTOR_SUFFIXES.values(), MAGNITUDE, LORA_BIAS, ".base_layer.bias", EMBEDDING_COPY,
-             ".bias", ".weight")
+             TOKEN_ROWS, ".bias", ".weight")
 
 
 def _module_of(key: str) -> str:
