@@ -343,8 +343,9 @@ def _shared_extras(sources: list[Adapter]) -> dict[str, Tensor]:
     for adapter in sources:
         for key, tensor in adapter.extras().items():
             if not key.endswith(EMBEDDING_COPY):
-                raise UserError(f"{adapter.name} also trains {key.removeprefix(PREFIX)} (bias or modules_to_save); "
-                                "combine mixes LoRA updates only, so re-train it with bias='none' and no modules_to_save")
+                raise UserError(f"{adapter.name} also trains {key.removeprefix(PREFIX)} (bias, modules_to_save or token "
+                                "rows); combine mixes LoRA updates only, so re-train it with bias='none', no "
+                                "modules_to_save and no trainable_token_indices")
             if key in shared and not torch.equal(shared[key], tensor):
                 raise UserError(f"{adapter.name} holds a different {key.removeprefix(PREFIX)} than another input; "
                                 "the adapters are for different bases (or resized vocabularies)")

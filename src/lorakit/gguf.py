@@ -148,8 +148,8 @@ def read_updates(specs: list[str], arch: Arch, config: dict[str, Any], base: dic
             raise UserError(f"{path}: modules_to_save ({', '.join(adapter.config.modules_to_save)}) are whole "
                             "trained modules, not LoRA; the GGUF export does not carry them")
         if adapter.extras():
-            raise UserError(f"{path}: {next(iter(adapter.extras()))} is not a LoRA factor (trained biases or "
-                            "saved modules); the GGUF export carries LoRA factors only")
+            raise UserError(f"{path}: {next(iter(adapter.extras()))} is not a LoRA factor (trained biases, "
+                            "saved modules or token rows); the GGUF export carries LoRA factors only")
         for module, f in adapter.modules().items():
             name = arch.gguf_module(module)
             if name is None or name == "position_embd":

@@ -403,8 +403,9 @@ async def _favicon():
 
 def servable(config, source) -> None:
     """Refuse adapters whose weights are not all low-rank: per-request routing covers LoRA weights only."""
-    if config.modules_to_save or config.bias != "none":
-        what = "modules_to_save" if config.modules_to_save else f"bias={config.bias!r}"
+    if config.modules_to_save or config.trainable_token_indices or config.bias != "none":
+        what = "modules_to_save" if config.modules_to_save else "trainable_token_indices" \
+            if config.trainable_token_indices else f"bias={config.bias!r}"
         raise UserError(f"{source}: the adapter trains {what}, which would change the shared base for every request; "
                         "serve it merged instead (lorakit merge) or retrain without it")
 
