@@ -125,6 +125,9 @@ def _needed_whole(model, adapters: list[str]) -> list[str]:
     whole = set()
     for spec in adapters:
         config, tensors = read_adapter(parse_adapter_spec(spec)[0])
+        if config.trainable_token_indices:  # its rows would need the streamed writer to patch embedding rows
+            raise UserError(f"{spec}: the streamed merge does not write trainable_token_indices rows yet; merge it "
+                            "in memory instead (load_adapter, then unload(model, merge=True) and save_pretrained)")
         whole |= {n for n, _ in model.named_modules() if n and matches(config.modules_to_save or [], n)}
         whole |= {k[len(PREFIX):-len(EMBEDDING_COPY)] for k in tensors if k.endswith(EMBEDDING_COPY)}
     names = []
