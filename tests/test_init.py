@@ -161,6 +161,13 @@ def test_pissa_refuses_dora_embedding_and_nf4():
     with pytest.raises(UserError, match="quantized"):
         lorakit.inject(model, lorakit.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    tied = build("llama")  # a residual in a tied head would replace the input embedding too
+    tied.config.tie_word_embeddings = True
+    tied.tie_weights()
+    embedding = tied.get_input_embeddings().weight.clone()
+    with pytest.raises(UserError, match="shares its weight"):
+        lorakit.inject(tied, lorakit.LoraConfig(target_modules="all-linear+head", init_lora_weights="pissa"))
+    assert torch.equal(tied.get_input_embeddings().weight, embedding) and not list(lorakit.lora_layers(tied))
 
 
 def test_train_init_pissa_from_the_cli(tiny_base, tmp_path):

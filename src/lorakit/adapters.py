@@ -223,7 +223,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initi
     targets = resolve_targets(model, config, modules)
     if initialize:
         bases = dict(modules)
-        variant_init.check(config, {name: bases[name] for name in targets})
+        variant_init.check(config, {name: bases[name] for name in targets},
+                           _shared_weights(model) if variant_init.changes_base(config.init_lora_weights) else set())
     if isinstance(config.target_modules, str) and config.target_modules.lower() in (ALL_LINEAR, ALL_LINEAR_HEAD):
         # Record what "all-linear" meant here, as PEFT does, so the file says which layers it holds.
         config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in targets})
@@ -486,13 +487,24 @@ def _set_tied(model: nn.Module, tied: bool) -> None:
     model.__dict__["lorakit_untied"] = not tied
 
 
-def _tied_lora_weights(model: nn.Module) -> list[str]:
+def _owners(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> how many modules hold it (more than one: tied)."""
     owners: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
+    return owners
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """ids of the parameters more than one module holds (an output head tied to the input embedding)."""
+    return {p for p, n in _owners(model).items() if n > 1}
+
+
+def _tied_lora_weights(model: nn.Module) -> list[str]:
+    shared = _shared_weights(model)
     return [name for name, layer in _mergeable(model)
-            if layer.active and not layer.merged and owners.get(id(layer.base.weight), 0) > 1]
+            if layer.active and not layer.merged and id(layer.base.weight) in shared]
 
 
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:

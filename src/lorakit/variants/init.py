@@ -67,8 +67,9 @@ def from_weight(init: str, W: torch.Tensor, r: int, scaling: float) -> tuple[tor
     return torch.diag(S.sqrt()) @ Vh, U @ torch.diag(S.sqrt())
 
 
-def check(config: LoraConfig, targets: dict[str, nn.Module]) -> None:
-    """Refuse what `config`'s initialisation cannot do on `targets` (name -> base layer), before anything changes."""
+def check(config: LoraConfig, targets: dict[str, nn.Module], shared: set[int] = frozenset()) -> None:
+    """Refuse what `config`'s initialisation cannot do on `targets` (name -> base layer), before anything changes.
+    `shared`: ids of the parameters that more than one module holds (tied weights)."""
     init = config.init_lora_weights
     if not config.init_is_trainable():
         raise UserError(f"init_lora_weights={init!r} needs PEFT's own preprocessing over data or a quantizer; lorakit "
@@ -86,6 +87,10 @@ def check(config: LoraConfig, targets: dict[str, nn.Module]) -> None:
     for name, module in targets.items():
         if isinstance(module, nn.Embedding):
             raise UserError(f"init {init!r} works on Linear and Conv1D layers (as PEFT); {name!r} is an Embedding")
+        if id(getattr(module, "weight", None)) in shared:  # its residual would replace the input embedding too
+            raise UserError(f"init {init!r} rewrites the base weight, and {name!r} shares its weight with another "
+                            "module (an output head tied to the input embedding); leave it out of the targets "
+                            "(e.g. --targets all-linear) or use another --init")
         if isinstance(module, NF4Linear):
             raise UserError(f"init {init!r} rewrites the base weight, which is quantized here (as PEFT, initialise "
                             "in full precision); leave out --quantize or use another --init")
