@@ -34,6 +34,22 @@ def dtype_option():
     return option("compute precision: auto (bf16 where fast), bf16, fp16 or fp32", default="auto")
 
 
+def quantize_option():
+    """The `--quantize` flag of every command that loads a base to run it (`quantize_spec` reads it)."""
+    return option("store the frozen base in 4 bits: nf4 (QLoRA: the base streams in and each Linear but the "
+                  "output head is quantized as it arrives; adapters stay in full precision)", default=None)
+
+
+def quantize_spec(name: str | None) -> nf4.QuantizeSpec | None:
+    """What `load_base(quantize=...)` takes for a `--quantize` value: None (full precision) or NF4's spec.
+    A config calls it in `__post_init__` too, so a bad value is refused before anything loads."""
+    if name is None:
+        return None
+    if name != "nf4":
+        raise UserError(f"--quantize {name} is not supported; use --quantize nf4 (or leave it out)")
+    return nf4.QuantizeSpec(name)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

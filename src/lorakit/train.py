@@ -37,7 +37,7 @@ from torch import nn
 
 from lorakit import distributed
 from lorakit.adapters import disable_adapters, inject, lora_layers, trainable_parameters
-from lorakit.base import autocast, base_name, load_base, resolve_dtype
+from lorakit.base import autocast, base_name, load_base, quantize_option, quantize_spec, resolve_dtype
 from lorakit.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from lorakit.config import LoraConfig
 from lorakit.data import batch_at, load_examples
@@ -48,7 +48,7 @@ from lorakit.files import atomic_write_bytes, check_output, open_regular, previo
 from lorakit.io import load_adapter, save_adapter
 from lorakit.loraplus import loraplus_groups
 from lorakit.modules import parse_names
-from lorakit.nf4 import BaseMemory, QuantizeSpec, base_memory
+from lorakit.nf4 import BaseMemory, base_memory
 from lorakit.objectives import DPO, KTO, OBJECTIVES, REFERENCE_ADAPTER, SFT, Preference, add_reference
 from lorakit.options import add_options, option, options
 from lorakit.plots import plot_loss
@@ -99,8 +99,7 @@ class TrainConfig:
     seed: int = option("random seed (init, data order, dropout)", default=0)
     init_from: Path | None = option("continue training this adapter on the new data", default=None)
     dtype: str = option("compute precision: auto (bf16 where fast), bf16, fp16 or fp32", default="auto")
-    quantize: str | None = option("store the frozen base in 4 bits: nf4 (QLoRA; the adapter still trains in "
-                                 "full precision and saves as usual)", default=None)
+    quantize: str | None = quantize_option()
     activation_checkpointing: bool = option("recompute each layer's activations in the backward instead of keeping "
                                            "them: far less memory (measured: a quarter) for about 1.5x the time per step",
                                            default=False)
@@ -165,8 +164,7 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
-        if self.quantize not in (None, "nf4"):
-            raise UserError(f"--quantize {self.quantize} is not supported; use --quantize nf4 (or leave it out)")
+        quantize_spec(self.quantize)  # --quantize checked
         if self.full:
             self._check_full()
         else:
@@ -308,7 +306,7 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     # A full fine-tune keeps fp32 master weights (autocast computes in `dtype`): AdamW's small updates
     # would round away in bf16 weights. An adapter's own weights are fp32 whatever the base's dtype.
     model, tokenizer = load_base(config.base, dtype=torch.float32 if config.full else dtype, device=device,
-                                 quantize=QuantizeSpec(config.quantize) if config.quantize else None)
+                                 quantize=quantize_spec(config.quantize))
     memory = base_memory(model)
     seq_len = _seq_len(config, model)
     examples, stats = _load_data(config, config.data, tokenizer, seq_len, config.labels)
