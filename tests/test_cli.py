@@ -73,7 +73,7 @@ def test_serve_flags_reach_every_config_field(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     given = {"base": "some/base", "adapter_dir": tmp_path, "host": "::1", "port": 8123, "max_batch": 3,
              "max_waiting": 5, "max_tokens": 7, "max_body_bytes": 4096, "max_adapters": 2, "dtype": "fp32",
-             "served_model_name": "m"}
+             "quantize": "nf4", "served_model_name": "m"}
     args = [f"--{k.replace('_', '-')}={v}" for k, v in given.items()]
     assert main(["serve", "--adapter", f"legal={tmp_path / 'a'}", *args]) == 0
     config = built[0]

@@ -139,7 +139,7 @@ NUMBERS = [
     Case("train-seed-negative", train("--seed", "-1"), "--seed"),
     Case("train-seed-huge", train("--seed", str(2**64)), "--seed"),
     Case("train-dtype-unknown", train("--dtype", "fp8"), "dtype"),
-    Case("train-quantize-unknown", train("--quantize", "int8"), "--quantize"),
+    Case("train-quantize-unknown", train("--quantize", "int8"), "--quantize nf4"),
     Case("train-targets-empty", train("--targets", ""), "target"),
     Case("train-targets-bad-regex", train("--targets", "(q_proj"), "target"),
     Case("train-targets-no-match", train("--targets", "nothing_here"), "target_modules"),
@@ -157,6 +157,7 @@ NUMBERS = [
     Case("eval-scales-inf", ev("--adapter", "{adapter}", "--scales", "inf"), "--scales"),
     Case("eval-scales-words", ev("--adapter", "{adapter}", "--scales", "a,b"), "--scales"),
     Case("eval-dtype-unknown", ev("--dtype", "int4"), "dtype"),
+    Case("eval-quantize-unknown", ev("--quantize", "int8"), "--quantize nf4"),
     Case("eval-adapter-scale-nan", ev("--adapter", "{adapter}:nan"), "scale"),
     # generate
     Case("generate-temperature-nan", gen("--temperature", "nan"), "--temperature"),
@@ -172,6 +173,7 @@ NUMBERS = [
     Case("generate-adapter-scale-nan", gen("--adapter", "{adapter}:nan"), "scale"),
     Case("generate-prompt-empty", ["generate", "--base", "{base}", "--prompt", ""], "--prompt"),
     Case("generate-compare-without-adapter", gen("--compare"), "--compare"),
+    Case("generate-quantize-unknown", gen("--quantize", "int8"), "--quantize nf4"),
     # merge / combine / quantize / inspect / diff
     Case("merge-dtype-unknown", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{work}/m",
                                  "--dtype", "fp8"], "dtype"),
@@ -211,6 +213,7 @@ NUMBERS = [
     Case("serve-max-waiting-zero", ["serve", "--max-waiting", "0"], "--max-waiting"),
     Case("serve-max-adapters-zero", ["serve", "--max-adapters", "0"], "--max-adapters"),
     Case("serve-dtype-unknown", ["serve", "--dtype", "fp8"], "dtype"),
+    Case("serve-quantize-unknown", ["serve", "--quantize", "int8"], "--quantize nf4"),
     Case("serve-port-zero", ["serve", "--port", "0"], "--port"),
     Case("serve-adapter-bad-name", ["serve", "--adapter", "bad name={adapter}"], "not allowed"),
     Case("serve-adapter-same-name-twice", ["serve", "--adapter", "a={adapter}", "--adapter", "a={adapter}"], "twice"),

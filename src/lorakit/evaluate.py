@@ -1,6 +1,7 @@
 """Perplexity of a model on data, for the base, the adapted model and the adapter at several scales.
 
     lorakit eval --adapter adapters/mine --data held_out.txt --scales 0,0.5,1,2 --json
+    lorakit eval --base ~/models/big --quantize nf4 --adapter adapters/q --data held_out.txt   # 4-bit base
 
 Perplexity = exp(mean negative log-likelihood per learned token), over the same rows for every
 variant, so the numbers compare directly. Scale 0 is the base (computed with adapters disabled).
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters import disable_adapters, set_adapters
-from lorakit.base import autocast, base_option, default_device, dtype_option, load_base, resolve_dtype
+from lorakit.base import (autocast, base_option, default_device, dtype_option, load_base, quantize_option,
+                          quantize_spec, resolve_dtype)
 from lorakit.data import Example, collate, load_examples
 from lorakit.errors import UserError
 from lorakit.io import adapters_option, attach_adapters
@@ -66,7 +68,11 @@ class EvalConfig:
     batch_size: int = option("rows per forward pass", default=8)
     max_batches: int | None = option("score at most this many batches", default=50)
     dtype: str = dtype_option()
+    quantize: str | None = quantize_option()
     json: bool = option("print the result as JSON", default=False)
+
+    def __post_init__(self) -> None:
+        quantize_spec(self.quantize)  # --quantize checked
 
 
 def evaluate(config: EvalConfig) -> dict:
@@ -77,7 +83,8 @@ def evaluate(config: EvalConfig) -> dict:
             raise UserError(f"{flag} must be at least {low}, got {value}")
     device = default_device()
     scales = _parse_scales(config.scales)
-    model, tokenizer = load_base(config.base, dtype=resolve_dtype(config.dtype, device), device=device)
+    model, tokenizer = load_base(config.base, dtype=resolve_dtype(config.dtype, device), device=device,
+                                 quantize=quantize_spec(config.quantize))
     examples = load_examples(config.data, tokenizer, seq_len=min(config.seq_len, _max_len(model)), labels="all")[0]
     weights = attach_adapters(model, config.adapters) if config.adapters else {}
     pad, size, most = tokenizer.pad_token_id, config.batch_size, config.max_batches
@@ -127,7 +134,8 @@ def _parse_scales(text: str | None) -> list[float]:
 def register(subparsers) -> None:
     add_command(subparsers, "eval", "perplexity of base vs adapted model on some data",
                 "Perplexity on data for the base, the adapted model and chosen adapter scales.\n\n"
-                "example:\n  lorakit eval --adapter adapters/mine --data held_out.txt --scales 0,0.5,1,2 --json",
+                "examples:\n  lorakit eval --adapter adapters/mine --data held_out.txt --scales 0,0.5,1,2 --json\n"
+                "  lorakit eval --base ~/models/big --quantize nf4 --adapter adapters/q --data held_out.txt",
                 _run, EvalConfig)
 
 

@@ -2,6 +2,7 @@
 
     lorakit generate --adapter adapters/mine --prompt "The ship" --compare     # base vs adapted
     lorakit generate --adapter adapters/a:1.0 --adapter adapters/b:0.5 --prompt "..."
+    lorakit generate --base ~/models/big --quantize nf4 --adapter adapters/q --prompt "..."  # 4-bit base
 
 With --compare the base and the adapted model sample with the same seed, so the random draws are
 the same and every difference in the text comes from the adapter.
@@ -19,7 +20,8 @@ import torch
 from torch import nn
 
 from lorakit.adapters import disable_adapters
-from lorakit.base import autocast, base_option, default_device, dtype_option, load_base, resolve_dtype
+from lorakit.base import (autocast, base_option, default_device, dtype_option, load_base, quantize_option,
+                          quantize_spec, resolve_dtype)
 from lorakit.data import render_chat_prompt
 from lorakit.errors import UserError
 from lorakit.io import adapters_option, attach_adapters
@@ -125,10 +127,12 @@ class GenerateConfig:
     compare: bool = option("also show the base's output, same seed", default=False)
     chat: bool = option("wrap the prompt as a user turn of a chat", default=False)
     dtype: str = dtype_option()
+    quantize: str | None = quantize_option()
 
     def __post_init__(self) -> None:
         if not self.prompt:
             raise UserError("--prompt is empty; give the model some text to continue")
+        quantize_spec(self.quantize)  # --quantize checked
 
 
 def generate(config: GenerateConfig, sampling: Sampling | None = None, out=None) -> dict[str, str]:
@@ -136,7 +140,8 @@ def generate(config: GenerateConfig, sampling: Sampling | None = None, out=None)
     sampling = sampling or Sampling()
     out = out or sys.stdout
     device = default_device()
-    model, tokenizer = load_base(config.base, dtype=resolve_dtype(config.dtype, device), device=device)
+    model, tokenizer = load_base(config.base, dtype=resolve_dtype(config.dtype, device), device=device,
+                                 quantize=quantize_spec(config.quantize))
     weights = attach_adapters(model, config.adapters) if config.adapters else {}
     if config.compare and not weights:
         raise UserError("--compare needs at least one --adapter to compare against the base")
@@ -166,5 +171,6 @@ def register(subparsers) -> None:
     add_command(subparsers, "generate", "sample text with adapters at chosen scales (streamed)",
                 "Sample text with one or several adapters at chosen scales, streamed.\n\nexamples:\n"
                 '  lorakit generate --adapter adapters/mine --prompt "The ship" --compare\n'
-                '  lorakit generate --adapter adapters/a:1.0 --adapter adapters/b:0.5 --prompt "..."',
+                '  lorakit generate --adapter adapters/a:1.0 --adapter adapters/b:0.5 --prompt "..."\n'
+                '  lorakit generate --base ~/models/big --quantize nf4 --adapter adapters/q --prompt "..."',
                 generate, GenerateConfig, Sampling)

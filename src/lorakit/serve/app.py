@@ -2,6 +2,7 @@
 
     lorakit serve --adapter legal=adapters/legal --adapter poetry=adapters/poetry --api-key $KEY
     lorakit serve --adapter-dir adapters/          # POST /v1/load_lora_adapter may load from there
+    lorakit serve --base ~/models/big --quantize nf4 --adapter q=adapters/q   # a 4-bit base (QLoRA)
 
 Routes (vLLM's names, so existing clients work; served by `lorakit.serve.api`):
     GET  /                          the playground page
@@ -47,12 +48,12 @@ def _end_ids(model, tokenizer) -> set[int]:
 
 def build(config: ServeConfig):
     """Load the base and the startup adapters; return (app, engine, registry)."""
-    from lorakit.base import base_name, default_device, load_base, resolve_dtype
+    from lorakit.base import base_name, default_device, load_base, quantize_spec, resolve_dtype
     from lorakit.io import install_adapter, read_adapter
 
     device = default_device()
     dtype = resolve_dtype(config.dtype, device)
-    model, tokenizer = load_base(config.base, dtype=dtype, device=device)
+    model, tokenizer = load_base(config.base, dtype=dtype, device=device, quantize=quantize_spec(config.quantize))
     registry = Registry(config.served_model_name or base_name(config.base))
     for name, path in config.adapters.items():
         lora_config, tensors = read_adapter(path)
@@ -111,7 +112,8 @@ def register(subparsers) -> None:
         description="Serve one base with many adapters behind an OpenAI-compatible API, batching requests for "
                     "different adapters into one forward pass; a playground page is at /.\n\nexamples:\n"
                     "  lorakit serve --adapter legal=adapters/legal --adapter poetry=adapters/poetry --api-key $KEY\n"
-                    "  lorakit serve --adapter-dir adapters/   # then POST /v1/load_lora_adapter",
+                    "  lorakit serve --adapter-dir adapters/   # then POST /v1/load_lora_adapter\n"
+                    "  lorakit serve --base ~/models/big --quantize nf4 --adapter q=adapters/q   # a 4-bit base",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     # Two flags are not one field each as it stands: --adapter repeats into a dict; --api-key defaults to
     # the environment's key, which --help must not print.

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.base import base_option, dtype_option
+from lorakit.base import base_option, dtype_option, quantize_option, quantize_spec
 from lorakit.errors import UserError
 from lorakit.options import option
 
@@ -39,6 +39,7 @@ class ServeConfig:
     max_adapters: int = option("most adapters loaded at once (each widens every adapted layer's stacked copy); "
                                "a load beyond it is refused until one is unloaded", default=16)
     dtype: str = dtype_option()
+    quantize: str | None = quantize_option()
     served_model_name: str | None = option("the base's name in the API (default: --base, or lorakit/embedded)",
                                            default=None)
 
@@ -60,5 +61,6 @@ class ServeConfig:
             raise UserError(f"--port must be between 1 and 65535, got {self.port}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"unknown dtype {self.dtype!r}; use one of auto, fp32, bf16, fp16")
+        quantize_spec(self.quantize)  # --quantize checked
         if self.adapter_dir is not None and not Path(self.adapter_dir).is_dir():
             raise UserError(f"--adapter-dir {self.adapter_dir} is not a directory")
