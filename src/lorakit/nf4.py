@@ -386,9 +386,9 @@ def quantize_targets(model: nn.Module, include: list[str] | str | None = None) -
         if other and not chosen:
             raise UserError(f"include={include!r} names {other[0][0]!r}, a {type(other[0][1]).__name__}; "
                             "NF4 quantizes Linear layers only")
-    if not chosen:
-        raise UserError("no Linear layers to quantize in this model (GPT-2's Conv1D layers are not supported); "
-                        "check include=")
+    if not chosen:  # without include= no choice would help: the fix is not to quantize at all
+        fix = "run it in full precision" if include is None else "check include="
+        raise UserError(f"no Linear layers to quantize in this model (GPT-2's Conv1D layers are not supported); {fix}")
     return chosen
 
 
