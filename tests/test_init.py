@@ -195,3 +195,23 @@ def test_train_init_pissa_from_the_cli(tiny_base, tmp_path):
     assert (logits(model, ids) - ref(input_ids=ids).logits).abs().max() <= 1e-6
     assert main(["train", "--base", str(tiny_base), "--data", str(data), "--init", "loftq", "--out",
                  str(tmp_path / "x")]) == 2
+
+
+def test_train_pissa_with_default_targets_leaves_a_tied_head_out(tiny_base, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from lorakit.cli import main
+
+    data = tmp_path / "d.txt"
+    data.write_text("the crew sailed north at dawn and sang of the sea. " * 40)
+    args = ["train", "--base", str(tiny_base), "--data", str(data), "--steps", "2", "--batch-size", "2", "--seq-len",
+            "16", "--r", "2", "--dtype", "fp32", "--quiet", "--init", "olora"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0  # the default targets: every linear layer, no head
+    keys = load_file(tmp_path / "a" / WEIGHTS_NAME)
+    assert any(".mlp.down_proj." in k for k in keys) and not any("lm_head" in k for k in keys)
+    assert main(["train", "--base", str(tiny_base), "--data", str(data), "--steps", "2", "--batch-size", "2",
+                 "--seq-len", "16", "--r", "2", "--dtype", "fp32", "--quiet", "--out", str(tmp_path / "c")]) == 0  # plain: +head
+    assert any("lm_head" in k for k in load_file(tmp_path / "c" / WEIGHTS_NAME))
+    capsys.readouterr()
+    assert main(args + ["--targets", "q_proj,lm_head", "--out", str(tmp_path / "b")]) == 2  # named: refused
+    assert "tied" in capsys.readouterr().err and not (tmp_path / "b").exists()

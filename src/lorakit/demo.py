@@ -36,7 +36,7 @@ def corpora() -> list[str]:
 
 
 # The demo's training run, beside what `lorakit demo` lets a user choose.
-SEQ_LEN, BATCH_SIZE, RANK, LR = 128, 8, 16, 2e-3
+SEQ_LEN, BATCH_SIZE, RANK = 128, 8, 16
 
 
 @dataclass
@@ -68,7 +68,7 @@ def run_demo(config: DemoConfig | None = None) -> dict:
     started = time.perf_counter()
     _header(f"1. Train a rank-{r} adapter on '{corpus}' ({domain_train.stat().st_size / 1e6:.1f} MB of text)")
     summary = train(TrainConfig(data=domain_train, out=out, steps=steps, seq_len=seq_len, batch_size=BATCH_SIZE, r=r,
-                                alpha=2 * r, lr=LR, seed=seed, dtype=dtype, eval_data=domain_held,
+                                alpha=2 * r, seed=seed, dtype=dtype, eval_data=domain_held,
                                 eval_every=max(1, steps // 3), eval_batches=8, overwrite=True, checkpoint_every=steps))
 
     _header("2. Held-out perplexity (lower is better)")

@@ -29,14 +29,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lorakit import distributed
-from lorakit.adapters import disable_adapters, inject, lora_layers, trainable_parameters
+from lorakit.adapters import ALL_LINEAR, ALL_LINEAR_HEAD, disable_adapters, inject, lora_layers, trainable_parameters
 from lorakit.base import autocast, base_name, load_base, quantize_option, quantize_spec, resolve_dtype
 from lorakit.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from lorakit.config import LoraConfig
@@ -54,9 +54,12 @@ from lorakit.options import add_options, option, options
 from lorakit.plots import plot_loss
 from lorakit.preferences import load_preferences
 
-# Default peak learning rates: an adapter, and every weight with --full.
-LORA_LR = 1e-3
+# Default peak learning rates: an adapter, and every weight with --full. With the default targets
+# (every linear layer and the output head) these were chosen by `lorakit sweep` on the shipped corpora and
+# on one we do not ship: docs/quality.md has the table.
+LORA_LR = 2e-3
 FULL_LR = 1e-3
+DEFAULT_TARGETS = ALL_LINEAR_HEAD
 
 
 @dataclass
@@ -70,7 +73,10 @@ class TrainConfig:
     r: int = option("LoRA rank", default=16)
     alpha: float = option("LoRA alpha; the update is scaled by alpha / r", default=32.0)
     dropout: float = option("dropout on the adapter input", default=0.0)
-    targets: str = option("modules to adapt: comma-separated names, a regex, or all-linear", default="all-linear")
+    targets: str = option("modules to adapt: comma-separated names, a regex, all-linear (every linear layer but the "
+                          "output head, as PEFT) or all-linear+head (and the output head: it learns a domain's "
+                          "words fastest; docs/quality.md; --init pissa/olora leave a tied head out)",
+                          default=DEFAULT_TARGETS)
     dora: bool = option("DoRA (weight-decomposed LoRA, PEFT's use_dora): also learn a magnitude per output feature "
                         "of each adapted weight, which rescales the direction W + s·B·A; often closer to full "
                         "fine-tuning at low rank, for a slower step (docs/variants.md)", default=False)
@@ -372,7 +378,7 @@ def _add_adapter(config: TrainConfig, model: nn.Module) -> None:
             add_reference(model, config.init_from)
         load_adapter(model, config.init_from, adapter="default", trainable=True)
     else:
-        inject(model, config.lora_config())
+        inject(model, _lora_config(config, model))
     if config.activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise UserError("this base does not support activation checkpointing; leave out --activation-checkpointing")
@@ -380,6 +386,18 @@ def _add_adapter(config: TrainConfig, model: nn.Module) -> None:
     if config.compile:
         # In place (nn.Module.compile): module names, and so the saved adapter's keys, stay the same.
         (model.get_decoder() if hasattr(model, "get_decoder") else model).compile()
+
+
+def _lora_config(config: TrainConfig, model: nn.Module) -> LoraConfig:
+    """The adapter's config. PiSSA and OLoRA rewrite the base weights they adapt, and an output head tied
+    to the input embedding cannot be rewritten alone: with the default targets they leave such a head
+    out (every linear layer, as --targets all-linear); named explicitly, it is refused by name."""
+    lora = config.lora_config()
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    if config.targets == DEFAULT_TARGETS and config.init.startswith(("pissa", "olora")) and tied:
+        lora = replace(lora, target_modules=ALL_LINEAR)
+    return lora
 
 
 def _objective(config: TrainConfig, model: nn.Module, world: distributed.World) -> SFT | DPO | KTO:
