@@ -157,6 +157,8 @@ def planned_tokens(model: nn.Module, config: LoraConfig, modules: list[tuple[str
                    targets: list[str] | None = None) -> list[tuple[str, list[int], str | None]]:
     """`lorakit.tokens.plan` for `model`: (module, token ids, the module it shares rows with or None) of every
     token layer `inject(model, config)` would add; changes nothing. `modules` and `targets` when known."""
+    if config.trainable_token_indices is None:  # most adapters: no walk of the model
+        return []
     modules = list(_base_modules(model)) if modules is None else modules
     targets = resolve_targets(model, config, modules) if targets is None else targets
     saved = [n for n, _ in modules if n and matches(config.modules_to_save or [], n)]
