@@ -4,7 +4,7 @@ The ~25M Llama-shaped model of `train_step.py`, r=16 on every linear layer but t
 each step is forward (+ loss), backward, optimizer step, zero_grad. Target (issue #19): lorakit's DoRA
 step <= 1.3x lorakit's LoRA step. PEFT's DoRA step is timed beside it (huggingface/peft#2651 reports ~2x).
 
-    python -m benchmarks.dora_step [--quick] [--batch 4 --seq 128] [--rounds 3 --repeats 2]
+    python -m benchmarks.dora_step [--quick] [--batch 4 --seq 128] [--rounds 3 --repeats 2] [--memory]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 import lorakit
 from benchmarks.common import LLAMA_25M, LLAMA_SMALL, interleaved, llama, load_average, machine, ms, token_batch
-from benchmarks.train_step import lorakit_loss, make_step, peft_loss
+from benchmarks.train_step import lorakit_loss, make_step, peak_memory, peft_loss
 
 R = 16
 
@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--memory", action="store_true",
+                   help="also peak step memory above the model (each in a fresh process, benchmark 4's method)")
     args = p.parse_args()
     shape = LLAMA_SMALL if args.quick else LLAMA_25M
     result = run(shape, args.batch, args.seq, args.rounds, args.repeats)
@@ -67,6 +69,14 @@ def main() -> None:
           f"{'met' if result['dora_over_lora'] <= 1.3 else 'MISSED'})")
     print(f"PEFT DoRA step / PEFT LoRA step:       {result['peft_dora_over_peft_lora']:.2f}x")
     print(f"PEFT DoRA step / lorakit DoRA step:    {result['peft_dora_over_lorakit_dora']:.2f}x")
+    if args.memory:
+        peaks = {f"{which} {kind}": peak_memory(which, "fp32", shape, args.batch, args.seq, dora=kind == "dora")
+                 for which in ("lorakit", "peft") for kind in ("lora", "dora")}
+        for name, mb in peaks.items():
+            print(f"  peak step memory above the model, {name:13s} {mb:7.1f} MB")
+        print(f"lorakit DoRA / lorakit LoRA memory: {peaks['lorakit dora'] / peaks['lorakit lora']:.2f}x; "
+              f"PEFT DoRA / lorakit DoRA: {peaks['peft dora'] / peaks['lorakit dora']:.2f}x")
+        result["peak_mb"] = peaks
     print(json.dumps({k: v for k, v in result.items() if k != "times"}))
 
 

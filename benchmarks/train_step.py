@@ -37,20 +37,21 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def lorakit_model(base, precision: str, checkpointing: bool = False, dropout: float = 0.0):
+def lorakit_model(base, precision: str, checkpointing: bool = False, dropout: float = 0.0, dora: bool = False):
     model = copy.deepcopy(base)
     if checkpointing:  # recompute each decoder layer in the backward: memory for ~1 more forward of time
         enable_activation_checkpointing(model)  # as `lorakit train --activation-checkpointing`
     if precision == "bf16":
         model.to(torch.bfloat16)  # frozen base in bf16; adapters stay fp32 masters
-    lorakit.inject(model, lorakit.LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear", lora_dropout=dropout))
+    lorakit.inject(model, lorakit.LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear", lora_dropout=dropout,
+                                             use_dora=dora))
     return model.train()
 
 
-def peft_model(base, dropout: float = 0.0):
+def peft_model(base, dropout: float = 0.0, dora: bool = False):
     import peft
 
-    config = peft.LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear", lora_dropout=dropout)
+    config = peft.LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear", lora_dropout=dropout, use_dora=dora)
     model = peft.get_peft_model(copy.deepcopy(base), config)
     return model.train()
 
@@ -104,7 +105,7 @@ def time_steps(precision: str, shape: dict, batch_size: int, seq: int, rounds: i
 
 
 def peak_memory(which: str, precision: str, shape: dict, batch_size: int, seq: int, checkpointing: bool = False,
-                dropout: float = 0.0) -> float:
+                dropout: float = 0.0, dora: bool = False) -> float:
     """Peak RSS above the resident model during one training step, in MB, measured in a fresh process.
 
     glibc is told to mmap every large block, so freed tensors leave the RSS at once and the
@@ -112,7 +113,7 @@ def peak_memory(which: str, precision: str, shape: dict, batch_size: int, seq: i
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     args = json.dumps({"which": which, "precision": precision, "shape": shape, "batch": batch_size, "seq": seq,
-                       "dropout": dropout,
+                       "dropout": dropout, "dora": dora,
                        "checkpointing": checkpointing, "threads": torch.get_num_threads()})
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", args], cwd=root, env=env,
@@ -126,10 +127,10 @@ def _measure_peak(spec: dict) -> None:
     base = llama(spec["shape"])
     batch = token_batch(spec["shape"]["vocab_size"], spec["batch"], spec["seq"])
     if spec["which"] == "lorakit":
-        model = lorakit_model(base, spec["precision"], spec["checkpointing"], spec["dropout"])
+        model = lorakit_model(base, spec["precision"], spec["checkpointing"], spec["dropout"], spec.get("dora", False))
         step = make_step(model, batch, spec["precision"], lorakit_loss)
     else:
-        step = make_step(peft_model(base, spec["dropout"]), batch, spec["precision"], peft_loss)
+        step = make_step(peft_model(base, spec["dropout"], spec.get("dora", False)), batch, spec["precision"], peft_loss)
     del base
     step()
 
