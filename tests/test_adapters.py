@@ -123,6 +123,18 @@ def test_merging_into_a_tied_weight_unties_it_and_unmerge_ties_it_back(family, t
     assert torch.allclose(logits(again, ids), unmerged, atol=1e-5, rtol=0)
 
 
+def test_a_merge_that_does_not_write_the_tied_head_leaves_it_tied(ids):
+    model = _tied("llama", ["lm_head"])  # the head's adapter is not the active one: nothing merges into it
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="other")
+    lorakit.merge(model)
+    assert model.lm_head.base.weight is model.get_input_embeddings().weight and model.config.tie_word_embeddings
+    lorakit.delete_adapter(model, "default")  # the head's wrapper goes; its base must still be the shared weight
+    lorakit.unmerge(model)
+    assert model.lm_head.weight is model.get_input_embeddings().weight and model.config.tie_word_embeddings
+    plain = lorakit.unload(model, merge=True)
+    assert plain.lm_head.weight is plain.get_input_embeddings().weight and plain.config.tie_word_embeddings
+
+
 def test_a_failed_merge_leaves_a_tied_model_tied(ids):
     model = _tied("llama", ["q_proj", "lm_head"])
     head = model.get_output_embeddings()

@@ -506,7 +506,7 @@ def _shared_weights(model: nn.Module) -> set[int]:
 def _tied_lora_weights(model: nn.Module) -> list[str]:
     shared = _shared_weights(model)
     return [name for name, layer in _mergeable(model)
-            if layer.active and not layer.merged and id(layer.base.weight) in shared]
+            if layer.running() and id(layer.base.weight) in shared]  # one a merge writes into
 
 
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
