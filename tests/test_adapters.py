@@ -135,6 +135,18 @@ def test_a_merge_that_does_not_write_the_tied_head_leaves_it_tied(ids):
     assert plain.lm_head.weight is plain.get_input_embeddings().weight and plain.config.tie_word_embeddings
 
 
+def test_unmerge_gives_the_config_back_as_it_was():
+    model = build("llama")  # its config says untied; the weight is shared by hand
+    model.lm_head.weight = model.model.embed_tokens.weight
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["lm_head"]))
+    randomize_adapters(model)
+    before = model.config.to_dict()
+    lorakit.merge(model)
+    assert model.lm_head.base.weight is not model.model.embed_tokens.weight
+    lorakit.unmerge(model)
+    assert model.lm_head.base.weight is model.model.embed_tokens.weight and model.config.to_dict() == before
+
+
 def test_a_failed_merge_leaves_a_tied_model_tied(ids):
     model = _tied("llama", ["q_proj", "lm_head"])
     head = model.get_output_embeddings()

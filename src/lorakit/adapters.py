@@ -479,14 +479,20 @@ def _retie(model: nn.Module) -> None:
 
 
 def _set_tied(model: nn.Module, tied: bool) -> None:
-    """tie_word_embeddings in the model's config (and its text config), remembering that we changed it."""
+    """Untie: tie_word_embeddings False in the model's config (and its text config), remembering the values
+    it had; tie back: those values (a model tied by hand under a config that says untied stays so)."""
     config = getattr(model, "config", None)
     if config is None:
         return
-    for c in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: config)())}.values():
-        if hasattr(c, "tie_word_embeddings"):
-            c.tie_word_embeddings = tied
-    model.__dict__["lorakit_untied"] = not tied
+    if tied:
+        for c, value in model.__dict__.pop("lorakit_untied", []):
+            c.tie_word_embeddings = value
+        return
+    configs = {id(c): c for c in (config, getattr(config, "get_text_config", lambda: config)())}.values()
+    untied = model.__dict__.setdefault("lorakit_untied", [(c, c.tie_word_embeddings) for c in configs
+                                                          if hasattr(c, "tie_word_embeddings")])
+    for c, _ in untied:
+        c.tie_word_embeddings = False
 
 
 def _owners(model: nn.Module) -> dict[int, int]:
