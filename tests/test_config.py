@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from conftest import build
@@ -44,3 +45,11 @@ def test_rank_and_alpha_patterns():
     assert layers["model.layers.0.self_attn.q_proj"].rank("default") == 4
     assert layers["model.layers.0.self_attn.v_proj"].scaling["default"] == pytest.approx(3 / 4)
     assert layers["model.layers.1.self_attn.q_proj"].scaling["default"] == pytest.approx(8 / 2)
+
+
+def test_a_repeated_token_id_in_a_long_list_is_found_at_once():
+    ids = [*range(40_000), 39_999]  # a hostile adapter_config.json: a search per id took ~20 s here (quadratic)
+    start = time.perf_counter()
+    with pytest.raises(lorakit.UserError, match="token id 39999 twice"):
+        LoraConfig(target_modules=["q_proj"], trainable_token_indices=ids)
+    assert time.perf_counter() - start < 2

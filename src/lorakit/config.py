@@ -344,9 +344,11 @@ def _token_ids(field_name: str, ids: Any) -> list[int]:
     if not isinstance(ids, (list, tuple)) or not ids or not all(
             isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 31 for i in ids):
         raise UserError(f"{field_name} must be a non-empty list of token ids (integers >= 0), got {_show(ids)}")
-    if len(set(ids)) != len(ids):
-        repeated = next(i for i in ids if ids.count(i) > 1)
-        raise UserError(f"{field_name} lists token id {repeated} twice; list each id once")
+    seen: set[int] = set()
+    for i in ids:  # one pass (a hostile config may list millions of ids)
+        if i in seen:
+            raise UserError(f"{field_name} lists token id {i} twice; list each id once")
+        seen.add(i)
     return list(ids)
 
 
