@@ -184,6 +184,8 @@ HOSTILE = {
     "ids not a list": (_edit_config(trainable_token_indices="3,5"), "list of token ids"),
     "unknown module": (_edit_config(trainable_token_indices={"wte": [3]}), "matches no module"),
     "not a token layer": (_edit_config(trainable_token_indices={"norm": [3]}), "Embedding or a Linear"),
+    "module named twice": (_edit_config(trainable_token_indices={"embed_tokens": [3, 5, 7],
+                                                                 "model.embed_tokens": [4, 6, 8]}), "two keys"),
     "lora on the same module": (_edit_config(trainable_token_indices={"q_proj": [3]}), "one module takes one"),
     "rows lost": (_edit_rows(lambda t: {k: v for k, v in t.items() if k != EMBED}), "lacks"),
     "too few rows": (_edit_rows(lambda t: {**t, EMBED: t[EMBED][:2]}), r"\(2, 32\)"),

@@ -57,6 +57,10 @@ def plan(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Module],
         hits = [name for name in modules if name and matches([key], name)]
         if not hits:
             raise UserError(f"trainable_token_indices names {key!r}, which matches no module of this model")
+        twice = next((name for name in hits if found.get(name, ids) != ids), None)
+        if twice is not None:  # which list would win is a guess (the file check and the layer took different ones)
+            raise UserError(f"trainable_token_indices gives {twice!r} two lists of token ids (under two keys, the "
+                            f"last {key!r}); give each module one list")
         found.update((name, ids) for name in hits)
     shared: dict[str, str] = {}
     head = _tied_head(model, modules, embedding)
