@@ -346,3 +346,37 @@ def test_lorakit_merge_streams_dora_into_the_base(tiny_base, tmp_path):
     merge_export([str(tmp_path / "a")], tmp_path / "merged", base=str(tiny_base), dtype="fp32")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     assert (logits(merged, ids) - logits(model, ids)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])  # the fused DoRA path; the plain one
+def test_a_zero_weight_row_stays_finite_and_zero(weight, tiny_base, tmp_path):
+    """The tiny base's head is tied to an embedding whose padding row is zeros: n = ‖0 + s·B·A‖ = 0 = m at init
+    (PEFT's f = m / n is 0/0 there). That row has no direction to rescale: its output stays zero, the rest finite."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.export import merge_export
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    pad = base.config.pad_token_id
+    assert not base.lm_head.weight[pad].any()
+    model = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=4, target_modules="all-linear+head", use_dora=True))
+    lorakit.set_adapters(model, {"default": weight})
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(logits(model, ids), logits(base, ids), atol=1e-5, rtol=0)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    head = model.lm_head
+    assert not head.lora_B["default"].grad[pad].any() and not head.lora_magnitude["default"].grad[pad]
+    _perturb(model)  # a trained adapter, whose row of zeros got no gradient: its B and m are still zero
+    with torch.no_grad():
+        head.lora_B["default"][pad] = 0
+        head.lora_magnitude["default"][pad] = 0
+    model.eval()
+    adapted = logits(model, ids)
+    assert torch.isfinite(adapted).all() and not adapted[..., pad].any()
+    lorakit.save_adapter(model, tmp_path / "a")
+    merge_export([f"{tmp_path / 'a'}:{weight}"], tmp_path / "merged", base=str(tiny_base), dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert (logits(merged, ids) - adapted).abs().max() <= 1e-5

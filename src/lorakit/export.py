@@ -158,7 +158,8 @@ def _reader(checkpoint: Checkpoint, name: str, layer: LoraLayer | None, dtype: t
             delta = layer.delta_weight(adapter)
             delta = delta if layer.kind == "linear" else delta.t()  # (out, in): s·B·A
             if adapter in layer.lora_magnitude:  # DoRA: its norm from the unmerged W, as LoraLayer.merge
-                f = layer.lora_magnitude[adapter].detach().float() / torch.linalg.vector_norm(unmerged + delta, dim=1)
+                n = dora.divisor(torch.linalg.vector_norm(unmerged + delta, dim=1))  # (out,)
+                f = layer.lora_magnitude[adapter].detach().float() / n
                 W = dora.merged_weight(W, delta, f, scale)
             else:
                 W += delta * scale

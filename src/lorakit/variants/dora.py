@@ -123,13 +123,20 @@ def scale(layer: DoraLayer, name: str) -> torch.Tensor:
     """f = m / n (out,) fp32: differentiable in m (n is a constant); kept between inference forwards."""
     m = layer.lora_magnitude[name]
     if torch.is_grad_enabled() and m.requires_grad:
-        return m / weight_norm(layer, name)
+        return m / divisor(weight_norm(layer, name))
     key = (_weight_key(layer), _key(layer.lora_A[name], layer.lora_B[name], m), layer.scaling[name])
     cached = layer.dora_cache.scales.get(name)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = layer.dora_cache.scales[name] = (key, m.float() / weight_norm(layer, name))
+            cached = layer.dora_cache.scales[name] = (key, m.float() / divisor(weight_norm(layer, name)))
     return cached[1]
+
+
+def divisor(n: torch.Tensor) -> torch.Tensor:
+    """n with its zeros made 1. A row of zeros in W + s·B·A (a tied head's padding row: m = n = 0 at init) has
+    no direction to rescale and gives zeros whatever f is; PEFT's 0/0 there is NaN, which spreads through every
+    logit. Dividing by 1 instead gives f = m (0: the row stays the base's, and gets no gradient while m is 0)."""
+    return torch.where(n > 0, n, torch.ones_like(n))
 
 
 @torch.no_grad()
@@ -233,7 +240,7 @@ def fused(layer: DoraLayer, x: torch.Tensor, name: str, dtype: torch.dtype, auto
     W = layer.base_weight(dtype)
     bias = layer.base.bias
     return FusedDoraLinear.apply(x, W, None if bias is None else bias.to(dtype), layer.scaling[name],
-                                 weight_norm(layer, name), m, A.to(down), B.to(dtype))
+                                 divisor(weight_norm(layer, name)), m, A.to(down), B.to(dtype))
 
 
 # -- merge ------------------------------------------------------------------------------------------
