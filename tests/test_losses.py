@@ -80,11 +80,22 @@ def test_trainable_head_gets_the_same_gradients():
     assert torch.allclose(model.lm_head.weight.grad, twin.lm_head.weight.grad, atol=1e-6, rtol=1e-4)
 
 
+# a DoRA or lora_bias head is not W + s·B·A: it takes the model's path, with the same loss and gradients
+VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "lora_bias": {"lora_bias": True}}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("family", ["llama", "llama-tied", "gpt2"])
-def test_head_with_an_adapter_gets_the_same_loss_and_gradients(family):
+def test_head_with_an_adapter_gets_the_same_loss_and_gradients(family, variant):
     """The head's weight plus its adapter's update is one (V, d) matrix: same loss, same adapter gradients."""
-    config = lorakit.LoraConfig(r=3, lora_alpha=6, target_modules=["lm_head", "q_proj", "c_attn"], init_lora_weights=False)
+    config = lorakit.LoraConfig(r=3, lora_alpha=6, target_modules=["lm_head", "q_proj", "c_attn"], init_lora_weights=False,
+                                **VARIANTS[variant])
     model = lorakit.inject(MODELS[family](), config)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # magnitudes away from ‖W + s·B·A‖ and biases away from zero, so that they count
+        for _, layer in lorakit.lora_layers(model):
+            for p in (*layer.lora_magnitude.values(), *layer.lora_bias.values()):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
     model.eval()  # GPT-2's own dropout off: both sides see the same activations
     twin = copy.deepcopy(model)
     batch = _batch()

@@ -265,14 +265,15 @@ class LoraLayer(nn.Module):
     def dense_weight(self) -> torch.Tensor | None:
         """base.weight + Σ w·s·B·A, (out, in), as one tensor under autograd, for a caller that forms the
         whole matrix anyway (the fused loss multiplies the output head's weight chunk by chunk); None where
-        this layer's forward is not x·that (dropout drawing, per-row routing, a base other than plain Linear)."""
+        this layer's forward is not x·that (dropout drawing, DoRA or lora_bias, per-row routing, a base other than
+        plain Linear)."""
         if type(self.base) is not nn.Linear or self.routing is not None:
             return None
         W = self.base.weight  # (out, in)
         names = [] if self.disabled else self.running()
         if not names:
             return W
-        if any(self.dropping(n) for n in names):
+        if any(self.dropping(n) or not self.plain(n) for n in names):  # DoRA's f, a lora_bias: not one W
             return None
         delta = sum(self.lora_B[n] @ self.lora_A[n] * (self.scaling[n] * self.active[n]) for n in names)  # (out, in)
         return W + delta.to(W.dtype)
