@@ -46,7 +46,7 @@ def quantize_spec(name: str | None) -> nf4.QuantizeSpec | None:
     if name is None:
         return None
     if name != "nf4":
-        raise UserError(f"--quantize {name} is not supported; use --quantize nf4 (or leave it out)")
+        raise UserError(f"--quantize {name!r} is not supported; use --quantize nf4 (or leave it out)")
     return nf4.QuantizeSpec(name)
 
 
