@@ -79,16 +79,19 @@ class TrainConfig:
                           default=DEFAULT_TARGETS)
     dora: bool = option("DoRA (weight-decomposed LoRA, PEFT's use_dora): also learn a magnitude per output feature "
                         "of each adapted weight, which rescales the direction W + s·B·A; often closer to full "
-                        "fine-tuning at low rank, for a slower step (docs/variants.md)", default=False)
+                        "fine-tuning at low rank, for a ~1.3x slower step; measured here at r=16 it matched plain "
+                        "LoRA (docs/variants.md)", default=False)
     lr: float | None = option(f"peak learning rate (linear warmup, then cosine decay to 10%); default {LORA_LR:g} "
                               f"for an adapter, {FULL_LR:g} with --full", default=None)
     init: str = option("how A and B start: lora (A random, B zero: the base at first), gaussian, orthogonal, pissa "
                        "(the base weight's top-r singular directions), pissa_niter_N (the same by a randomised SVD of N "
                        "iterations, faster), olora (its QR). pissa and olora move that part out of the base weights "
                        "while training; the saved adapter is converted, as PEFT does, to a plain LoRA adapter of rank "
-                       "2r that applies to the original base", default="lora")
+                       "2r that applies to the original base. pissa learns faster and forgets more, as a higher --lr "
+                       "does (docs/variants.md)", default="lora")
     lr_ratio: float | None = option("LoRA+: B's learning rate is --lr times this (A's stays --lr; DoRA magnitudes and "
-                                    "biases go with B), as PEFT's create_loraplus_optimizer; the paper suggests 16",
+                                    "biases go with B), as PEFT's create_loraplus_optimizer; the paper suggests 16. "
+                                    "Learns faster and forgets more, as a higher --lr does (docs/variants.md)",
                                     default=None)
     lr_embedding: float = option("LoRA+ only: the learning rate of LoRA on Embedding layers (PEFT's "
                                  "loraplus_lr_embedding)", default=1e-6)
