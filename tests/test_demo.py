@@ -17,5 +17,9 @@ def test_demo_runs_and_meets_its_targets(tmp_path, capsys):
     assert lora["trainable_params"] < full["trainable_params"] and lora["bytes"] < full["bytes"]
     assert full["gain_vs_full"] == 1 and lora["domain"] == report["adapted_domain_perplexity"]
     assert full["domain"] < report["base_domain_perplexity"]
+    # the same adapter dialled to 0.5 lands between the base and the adapter at 1 (it learned something: it moved)
+    assert report["adapted_domain_perplexity"] < report["scale_0.5_domain_perplexity"] < report["base_domain_perplexity"]
+    assert report["scale_2_domain_perplexity"] != report["adapted_domain_perplexity"]
     printed = capsys.readouterr().out
+    assert "adapter at scale 0.5" in printed and "scale 0.5 keeps" in printed
     assert printed.count("of the full fine-tune's gain") == 2 and (tmp_path / "demo" / "full" / "config.json").is_file()

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.adapters import disable_adapters
+from lorakit.adapters import disable_adapters, set_adapters
 from lorakit.base import CORPORA, EMBEDDED_BASE, default_device, dtype_option, load_base, resolve_dtype
 from lorakit.data import load_examples
 from lorakit.errors import UserError
@@ -37,6 +37,7 @@ def corpora() -> list[str]:
 
 # The demo's training run, beside what `lorakit demo` lets a user choose.
 SEQ_LEN, BATCH_SIZE, RANK = 128, 8, 16
+SCALES = (0.5, 2.0)  # the adapter's scale, dialled at inference
 
 
 @dataclass
@@ -80,21 +81,34 @@ def run_demo(config: DemoConfig | None = None) -> dict:
     scores = {}
     for name, examples in sets.items():
         scores[("base", name)] = _ppl(model, examples, tokenizer)
-    attach_adapters(model, [str(out)])
+    adapter = next(iter(attach_adapters(model, [str(out)])))
     for name, examples in sets.items():
         scores[("adapted", name)] = _ppl(model, examples, tokenizer)
         with disable_adapters(model):
             scores[("disabled", name)] = _ppl(model, examples, tokenizer)
+        for scale in SCALES:  # the same adapter dialled down and up: no retraining
+            set_adapters(model, {adapter: scale})
+            scores[(f"scale {scale:g}", name)] = _ppl(model, examples, tokenizer)
+        set_adapters(model, {adapter: 1.0})
     print(f"  {'':22}{'domain (' + corpus + ')':>22}{'general':>14}")
-    for variant in ("base", "adapted", "disabled"):
-        label = {"base": "base", "adapted": "base + adapter", "disabled": "adapter disabled"}[variant]
+    labels = {"base": "base", "adapted": "base + adapter", "disabled": "adapter disabled",
+              **{f"scale {s:g}": f"adapter at scale {s:g}" for s in SCALES}}
+    for variant, label in labels.items():
         print(f"  {label:22}{scores[(variant, 'domain')]:>22.2f}{scores[(variant, 'general')]:>14.2f}")
     drop = 1 - scores[("adapted", "domain")] / scores[("base", "domain")]
     identical = scores[("disabled", "general")] == scores[("base", "general")]
     print(f"\n  domain perplexity {100 * drop:.1f}% lower with the adapter (target: at least 25%): "
           f"{'met' if drop >= 0.25 else 'MISSED'}")
     print(f"  general perplexity with the adapter disabled equals the base's exactly: {'yes' if identical else 'NO'}")
-    report.update({f"{v}_{d}_perplexity": s for (v, d), s in scores.items()},
+    half = {d: math.log(scores[("scale 0.5", d)] / scores[("base", d)]) / math.log(scores[("adapted", d)] /
+                                                                                  scores[("base", d)])
+            for d in sets}
+    double, once = scores[("scale 2", "domain")], scores[("adapted", "domain")]
+    print(f"  scale 0.5 keeps {100 * half['domain']:.0f}% of the adapter's domain gain for {100 * half['general']:.0f}% "
+          f"of its general-text change (in log-perplexity); scale 2 "
+          f"{'overshoots: domain perplexity rises' if double > once else 'goes further: domain perplexity falls'} "
+          f"from {once:.0f} to {double:.0f}")
+    report.update({f"{v.replace(' ', '_')}_{d}_perplexity": s for (v, d), s in scores.items()},
                   domain_perplexity_drop=drop, disabled_equals_base=identical)
 
     _header("3. The same prompt, same seed: base vs adapted")
