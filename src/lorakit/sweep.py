@@ -99,7 +99,7 @@ class SweepConfig:
 
     @property
     def lr_list(self) -> list[float]:
-        return _numbers("lrs", self.lrs) if self.lrs.strip() else [LORA_LR / 3, LORA_LR, LORA_LR * 3]
+        return _numbers("lrs", self.lrs) if self.lrs.strip() else [float(f"{LORA_LR / 3:.2g}"), LORA_LR, LORA_LR * 3]  # 6.7e-4, not 0.000666666...
 
     @property
     def scale_list(self) -> list[float]:
