@@ -102,12 +102,12 @@ def run_demo(config: DemoConfig | None = None) -> dict:
     print(f"\n  domain perplexity {100 * drop:.1f}% lower with the adapter (target: at least 25%): "
           f"{'met' if drop >= 0.25 else 'MISSED'}")
     print(f"  general perplexity with the adapter disabled equals the base's exactly: {'yes' if identical else 'NO'}")
-    half = {d: math.log(scores[("scale 0.5", d)] / scores[("base", d)]) / math.log(scores[("adapted", d)] /
-                                                                                  scores[("base", d)])
+    moved = {d: math.log(scores[("adapted", d)] / scores[("base", d)]) for d in sets}
+    half = {d: f"{100 * math.log(scores[('scale 0.5', d)] / scores[('base', d)]) / moved[d]:.0f}%" if moved[d] else "-"
             for d in sets}
     double, once = scores[("scale 2", "domain")], scores[("adapted", "domain")]
-    print(f"  scale 0.5 keeps {100 * half['domain']:.0f}% of the adapter's domain gain for {100 * half['general']:.0f}% "
-          f"of its general-text change (in log-perplexity); scale 2 "
+    print(f"  scale 0.5 keeps {half['domain']} of the adapter's domain gain for {half['general']} of its general-text "
+          f"change (in log-perplexity); scale 2 "
           f"{'overshoots: domain perplexity rises' if double > once else 'goes further: domain perplexity falls'} "
           f"from {once:.0f} to {double:.0f}")
     report.update({f"{v.replace(' ', '_')}_{d}_perplexity": s for (v, d), s in scores.items()},

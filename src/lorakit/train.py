@@ -79,7 +79,7 @@ class TrainConfig:
                           default=DEFAULT_TARGETS)
     dora: bool = option("DoRA (weight-decomposed LoRA, PEFT's use_dora): also learn a magnitude per output feature "
                         "of each adapted weight, which rescales the direction W + s·B·A; often closer to full "
-                        "fine-tuning at low rank, for a ~1.3x slower step; measured here at r=16 it matched plain "
+                        "fine-tuning at low rank, for a 1.1-1.3x slower step; measured here at r=16 it matched plain "
                         "LoRA (docs/variants.md)", default=False)
     lr: float | None = option(f"peak learning rate (linear warmup, then cosine decay to 10%); default {LORA_LR:g} "
                               f"for an adapter, {FULL_LR:g} with --full", default=None)
