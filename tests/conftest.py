@@ -87,6 +87,16 @@ def randomize_adapters(model: nn.Module, seed: int = 0, scale: float = 0.1) -> N
                     p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
+def perturb_trainables(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """Add random values to everything that trains (A, B, magnitudes, lora biases, token rows, saved copies),
+    so outputs and saved files see each of those tensors."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
 TOKENIZER_TEXT = (
     "The ship sailed at dawn. The captain saw the red sky and said: we sail north.\n"
     "In the beginning was the word, and the word was with the crew.\n"

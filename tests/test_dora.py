@@ -9,7 +9,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import build, logits
+from conftest import build, logits, perturb_trainables
 from safetensors.torch import load_file
 
 import lorakit
@@ -29,15 +29,6 @@ CASES = {
 }
 
 
-def _perturb(model, seed=0):
-    """Random values in everything that trains (A, B, magnitudes, lora biases), so outputs see each tensor."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def _peft(base, kw, name="default"):
     return peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw), adapter_name=name)
 
@@ -47,7 +38,7 @@ def test_peft_saved_adapter_loads_with_same_logits(case, ids, tmp_path):
     family, kw = CASES[case]
     base = build(family)
     ref = _peft(base, kw)
-    _perturb(ref)
+    perturb_trainables(ref)
     ref.eval()
     ref.save_pretrained(tmp_path)
     model = copy.deepcopy(base)
@@ -60,7 +51,7 @@ def test_lorakit_saved_adapter_loads_in_peft_with_same_logits(case, ids, tmp_pat
     family, kw = CASES[case]
     base = build(family)
     model = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(**kw))
-    _perturb(model)
+    perturb_trainables(model)
     lorakit.save_adapter(model, tmp_path)
     keys = load_file(tmp_path / WEIGHTS_NAME).keys()
     assert any(k.endswith(".lora_magnitude_vector" if kw.get("use_dora") else ".lora_B.bias") for k in keys)
@@ -76,7 +67,7 @@ def test_invariants(case, ids, tmp_path):
     expected_base = logits(base, ids)
     model = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(**kw))
     assert (logits(model, ids) - expected_base).abs().max() <= 1e-6  # B = 0, m = ‖W‖: the base
-    _perturb(model)
+    perturb_trainables(model)
     adapted = logits(model, ids)
     assert (adapted - expected_base).abs().max() > 1e-3
     with lorakit.disable_adapters(model):
@@ -112,7 +103,7 @@ def test_gradients_match_peft(case, ids):
     family, kw = CASES[case]
     base = build(family)
     model = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(**kw))
-    _perturb(model)
+    perturb_trainables(model)
     ref = _peft(base, kw)
     theirs = {k.replace(".default", ""): p for k, p in ref.named_parameters() if p.requires_grad}
     ours = lorakit.adapter_state_dict(model)
@@ -135,7 +126,7 @@ def test_gradients_match_peft(case, ids):
 def test_dropout_trains_through_the_plain_path(ids):
     model = lorakit.inject(build("llama"), lorakit.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.2,
                                                             use_dora=True))
-    _perturb(model)
+    perturb_trainables(model)
     model.train()
     logits(model, ids).square().mean().backward()
     layer = next(layer for _, layer in lorakit.lora_layers(model))
@@ -180,7 +171,7 @@ def test_several_adapters_active_match_peft(kinds, ids, tmp_path):
 
 def test_weight_scales_the_dora_effect_linearly(ids):
     model = lorakit.inject(build("llama"), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
-    _perturb(model)
+    perturb_trainables(model)
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(5, layer.in_features)
     with lorakit.disable_adapters(model):
@@ -320,7 +311,7 @@ def test_qdora_on_an_nf4_base_equals_dora_on_its_dequantized_weights(ids):
     kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
     lorakit.inject(quantized, lorakit.LoraConfig(**kw))
     lorakit.inject(plain, lorakit.LoraConfig(**kw))
-    _perturb(quantized)
+    perturb_trainables(quantized)
     ours = lorakit.adapter_state_dict(quantized)
     with torch.no_grad():
         for key, p in lorakit.adapter_state_dict(plain).items():
@@ -340,7 +331,7 @@ def test_lorakit_merge_streams_dora_into_the_base(tiny_base, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
     lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True))
-    _perturb(model)
+    perturb_trainables(model)
     lorakit.save_adapter(model, tmp_path / "a")
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     merge_export([str(tmp_path / "a")], tmp_path / "merged", base=str(tiny_base), dtype="fp32")
@@ -369,7 +360,7 @@ def test_a_zero_weight_row_stays_finite_and_zero(weight, tiny_base, tmp_path):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     head = model.lm_head
     assert not head.lora_B["default"].grad[pad].any() and not head.lora_magnitude["default"].grad[pad]
-    _perturb(model)  # a trained adapter, whose row of zeros got no gradient: its B and m are still zero
+    perturb_trainables(model)  # a trained adapter, whose row of zeros got no gradient: its B and m are still zero
     with torch.no_grad():
         head.lora_B["default"][pad] = 0
         head.lora_magnitude["default"][pad] = 0

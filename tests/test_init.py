@@ -9,7 +9,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import build, logits
+from conftest import build, logits, perturb_trainables
 
 import lorakit
 from lorakit.errors import UserError
@@ -26,14 +26,6 @@ BASE_CHANGING = {  # name -> (family, targets, init)
 def _kw(family, targets, init, **more):
     return dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init,
                 fan_in_fan_out=family == "gpt2", **more)
-
-
-def _perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 @pytest.mark.parametrize("case", BASE_CHANGING)
@@ -61,7 +53,7 @@ def test_saved_adapter_is_converted_for_the_original_base(case, ids, tmp_path):
     family, targets, init = BASE_CHANGING[case]
     base = build(family)
     model = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(**_kw(family, targets, init)))
-    _perturb(model)
+    perturb_trainables(model, scale=0.05)
     trained = logits(model, ids)
     lorakit.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -78,7 +70,7 @@ def test_peft_converted_pissa_adapter_loads_and_unconverted_is_refused(ids, tmp_
     kw = _kw("llama", ["q_proj", "v_proj"], "pissa")
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
     ref.save_pretrained(tmp_path / "init")  # PEFT's recipe: the initial adapter, then the trained one against it
-    _perturb(ref)
+    perturb_trainables(ref, scale=0.05)
     ref.eval()
     expected = ref(input_ids=ids).logits
     ref.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
@@ -113,7 +105,7 @@ def test_orthogonal_init_draws_what_peft_draws():
 def test_adapters_whose_inference_is_plain_lora_load_like_peft(init, extra, ids, tmp_path):
     base = build("qwen2")
     model = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    _perturb(model)
+    perturb_trainables(model, scale=0.05)
     lorakit.save_adapter(model, tmp_path)
     path = tmp_path / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": init, **extra}))

@@ -9,7 +9,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import build, logits, randomize_adapters
+from conftest import build, logits, perturb_trainables, randomize_adapters
 from safetensors.torch import load_file, save_file
 
 import lorakit
@@ -34,21 +34,12 @@ INTEROP_CASES = {
 }
 
 
-def _perturb_trainables(model, seed=0):
-    """Random values in everything that trains, so the comparison sees every saved tensor."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("case", INTEROP_CASES)
 def test_peft_saved_adapter_loads_with_same_logits(case, ids, tmp_path):
     family, kw = INTEROP_CASES[case]
     base = build(family)
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
-    _perturb_trainables(ref)
+    perturb_trainables(ref)
     ref.eval()
     ref.save_pretrained(tmp_path)
     expected = ref(input_ids=ids).logits
@@ -63,7 +54,7 @@ def test_lorakit_saved_adapter_loads_in_peft_with_same_logits(case, ids, tmp_pat
     family, kw = INTEROP_CASES[case]
     base = build(family)
     model = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(**kw))
-    _perturb_trainables(model)
+    perturb_trainables(model)
     lorakit.save_adapter(model, tmp_path)
     ours = logits(model, ids)
 

@@ -9,7 +9,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import VOCAB, build, logits
+from conftest import VOCAB, build, logits, perturb_trainables
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,20 +52,12 @@ def ids() -> torch.Tensor:
     return out
 
 
-def _perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def _peft_saved(case, path):
     """(the base, the PEFT model that saved `case` with perturbed weights into `path`)."""
     base_name, kw = CASES[case]
     base = BASES[base_name]()
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
-    _perturb(ref)
+    perturb_trainables(ref)
     ref.eval()
     ref.save_pretrained(path)
     return base, ref
@@ -85,7 +77,7 @@ def test_lorakit_saved_rows_load_in_peft_with_same_logits(case, ids, tmp_path):
     base_name, kw = CASES[case]
     base = BASES[base_name]()
     model = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(**kw))
-    _perturb(model)
+    perturb_trainables(model)
     lorakit.save_adapter(model, tmp_path)
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     assert (ref(input_ids=ids).logits - logits(model, ids)).abs().max() <= 1e-6

@@ -19,7 +19,7 @@ from lorakit import mlp
 from lorakit.config import DEFAULT_TARGETS, LoraConfig
 from lorakit.errors import UserError
 from lorakit.layers import LoraLayer, SavedModule, base_kind, layer_dims
-from lorakit.modules import matches, output_head, set_module
+from lorakit.modules import matches, output_head, set_module, walk
 from lorakit.nf4 import NF4Linear
 from lorakit.routing import RowRouting, RowSpec
 from lorakit.tokens import TokenLayer
@@ -29,6 +29,9 @@ from lorakit.variants import init as variant_init
 ALL_LINEAR = "all-linear"
 ALL_LINEAR_HEAD = "all-linear+head"  # every linear layer and the output head: `lorakit train`'s default
 WRAPPERS = (LoraLayer, SavedModule, TokenLayer)  # what lorakit puts where a user's module was
+# Wrappers around one leaf layer: nothing inside them is another wrapper, so walks looking for wrappers stop
+# there. (A SavedModule may copy a whole block, LoRA layers of an earlier adapter included: walks enter it.)
+LEAF_WRAPPERS = (LoraLayer, TokenLayer)
 
 
 # -- finding things -------------------------------------------------------------------------------
@@ -41,13 +44,13 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """(module path, layer) for every LoRA layer; the path is the base layer's original name."""
-    for name, module in model.named_modules():
+    for name, module in walk(model, stop=LEAF_WRAPPERS):
         if isinstance(module, LoraLayer):
             yield name, module
 
 
 def _wrappers(model: nn.Module) -> Iterator[LoraLayer | SavedModule | TokenLayer]:
-    for module in model.modules():
+    for _, module in walk(model, stop=LEAF_WRAPPERS):
         if isinstance(module, WRAPPERS):
             yield module
 
@@ -61,7 +64,7 @@ def _held(wrapper: LoraLayer | SavedModule | TokenLayer):
 
 def _mergeable(model: nn.Module) -> Iterator[tuple[str, LoraLayer | TokenLayer]]:
     """(name, layer) for every wrapper a merge writes into the base weight of: LoRA layers and token rows."""
-    for name, module in model.named_modules():
+    for name, module in walk(model, stop=LEAF_WRAPPERS):
         if isinstance(module, (LoraLayer, TokenLayer)):
             yield name, module
 
@@ -71,13 +74,8 @@ def _base_modules(model: nn.Module, wrappers: list | None = None) -> Iterator[tu
 
     The wrappers passed on the way are appended to `wrappers` when given (one walk serves both).
     """
-    inside: str | None = None
-    for name, module in model.named_modules():
-        if inside is not None and name.startswith(inside):
-            continue
-        inside = None
+    for name, module in walk(model, stop=WRAPPERS):
         if isinstance(module, WRAPPERS):
-            inside = name + "."
             if wrappers is not None:
                 wrappers.append(module)
             yield name, module.base
@@ -146,11 +144,39 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
     return found
 
 
-def planned_layers(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
-    """(name, base layer) of every layer `inject(model, config)` would give a LoRA update; changes nothing."""
-    modules = list(_base_modules(model))
-    kinds = dict(modules)
-    return [(name, kinds[name]) for name in resolve_targets(model, config, modules)]
+@dataclass
+class Plan:
+    """What `inject(model, config)` would do, found in one walk of the model; changes nothing.
+
+    A loader checks a file against it and hands it to `inject`, so one load walks the model once for both.
+    """
+
+    modules: list[tuple[str, nn.Module]]  # (name, module) as the user's model has them: wrappers stand for their base
+    wrappers: list[LoraLayer | SavedModule | TokenLayer]  # the wrappers already in the model
+    targets: list[str]  # the modules that get a LoRA update
+    saved: list[str]  # modules_to_save
+    tokens: list[tuple[str, list[int], str | None]]  # `lorakit.tokens.plan`: token layers
+
+    def layers(self) -> list[tuple[str, nn.Module]]:
+        """(name, base layer) of every target."""
+        kinds = dict(self.modules)
+        return [(name, kinds[name]) for name in self.targets]
+
+
+def plan_injection(model: nn.Module, config: LoraConfig) -> Plan:
+    """The `Plan` of `inject(model, config)`, or the error it would raise about `config` and the model."""
+    wrappers: list[LoraLayer | SavedModule | TokenLayer] = []
+    modules = list(_base_modules(model, wrappers))  # the one walk
+    if any(isinstance(w, LoraLayer) and w.merged for w in wrappers):
+        raise UserError("the model has merged adapters; unmerge(model) before adding another")
+    targets = resolve_targets(model, config, modules)
+    saved = []
+    for pattern in config.modules_to_save or []:
+        hits = [n for n, _ in modules if n and matches([pattern], n)]
+        if not hits:
+            raise UserError(f"modules_to_save entry {pattern!r} matches no module in the model")
+        saved += hits
+    return Plan(modules, wrappers, targets, saved, planned_tokens(model, config, modules, targets))
 
 
 def planned_tokens(model: nn.Module, config: LoraConfig, modules: list[tuple[str, nn.Module]] | None = None,
@@ -175,8 +201,8 @@ def transaction(model: nn.Module) -> Iterator[None]:
         return
     configs = adapter_configs(model)
     saved_configs = dict(configs)
-    modules = list(model.modules())  # one walk: this runs on every adapter load, also a server's
-    grads = [(p, p.requires_grad) for m in modules for p in m._parameters.values() if p is not None]
+    modules = [m for _, m in walk(model, stop=LEAF_WRAPPERS)]  # one walk: this runs on every adapter load
+    grads = [(p, p.requires_grad) for m in modules for p in _own_parameters(m)]
     wrappers = [m for m in modules if isinstance(m, WRAPPERS)]
     names = {n for w in wrappers for n in _held(w)}
     actives = [(w, dict(w.active)) for w in wrappers]
@@ -205,24 +231,32 @@ def transaction(model: nn.Module) -> Iterator[None]:
 _IN_TRANSACTION: set[int] = set()  # ids of the models inside a transaction (an inner one is the outer's part)
 
 
+def _own_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
+    """A module's own parameters (not its children's, without parameters()'s generators); a leaf wrapper's
+    all, its base's and its adapters' (walks do not enter it)."""
+    if isinstance(module, LEAF_WRAPPERS):
+        yield from module.parameters()
+    else:
+        yield from (p for p in module._parameters.values() if p is not None)
+
+
 # -- inject / delete ------------------------------------------------------------------------------
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initialize: bool = True) -> nn.Module:
+def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initialize: bool = True,
+           plan: Plan | None = None) -> nn.Module:
     """Wrap the layers `config` targets with a new adapter, freeze the rest, and make it the active one.
 
     Afterwards only the new adapter's parameters (plus biases per `config.bias`, copies of `modules_to_save`
     and rows of `trainable_token_indices`) have requires_grad. Returns the same model, changed in place.
     `initialize=False` leaves the new weights uninitialized, for a caller about to copy saved ones in.
+    `plan`: `plan_injection(model, config)` when the caller has it (unchanged model and config since).
     """
     configs = adapter_configs(model)
     if adapter in configs:
         raise UserError(f"the model already has an adapter named {adapter!r}; pick another name or delete it")
-    wrappers: list[LoraLayer | SavedModule | TokenLayer] = []
-    modules = list(_base_modules(model, wrappers))  # the one walk before changing anything
-    if any(isinstance(w, LoraLayer) and w.merged for w in wrappers):
-        raise UserError("the model has merged adapters; unmerge(model) before adding another")
-    targets = resolve_targets(model, config, modules)
+    plan = plan_injection(model, config) if plan is None else plan  # the one walk before changing anything
+    modules, targets, saved, tokens = plan.modules, plan.targets, plan.saved, plan.tokens
     if initialize:
         bases = dict(modules)
         variant_init.check(config, {name: bases[name] for name in targets},
@@ -230,14 +264,6 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", initi
     if isinstance(config.target_modules, str) and config.target_modules.lower() in (ALL_LINEAR, ALL_LINEAR_HEAD):
         # Record what "all-linear" meant here, as PEFT does, so the file says which layers it holds.
         config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in targets})
-
-    saved = []  # modules_to_save, checked before anything changes
-    for pattern in config.modules_to_save or []:
-        hits = [n for n, _ in modules if n and matches([pattern], n)]
-        if not hits:
-            raise UserError(f"modules_to_save entry {pattern!r} matches no module in the model")
-        saved += hits
-    tokens = planned_tokens(model, config, modules, targets)
     if initialize:
         _check_size(config, targets, dict(modules))
     with transaction(model):  # on any failure, no half-added adapter
@@ -296,10 +322,9 @@ def mark_trainable(model: nn.Module, adapter: str | None) -> list[LoraLayer | Sa
     Returns the model's wrappers (found on the way).
     """
     wrappers = []
-    for module in model.modules():  # one walk: freeze each module's own parameters, note the wrappers
-        for p in module._parameters.values():  # its own (not its children's), without parameters()'s generators
-            if p is not None:
-                p.requires_grad_(False)
+    for _, module in walk(model, stop=LEAF_WRAPPERS):  # one walk: freeze each module's parameters, note the wrappers
+        for p in _own_parameters(module):
+            p.requires_grad_(False)
         if isinstance(module, WRAPPERS):
             wrappers.append(module)
     if adapter is None:
@@ -334,7 +359,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
 
 def _remove(model: nn.Module, adapter: str) -> None:
     """Take `adapter`'s weights out of every wrapper; wrappers left empty give back their base."""
-    for name, module in list(model.named_modules()):
+    for name, module in list(walk(model, stop=LEAF_WRAPPERS)):
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             if adapter in module.merged:
                 raise UserError(f"adapter {adapter!r} is merged; unmerge(model) before deleting it")

@@ -18,13 +18,12 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from lorakit.adapters import (adapter_configs, inject, lora_layers, planned_layers, planned_tokens, set_adapters,
-                              transaction)
+from lorakit.adapters import Plan, adapter_configs, inject, lora_layers, plan_injection, set_adapters, transaction
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import UserError
 from lorakit.files import atomic_write_bytes, check_directory, read_bytes
 from lorakit.layers import LoraLayer, SavedModule, base_kind, layer_dims
-from lorakit.modules import matches
+from lorakit.modules import matches, walk
 from lorakit.options import option
 from lorakit.tokens import TokenLayer
 from lorakit.variants import init as variant_init
@@ -74,13 +73,8 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
 
 def _peft_params(model: nn.Module, adapter: str, config: LoraConfig):
     """(PEFT key, live parameter) pairs for everything that belongs to `adapter` in the file."""
-    inside: str | None = None
-    for name, module in model.named_modules():
-        if inside is not None and name.startswith(inside):
-            continue
-        inside = None
+    for name, module in walk(model, stop=(LoraLayer, TokenLayer, SavedModule)):  # not inside a wrapper
         if isinstance(module, LoraLayer):
-            inside = name + "."
             if adapter in module.lora_A:
                 a, b = factor_keys(name, embedding=module.kind == "embedding")
                 yield a, module.lora_A[adapter]
@@ -93,11 +87,9 @@ def _peft_params(model: nn.Module, adapter: str, config: LoraConfig):
             if bias is not None and (config.bias == "all" or (config.bias == "lora_only" and adapter in module.lora_A)):
                 yield f"{PREFIX}{name}.base_layer.bias", bias
         elif isinstance(module, TokenLayer):
-            inside = name + "."
             if adapter in module.values and adapter not in module.shared:  # a tied head's rows are the embedding's
                 yield f"{PREFIX}{name}{TOKEN_ROWS}", module.values[adapter]
         elif isinstance(module, SavedModule):
-            inside = name + "."
             if adapter in module.copies:
                 for key, tensor in module.copies[adapter].state_dict(keep_vars=True).items():
                     yield f"{PREFIX}{name}.{key}", tensor
@@ -280,9 +272,10 @@ def install_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, tor
     anything is allocated: the file's sizes, not the config's `r`, bound what a load may allocate.
     """
     check_applies_to_base(config, source)
-    _check_fits(model, config, tensors, Path(source))
+    plan = plan_injection(model, config)  # one walk of the model for the checks and the injection
+    _check_fits(plan, config, tensors, Path(source))
     with transaction(model):
-        inject(model, config, adapter=adapter, initialize=False)
+        inject(model, config, adapter=adapter, initialize=False, plan=plan)
         params = _copy_into(model, adapter, config, tensors, source=Path(source))
         if not trainable:
             for p in params.values():
@@ -290,11 +283,10 @@ def install_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, tor
     return adapter
 
 
-def _check_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: Path) -> None:
+def _check_fits(plan: Plan, config: LoraConfig, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Each target's A (r, in) and B (out, r) must be in the file with the base's in and out, and each token
     layer's rows (k, dim) (no allocation)."""
-    layers = planned_layers(model, config)
-    for name, module in layers:
+    for name, module in plan.layers():
         inputs, outputs = layer_dims(module)
         r = config.rank_for(name)
         wanted = dict(zip(factor_keys(name, base_kind(module) == "embedding"), ((r, inputs), (outputs, r))))
@@ -311,21 +303,20 @@ def _check_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.T
                 raise UserError(f"{source}: module {name!r} does not fit: {key.rsplit(name + '.', 1)[-1]} is "
                                 f"{tuple(tensors[key].shape)} in the adapter but this base needs {shape}; is it the "
                                 "adapter for a different base?")
-    _check_token_rows(model, config, tensors, source, [name for name, _ in layers])
+    _check_token_rows(plan, tensors, source)
 
 
-def _check_token_rows(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: Path,
-                      targets: list[str]) -> None:
+def _check_token_rows(plan: Plan, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Each module trainable_token_indices names needs its rows in the file: (number of ids, the base's width)."""
-    for name, ids, shared in planned_tokens(model, config, targets=targets):
+    bases = dict(plan.modules)
+    for name, ids, shared in plan.tokens:
         key = f"{PREFIX}{name}{TOKEN_ROWS}"
         if shared:  # a tied head takes the embedding's rows (PEFT saves them once)
             continue
         if key not in tensors:
             raise UserError(f"{source}: {WEIGHTS_NAME} lacks {key}, the rows its config's trainable_token_indices "
                             "implies; the adapter is incomplete")
-        module = model.get_submodule(name)  # a TokenLayer already when another adapter has rows there
-        shape = (len(ids), (module.base if isinstance(module, TokenLayer) else module).weight.shape[1])
+        shape = (len(ids), bases[name].weight.shape[1])  # the base layer, also where a TokenLayer wraps it
         if tuple(tensors[key].shape) != shape:
             raise UserError(f"{source}: module {name!r} does not fit: {TOKEN_ROWS[1:]} is "
                             f"{tuple(tensors[key].shape)} in the adapter but {len(ids)} token ids on this base need {shape}; is it the adapter "
