@@ -231,13 +231,14 @@ def transaction(model: nn.Module) -> Iterator[None]:
 _IN_TRANSACTION: set[int] = set()  # ids of the models inside a transaction (an inner one is the outer's part)
 
 
-def _own_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
-    """A module's own parameters (not its children's, without parameters()'s generators); a leaf wrapper's
-    all, its base's and its adapters' (walks do not enter it)."""
-    if isinstance(module, LEAF_WRAPPERS):
-        yield from module.parameters()
-    else:
-        yield from (p for p in module._parameters.values() if p is not None)
+def _own_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """A module's own parameters, not its children's; a leaf wrapper's all, its base's and its adapters' (walks
+    do not enter it). Without parameters()'s nested generators, which cost more than the rest of a load's walk."""
+    inside = [module]
+    if isinstance(module, LEAF_WRAPPERS):  # its base layer and adapter tables, which have no children as a rule
+        for child in module._modules.values():
+            inside += [m for _, m in walk(child)] if child._modules else [child]
+    return [p for m in inside for p in m._parameters.values() if p is not None]
 
 
 # -- inject / delete ------------------------------------------------------------------------------
