@@ -49,15 +49,15 @@ def test_train_writes_adapter_metrics_plot_and_summary(tiny_base, text_file, tmp
     assert config["r"] == 4 and config["peft_type"] == "LORA"
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny_base, text_file, tmp_path, dropout):
+@pytest.mark.parametrize("options", [{"dropout": 0.0}, {"dropout": 0.1}, {"trainable_tokens": "5,7"}])
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny_base, text_file, tmp_path, options):
     straight = tmp_path / "straight"
-    train(_config(tiny_base, text_file, straight, dropout=dropout))
+    train(_config(tiny_base, text_file, straight, **options))
     resumed = tmp_path / "resumed"
-    result = train(_config(tiny_base, text_file, resumed, dropout=dropout), should_stop=lambda step: step == 3)
+    result = train(_config(tiny_base, text_file, resumed, **options), should_stop=lambda step: step == 3)
     assert result == {"interrupted": True, "step": 3, "total_steps": 6}
     assert (resumed / "checkpoint" / "state.json").is_file()
-    train(_config(tiny_base, text_file, resumed, dropout=dropout, resume=True))
+    train(_config(tiny_base, text_file, resumed, resume=True, **options))
     a = load_file(straight / "adapter_model.safetensors")
     b = load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -183,6 +183,7 @@ def test_overwrite_replaces_a_full_model_with_an_adapter(tiny_base, text_file, t
     (["--r", "8"], "--r sets up an adapter"),
     (["--targets", "q_proj"], "--targets sets up an adapter"),
     (["--init-from", "{data}"], "--init-from continues an adapter"),
+    (["--trainable-tokens", "5"], "--trainable-tokens sets up an adapter"),
 ])
 def test_full_refuses_adapter_options(tiny_base, text_file, tmp_path, capsys, flags, message):
     flags = [f.format(data=text_file) for f in flags]
@@ -191,3 +192,58 @@ def test_full_refuses_adapter_options(tiny_base, text_file, tmp_path, capsys, fl
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_trainable_tokens_train_those_embedding_rows_and_peft_loads_the_adapter(tiny_base, text_file, tmp_path):
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lorakit
+
+    out = tmp_path / "run"
+    eos = AutoTokenizer.from_pretrained(tiny_base).eos_token  # a token by name; 5 by id
+    assert main(["train", "--base", str(tiny_base), "--data", str(text_file), "--out", str(out), "--steps", "4",
+                 "--batch-size", "2", "--seq-len", "16", "--dtype", "fp32", "--quiet", "--lr", "1e-2",
+                 "--trainable-tokens", f"5,{eos}"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    ids = [5, AutoTokenizer.from_pretrained(tiny_base).eos_token_id]
+    assert config["trainable_token_indices"] == ids
+    assert "lm_head" not in config["target_modules"]  # tied to the embedding: it shares the rows instead
+    rows = load_file(out / "adapter_model.safetensors")
+    (key,) = [k for k in rows if k.endswith("token_adapter.trainable_tokens_delta")]
+    embedding = base.get_input_embeddings().weight
+    assert rows[key].shape == (2, embedding.shape[1]) and not torch.allclose(rows[key], embedding[ids])  # trained
+    x = torch.tensor([[1, 5, 9, ids[1], 5, 3]])
+    ours = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    lorakit.load_adapter(ours, out)
+    theirs = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-5, rtol=1e-5)
+        with lorakit.disable_adapters(ours):
+            plain = ours(x).logits
+    assert not torch.allclose(plain, theirs(x).logits)  # the rows change what the model says
+
+
+@pytest.mark.parametrize("value, message", [
+    ("", "has an empty item"),
+    ("5,,6", "has an empty item"),
+    ("5,5", "token id 5 twice"),
+    ("99999999999", "beyond any vocabulary"),
+    ("5000", "token id 5000 is past this base's vocabulary"),
+    ("light and", "tokens of this tokenizer, not one"),
+])
+def test_trainable_tokens_refused_in_one_line(tiny_base, text_file, tmp_path, capsys, value, message):
+    code = main(["train", "--base", str(tiny_base), "--data", str(text_file), "--out", str(tmp_path / "o"),
+                 "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--dtype", "fp32", "--quiet",
+                 "--trainable-tokens", value])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+def test_trainable_tokens_with_init_from_is_refused(tiny_base, text_file, tmp_path, capsys):
+    code = main(["train", "--base", str(tiny_base), "--data", str(text_file), "--out", str(tmp_path / "o"),
+                 "--init-from", str(tmp_path), "--trainable-tokens", "5", "--dtype", "fp32", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "drop one of them" in err and err.count("\n") == 1, err

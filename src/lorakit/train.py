@@ -81,6 +81,11 @@ class TrainConfig:
                         "of each adapted weight, which rescales the direction W + s·B·A; often closer to full "
                         "fine-tuning at low rank, for a 1.1-1.3x slower step; measured here at r=16 it matched plain "
                         "LoRA (docs/variants.md)", default=False)
+    trainable_tokens: str | None = option("tokens whose rows of the input embedding train in full beside the adapter "
+                                          "(PEFT's trainable_token_indices): comma-separated ids (32000,32001) or "
+                                          "tokens of the base's tokenizer ('<|im_start|>,<|im_end|>'), e.g. new or "
+                                          "special tokens, which a low-rank update learns slowly; a tied output head "
+                                          "shares those rows (and so leaves the default targets)", default=None)
     lr: float | None = option(f"peak learning rate (linear warmup, then cosine decay to 10%); default {LORA_LR:g} "
                               f"for an adapter, {FULL_LR:g} with --full", default=None)
     init: str = option("how A and B start: lora (A random, B zero: the base at first), gaussian, orthogonal, pissa "
@@ -171,6 +176,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+        token_items(self.trainable_tokens)  # --trainable-tokens checked (tokens by name: once the tokenizer loads)
+        if self.trainable_tokens is not None and self.init_from is not None:
+            raise UserError("--trainable-tokens sets up a new adapter, and --init-from continues one with the token "
+                            "rows its own config names; drop one of them")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
         quantize_spec(self.quantize)  # --quantize checked
@@ -200,7 +209,8 @@ class TrainConfig:
             raise UserError(f"--objective {self.objective} compares with the base through disabled adapters; "
                             "--full has none: leave out --full or --objective")
         fields = TrainConfig.__dataclass_fields__
-        for name in ("r", "alpha", "dropout", "targets", "dora", "init", "lr_ratio", "lr_embedding"):
+        for name in ("r", "alpha", "dropout", "targets", "dora", "trainable_tokens", "init", "lr_ratio",
+                     "lr_embedding"):
             if getattr(self, name) != fields[name].default:
                 raise UserError(f"--{name.replace('_', '-')} sets up an adapter and has no meaning with --full; "
                                 "leave it out")
@@ -208,11 +218,12 @@ class TrainConfig:
     def preference(self) -> Preference:
         return Preference(self.beta, self.desirable_weight, self.undesirable_weight)
 
-    def lora_config(self) -> LoraConfig:
+    def lora_config(self, token_ids: list[int] | None = None) -> LoraConfig:
+        """The adapter's config; `token_ids`: --trainable-tokens as ids (tokens given by name need the tokenizer)."""
         # a list of module names; anything else ("all-linear", a regex over full names) stays a string
         init = True if self.init == "lora" else self.init
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, use_dora=self.dora,
-                          init_lora_weights=init,
+                          init_lora_weights=init, trainable_token_indices=token_ids,
                           target_modules=parse_names(self.targets), base_model_name_or_path=base_name(self.base))
 
 
@@ -221,10 +232,10 @@ class TrainConfig:
 # path: the file may move) are compared too. What may change: where --data and --out are, --eval-data,
 # --eval-every, --eval-batches, --checkpoint-every, --quiet (they change what is reported or how often it
 # is saved, not the adapter).
-RESUME_KEYS = ("base", "r", "alpha", "dropout", "targets", "dora", "init", "lr", "lr_ratio", "lr_embedding", "warmup",
-               "steps", "epochs", "batch_size", "grad_accum", "seq_len", "seed", "init_from", "dtype", "quantize",
-               "activation_checkpointing", "compile", "labels", "weight_decay", "max_grad_norm", "objective", "beta",
-               "desirable_weight", "undesirable_weight", "full")
+RESUME_KEYS = ("base", "r", "alpha", "dropout", "targets", "dora", "trainable_tokens", "init", "lr", "lr_ratio",
+               "lr_embedding", "warmup", "steps", "epochs", "batch_size", "grad_accum", "seq_len", "seed", "init_from",
+               "dtype", "quantize", "activation_checkpointing", "compile", "labels", "weight_decay", "max_grad_norm",
+               "objective", "beta", "desirable_weight", "undesirable_weight", "full")
 
 
 def train(config: TrainConfig, should_stop: Callable[[int], bool] | None = None) -> dict:
@@ -326,7 +337,7 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
                         f"{step_rows:,} rows, more than the {len(examples):,} rows {config.data} gives at --seq-len "
                         f"{seq_len}; lower them or add data")
     eval_examples = _load_data(config, config.eval_data, tokenizer, seq_len, "all")[0] if config.eval_data else None
-    _add_adapter(config, model)
+    _add_adapter(config, model, tokenizer)
     # Before a checkpoint is restored: with --full that overwrites the base's own weights.
     base_eval = _base_eval(model, tokenizer, eval_examples, config) if eval_examples and world.main else None
     model.train()
@@ -368,7 +379,7 @@ def _load_data(config: TrainConfig, path: Path, tokenizer, seq_len: int, labels:
     return load_preferences(path, tokenizer, seq_len, config.objective)
 
 
-def _add_adapter(config: TrainConfig, model: nn.Module) -> None:
+def _add_adapter(config: TrainConfig, model: nn.Module, tokenizer) -> None:
     """A new adapter (or --init-from's, trainable), then the memory and speed options that act on it.
 
     A preference run that continues an adapter compares with that adapter as it started (TRL's
@@ -381,7 +392,7 @@ def _add_adapter(config: TrainConfig, model: nn.Module) -> None:
             add_reference(model, config.init_from)
         load_adapter(model, config.init_from, adapter="default", trainable=True)
     else:
-        inject(model, _lora_config(config, model))
+        inject(model, _lora_config(config, model, tokenizer))
     if config.activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise UserError("this base does not support activation checkpointing; leave out --activation-checkpointing")
@@ -391,16 +402,60 @@ def _add_adapter(config: TrainConfig, model: nn.Module) -> None:
         (model.get_decoder() if hasattr(model, "get_decoder") else model).compile()
 
 
-def _lora_config(config: TrainConfig, model: nn.Module) -> LoraConfig:
+def _lora_config(config: TrainConfig, model: nn.Module, tokenizer) -> LoraConfig:
     """The adapter's config. PiSSA and OLoRA rewrite the base weights they adapt, and an output head tied
-    to the input embedding cannot be rewritten alone: with the default targets they leave such a head
-    out (every linear layer, as --targets all-linear); named explicitly, it is refused by name."""
-    lora = config.lora_config()
+    to the input embedding cannot be rewritten alone; trainable token rows of the embedding are the tied
+    head's rows too, which take no LoRA beside them. With the default targets both leave such a head out
+    (every linear layer, as --targets all-linear); named explicitly, it is refused by name."""
+    tokens = token_ids(token_items(config.trainable_tokens), tokenizer) if config.trainable_tokens else None
+    lora = config.lora_config(tokens)
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    past = next((i for i in tokens or [] if embedding is not None and i >= embedding.num_embeddings), None)
+    if past is not None:
+        raise UserError(f"--trainable-tokens: token id {past} is past this base's vocabulary of "
+                        f"{embedding.num_embeddings} tokens (ids 0 to {embedding.num_embeddings - 1})")
     tied = head is not None and embedding is not None and head.weight is embedding.weight
-    if config.targets == DEFAULT_TARGETS and config.init.startswith(("pissa", "olora")) and tied:
+    if config.targets == DEFAULT_TARGETS and tied and (config.init.startswith(("pissa", "olora")) or tokens):
         lora = replace(lora, target_modules=ALL_LINEAR)
     return lora
+
+
+def token_items(text: str | None) -> list[int | str]:
+    """--trainable-tokens as given: ids (digits) and tokens by name, in order; refuses empty items and repeats."""
+    if text is None:
+        return []
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in items):
+        raise UserError(f"--trainable-tokens {text!r} has an empty item; give comma-separated token ids or tokens")
+    parsed = [int(t) if t.isdigit() and t.isascii() else t for t in items]
+    big = next((t for t in parsed if isinstance(t, int) and t >= 1 << 31), None)
+    if big is not None:
+        raise UserError(f"--trainable-tokens: token id {big} is beyond any vocabulary; give ids of the base's tokenizer")
+    return parsed
+
+
+def token_ids(items: list[int | str], tokenizer) -> list[int]:
+    """Each item as a token id: an id as given; a name as the tokenizer's token of that name, else the one token
+    its text encodes to. Repeats are refused (which of two values a row takes would be a guess)."""
+    vocabulary = tokenizer.get_vocab()
+    ids = []
+    for item in items:
+        if isinstance(item, int):
+            ids.append(item)
+        elif item in vocabulary:
+            ids.append(vocabulary[item])
+        else:
+            encoded = tokenizer.encode(item, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise UserError(f"--trainable-tokens: {item!r} is {len(encoded)} tokens of this tokenizer, not one; "
+                                "give single tokens or their ids")
+            ids.append(encoded[0])
+    seen: set[int] = set()
+    for i in ids:
+        if i in seen:
+            raise UserError(f"--trainable-tokens names token id {i} twice; list each token once")
+        seen.add(i)
+    return ids
 
 
 def _objective(config: TrainConfig, model: nn.Module, world: distributed.World) -> SFT | DPO | KTO:
