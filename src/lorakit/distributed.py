@@ -4,10 +4,14 @@ Launch with torchrun (`torchrun --nproc-per-node 2 -m lorakit train ...`) or let
 `lorakit train --nproc N` start torchrun for you. Each rank trains on its own slice of every
 global batch; DDP all-reduces the gradients of the adapter parameters (the frozen base has none);
 rank 0 alone writes checkpoints, metrics and the adapter. Backend: nccl on GPUs, gloo on CPUs.
+
+`--fsdp` shards the frozen base instead of copying it to every rank (`shard`, FSDP2); the adapter
+stays whole on every rank and its gradients are averaged here (`average_gradients`), as DDP would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import subprocess
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from lorakit.errors import UserError
 
@@ -80,6 +85,63 @@ def gather(world: World, value) -> list:
     values = [None] * world.size
     dist.all_gather_object(values, value)
     return values
+
+
+def shard(model: nn.Module, root: nn.Module) -> nn.Module:
+    """FSDP2 over the frozen base: each decoder layer of `model`, then `root`, the loss module that holds
+    it (as DDP wraps it), which takes the rest (embeddings, final norm, output head). Returns `root`.
+
+    Every base parameter is split on its first dimension across the ranks and gathered whole only while
+    its unit runs. The root is the loss and not the model because the loss calls the model's body and
+    reads the output head's weight itself (lorakit.losses): only the root's forward gathers them all.
+    The trainable parameters (the adapter) are left out (`ignored_params`): a fraction of a percent of
+    the model, kept whole on every rank they leave the optimizer, gradient clipping, checkpoints and the
+    saved adapter exactly as without FSDP. Buffers are not sharded (FSDP shards parameters only)."""
+    from torch.distributed.fsdp import fully_shard
+
+    adapter = {p for p in model.parameters() if p.requires_grad}
+    # transformers names its decoder layer classes in _no_split_modules (what accelerate wraps, too)
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, ignored_params=adapter)
+    return fully_shard(root, ignored_params=adapter)
+
+
+@contextlib.contextmanager
+def unsharded(root: nn.Module):
+    """The root unit's parameters gathered for a forward outside its own (evaluation calls the model)."""
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
+
+
+def average_gradients(world: World, params: list[nn.Parameter]) -> None:
+    """Average the gradients of `params` over the ranks in place (what DDP's all-reduce does), in one
+    collective: the adapter's many small tensors as one flat buffer."""
+    grads = [p.grad for p in params if p.grad is not None]  # the same parameters on every rank
+    if not world.active or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])  # (sum of numels,)
+    dist.all_reduce(flat)
+    flat /= world.size
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def local_bytes(model: nn.Module) -> int:
+    """Bytes of the frozen base this rank holds: its shard of each sharded parameter, whole unsharded
+    parameters and all buffers (NF4 codes are buffers)."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    params = {id(p): p for p in model.parameters() if not p.requires_grad}.values()
+    for t in [*params, *{id(b): b for b in model.buffers()}.values()]:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        total += local.numel() * local.element_size()
+    return total
 
 
 def launch(nproc: int, argv: list[str]) -> int:

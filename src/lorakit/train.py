@@ -5,6 +5,7 @@
     lorakit train --base ~/models/big --quantize nf4 --data d.jsonl --out adapters/q     # QLoRA
     lorakit train --objective kto --data judged.jsonl --init-from adapters/sft --out adapters/kto  # good/bad labels
     lorakit train --full --data my_domain.txt --out models/mine      # full fine-tune: every weight trains
+    lorakit train --nproc 2 --fsdp --base ~/models/big --data d.jsonl --out adapters/x   # base sharded over 2 processes
 
 Writes into --out: the adapter (PEFT layout; with --full a transformers model directory) at the end, `metrics.jsonl` as it goes, `loss.png`,
 `training_summary.json`, and `checkpoint/` every --checkpoint-every steps (adapter, optimizer,
@@ -134,6 +135,10 @@ class TrainConfig:
     resume: bool = option("continue an interrupted run in --out from its checkpoint", default=False)
     overwrite: bool = option("replace an existing --out", default=False)
     quiet: bool = option("no progress bar", default=False)
+    fsdp: bool = option("with several processes (--nproc N or torchrun): shard the frozen base across them with "
+                        "PyTorch's FSDP2 instead of copying it to each; every rank holds about 1/N of the base's "
+                        "parameters (measured; docs/distributed.md) and the adapter trains exactly as without it",
+                        default=False)
     full: bool = option("full fine-tune instead of an adapter: every weight of the base trains (fp32 master weights) "
                         "and --out gets a complete transformers model directory (config, safetensors, tokenizer). "
                         "Memory: weights, gradients and AdamW's two moments, 16 bytes per parameter in fp32, "
@@ -183,6 +188,8 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
         quantize_spec(self.quantize)  # --quantize checked
+        if self.fsdp:
+            self._check_fsdp()
         if self.full:
             self._check_full()
         else:
@@ -215,6 +222,12 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} sets up an adapter and has no meaning with --full; "
                                 "leave it out")
 
+    def _check_fsdp(self) -> None:
+        """What --fsdp cannot shard or has not been shown to work with."""
+        if self.full:
+            raise UserError("--fsdp shards the frozen base around an adapter; --full trains every weight and is "
+                            "not supported with it: leave out one of them")
+
     def preference(self) -> Preference:
         return Preference(self.beta, self.desirable_weight, self.undesirable_weight)
 
@@ -246,9 +259,18 @@ def train(config: TrainConfig, should_stop: Callable[[int], bool] | None = None)
     """
     world = distributed.setup()
     try:
+        check_fsdp_world(config, world.size)
         return _train(config, should_stop, world)
     finally:
         distributed.teardown(world)
+
+
+def check_fsdp_world(config: TrainConfig, processes: int) -> None:
+    """--fsdp shards over processes: with one there is nothing to shard, and silently not sharding a base
+    the user expected to split would only surface as running out of memory."""
+    if config.fsdp and processes < 2:
+        raise UserError(f"--fsdp shards the base across processes and this run has {processes}; add --nproc N "
+                        "(N >= 2) or launch with torchrun, or leave out --fsdp")
 
 
 def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world: distributed.World) -> dict:
@@ -264,8 +286,10 @@ def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world
         for step in range(run.state["step"], run.total_steps):
             record = _train_step(run, config, world, step)
             last = step + 1 == run.total_steps
+            if world.main or config.fsdp:  # with --fsdp every rank takes part in each forward
+                record.update(_evaluate_due(run, config, last))
             if world.main:
-                _record(run, config, record, history, last)
+                _record(run, record, history)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
                 bar.update(1)
             stopped = _should_stop(world, should_stop, step + 1) and not last
@@ -299,7 +323,7 @@ class _Run:
     seq_len: int
     params: list[nn.Parameter]
     objective: SFT | DPO | KTO  # the loss of a micro-batch, with its figures
-    step_loss: nn.Module  # the objective, wrapped in DDP when there are several ranks
+    step_loss: nn.Module  # the objective, wrapped in DDP when there are several ranks (not with --fsdp)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
@@ -307,6 +331,7 @@ class _Run:
     state: dict  # step, tokens, train_seconds: what a checkpoint restores
     settings: dict  # what a --resume must match (`_resume_view`)
     base_eval: float | None  # the base's held-out loss (rank 0, sft with --eval-data), to set the trained one's against
+    shard_bytes: list[int] | None  # --fsdp: the base's bytes each rank holds after sharding, in rank order
 
 
 # ---- setup ----------------------------------------------------------------------------------------
@@ -343,7 +368,12 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     objective = _objective(config, model, world)
-    step_loss = _step_loss(objective, world, device)
+    shard_bytes = None
+    if config.fsdp:  # after the adapter exists (its parameters stay whole) and rank 0's look at the plain base
+        step_loss = distributed.shard(model, objective)
+        shard_bytes = distributed.gather(world, distributed.local_bytes(model))
+    else:
+        step_loss = _step_loss(objective, world, device)
     if config.lr_ratio is not None:  # LoRA+: B faster than A, in PEFT's groups
         groups = loraplus_groups(model, config.lr, config.lr_ratio, config.weight_decay, config.lr_embedding)
         optimizer = torch.optim.AdamW(groups, lr=config.lr)
@@ -362,7 +392,7 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     distributed.barrier(world)
     return _Run(out, device, dtype, model, tokenizer, memory, examples, stats, eval_examples, seq_len, params,
                 objective, step_loss, optimizer, scheduler, total_steps, trainable_parameters(model),
-                state, settings, base_eval)
+                state, settings, base_eval, shard_bytes)
 
 
 def _seq_len(config: TrainConfig, model: nn.Module) -> int:
@@ -485,6 +515,10 @@ def _step_loss(step_loss: nn.Module, world: distributed.World, device: torch.dev
 def _describe(run: _Run, config: TrainConfig, world: distributed.World) -> str:
     """Two lines on what is about to run: base, precision, data; parameters and steps."""
     ranks = f" x {world.size} ranks" if world.active else ""
+    if run.shard_bytes is not None:
+        held = max(run.shard_bytes)
+        ranks += (f"; FSDP: each rank holds {held / 1e6:,.2f} MB ({100 * held / run.memory.bytes:.0f}%) of the "
+                  f"base's {run.memory.bytes / 1e6:,.2f} MB")
     nf4_note = f", NF4 at {run.memory.nf4_bits_per_param:.3f} bits/param" if run.memory.nf4_params else ""
     objective = "" if config.objective == "sft" else f"{config.objective} (beta {config.beta}) on "
     # fp32 weights, gradients and AdamW's two moments; an adapter's few parameters need the same each
@@ -554,12 +588,15 @@ def _train_step(run: _Run, config: TrainConfig, world: distributed.World, step: 
     loss_sum, tokens = 0.0, 0
     for micro, batch in enumerate(batches):
         batch = {k: v.to(run.device) for k, v in batch.items()}
-        sync = micro == len(batches) - 1 or not world.active
+        sync = micro == len(batches) - 1 or not world.active or config.fsdp  # --fsdp: averaged below
         with autocast(run.device, run.dtype), (nullcontext() if sync else run.step_loss.no_sync()):
+            # x world.size: DDP (or average_gradients) divides the summed gradient by the ranks
             loss = run.step_loss(batch, learned[micro] * world.size / max(step_tokens, 1))
         loss.backward()
         loss_sum += loss.item() / world.size
         tokens += int(batch["attention_mask"].sum())
+    if config.fsdp:  # the adapter is outside FSDP's units: average its gradients as DDP does
+        distributed.average_gradients(world, run.params)
     norm = _grad_norm(run.params, config.max_grad_norm)  # clipped to --max-grad-norm when it is > 0
     loss_sum = distributed.all_sum(world, loss_sum)  # the step's mean loss over every learned token
     if not (math.isfinite(loss_sum) and math.isfinite(norm)):  # the same values on every rank: all stop here
@@ -596,12 +633,19 @@ def _non_finite(run: _Run, config: TrainConfig, step: int, loss: float, norm: fl
             "data")
 
 
-def _record(run: _Run, config: TrainConfig, record: dict, history: list[dict], last: bool) -> None:
-    """Add the held-out loss when due, then append the step's record to the history and metrics.jsonl."""
-    if run.eval_examples and (record["step"] % config.eval_every == 0 or last):
-        run.model.eval()
-        record.update(_evaluate(run, config))
-        run.model.train()
+def _evaluate_due(run: _Run, config: TrainConfig, last: bool) -> dict:
+    """The held-out figures every --eval-every steps and at the end ({} in between or without --eval-data)."""
+    if not run.eval_examples or not (run.state["step"] % config.eval_every == 0 or last):
+        return {}
+    run.model.eval()
+    with distributed.unsharded(run.step_loss) if config.fsdp else nullcontext():
+        figures = _evaluate(run, config)
+    run.model.train()
+    return figures
+
+
+def _record(run: _Run, record: dict, history: list[dict]) -> None:
+    """Append the step's record to the history and metrics.jsonl."""
     history.append(record)
     with open(run.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -652,6 +696,9 @@ def _save(run: _Run, config: TrainConfig, world: distributed.World, history: lis
         save_adapter(run.model, run.out)
     summary = _summary(config, run.counts, run.stats, run.state, history, base_eval, run.total_steps, run.memory)
     summary["world_size"] = world.size
+    summary["fsdp"] = config.fsdp
+    if run.shard_bytes is not None:  # what each rank holds of the base once sharded (the whole: memory.base_bytes)
+        summary["memory"]["base_bytes_per_rank"] = run.shard_bytes
     summary["objective"] = config.objective
     summary["figures"] = _final_figures(history)
     atomic_write_bytes(run.out / "training_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
@@ -911,6 +958,7 @@ def register(subparsers) -> None:
     def run(args) -> int:
         config = TrainConfig(**options(args, TrainConfig))
         if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+            check_fsdp_world(config, args.nproc)  # before torchrun starts processes that would each refuse
             return distributed.launch(args.nproc, ["train", *cli_args(config)])
         with ctrl_c_stops() as should_stop:
             result = train(config, should_stop=should_stop)
