@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lorakit.errors import UserError
+from lorakit.nf4 import NF4Linear
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,13 @@ def shard(model: nn.Module, root: nn.Module) -> nn.Module:
     reads the output head's weight itself (lorakit.losses): only the root's forward gathers them all.
     The trainable parameters (the adapter) are left out (`ignored_params`): a fraction of a percent of
     the model, kept whole on every rank they leave the optimizer, gradient clipping, checkpoints and the
-    saved adapter exactly as without FSDP. Buffers are not sharded (FSDP shards parameters only)."""
+    saved adapter exactly as without FSDP. FSDP shards parameters only, so NF4 weights (codes and
+    constants, buffers otherwise) become frozen parameters first; other buffers stay whole."""
     from torch.distributed.fsdp import fully_shard
 
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            module.storage_as_parameters()
     adapter = {p for p in model.parameters() if p.requires_grad}
     # transformers names its decoder layer classes in _no_split_modules (what accelerate wraps, too)
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
@@ -132,8 +137,8 @@ def average_gradients(world: World, params: list[nn.Parameter]) -> None:
 
 
 def local_bytes(model: nn.Module) -> int:
-    """Bytes of the frozen base this rank holds: its shard of each sharded parameter, whole unsharded
-    parameters and all buffers (NF4 codes are buffers)."""
+    """Bytes of the frozen base this rank holds: its shard of each sharded parameter (NF4 codes included
+    once `shard` has made them parameters), whole unsharded parameters and all buffers."""
     from torch.distributed.tensor import DTensor
 
     total = 0

@@ -264,6 +264,16 @@ class NF4Linear(nn.Module):
             if getattr(self, name) is not None:
                 getattr(self, name).copy_(getattr(q, name))
 
+    def storage_as_parameters(self) -> None:
+        """Hold the codes and constants as frozen parameters instead of buffers, for FSDP, which shards
+        parameters only (buffers stay whole on every rank). The scalar offset becomes shape (1,): FSDP
+        splits along a first dimension and refuses 0-d parameters. Same values, same forward."""
+        for name in ("packed", "absmax", "absmax_scale", "absmax_offset"):
+            t = self._buffers.pop(name)
+            if t is not None:
+                t = t.reshape(1) if t.dim() == 0 else t
+            self.register_parameter(name, None if t is None else nn.Parameter(t, requires_grad=False))
+
     def _apply(self, fn, recurse=True):
         # model.to(bf16) must not round the fp32 constants (they are part of the format): move them as
         # raw bits, and take the new dtype as the compute dtype instead.

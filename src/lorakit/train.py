@@ -368,6 +368,7 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     objective = _objective(config, model, world)
+    counts = trainable_parameters(model)  # before sharding: NF4 codes are buffers, each tensor whole
     shard_bytes = None
     if config.fsdp:  # after the adapter exists (its parameters stay whole) and rank 0's look at the plain base
         step_loss = distributed.shard(model, objective)
@@ -391,7 +392,7 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
         _prepare_out(config)
     distributed.barrier(world)
     return _Run(out, device, dtype, model, tokenizer, memory, examples, stats, eval_examples, seq_len, params,
-                objective, step_loss, optimizer, scheduler, total_steps, trainable_parameters(model),
+                objective, step_loss, optimizer, scheduler, total_steps, counts,
                 state, settings, base_eval, shard_bytes)
 
 
