@@ -145,6 +145,9 @@ NUMBERS = [
     Case("train-targets-no-match", train("--targets", "nothing_here"), "target_modules"),
     Case("train-labels-unknown", train("--labels", "some"), "labels"),
     Case("train-nproc-zero", train("--nproc", "0"), "--nproc"),
+    Case("train-fsdp-one-process", train("--fsdp"), "--nproc"),  # nothing to shard across: refused, not ignored
+    Case("train-fsdp-nproc-one", train("--fsdp", "--nproc", "1"), "--nproc"),  # before torchrun starts
+    Case("train-fsdp-full", train("--fsdp", "--full"), "--full"),
     Case("train-resume-and-overwrite", train("--resume", "--overwrite"), "--resume"),
     # eval
     Case("eval-batch-size-zero", ev("--batch-size", "0"), "--batch-size"),
