@@ -88,9 +88,10 @@ def gather(world: World, value) -> list:
     return values
 
 
-def shard(model: nn.Module, root: nn.Module) -> nn.Module:
+def shard(model: nn.Module, root: nn.Module, device: torch.device) -> nn.Module:
     """FSDP2 over the frozen base: each decoder layer of `model`, then `root`, the loss module that holds
     it (as DDP wraps it), which takes the rest (embeddings, final norm, output head). Returns `root`.
+    The base may be in CPU memory: FSDP moves each rank's shard to `device` (a GPU: this rank's).
 
     Every base parameter is split on its first dimension across the ranks and gathered whole only while
     its unit runs. The root is the loss and not the model because the loss calls the model's body and
@@ -104,13 +105,17 @@ def shard(model: nn.Module, root: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, NF4Linear):
             module.storage_as_parameters()
-    adapter = {p for p in model.parameters() if p.requires_grad}
+    adapter = [p for p in model.parameters() if p.requires_grad]  # in the same order on every rank
     # transformers names its decoder layer classes in _no_split_modules (what accelerate wraps, too)
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     for module in model.modules():
         if type(module).__name__ in layer_classes:
-            fully_shard(module, ignored_params=adapter)
-    return fully_shard(root, ignored_params=adapter)
+            fully_shard(module, ignored_params=set(adapter))
+    root = fully_shard(root, ignored_params=set(adapter))
+    for p in adapter:  # FSDP moves what it shards; the parameters it ignores are ours to move
+        p.data = p.data.to(device)
+        dist.broadcast(p.data, src=0)  # rank 0's initial adapter on every rank, as DDP starts
+    return root
 
 
 @contextlib.contextmanager

@@ -350,7 +350,10 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     # QLoRA: the base streams in and each chosen Linear is quantized as it arrives (never whole at full precision).
     # A full fine-tune keeps fp32 master weights (autocast computes in `dtype`): AdamW's small updates
     # would round away in bf16 weights. An adapter's own weights are fp32 whatever the base's dtype.
-    model, tokenizer = load_base(config.base, dtype=torch.float32 if config.full else dtype, device=device,
+    # --fsdp: the base loads into CPU memory (whole, in every process) and sharding moves each rank's
+    # part to its device, so no device holds the whole base.
+    model, tokenizer = load_base(config.base, dtype=torch.float32 if config.full else dtype,
+                                 device=torch.device("cpu") if config.fsdp else device,
                                  quantize=quantize_spec(config.quantize))
     memory = base_memory(model)
     seq_len = _seq_len(config, model)
@@ -371,7 +374,7 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     counts = trainable_parameters(model)  # before sharding: NF4 codes are buffers, each tensor whole
     shard_bytes = None
     if config.fsdp:  # after the adapter exists (its parameters stay whole) and rank 0's look at the plain base
-        step_loss = distributed.shard(model, objective)
+        step_loss = distributed.shard(model, objective, device)
         shard_bytes = distributed.gather(world, distributed.local_bytes(model))
     else:
         step_loss = _step_loss(objective, world, device)
