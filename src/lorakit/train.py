@@ -135,9 +135,10 @@ class TrainConfig:
     resume: bool = option("continue an interrupted run in --out from its checkpoint", default=False)
     overwrite: bool = option("replace an existing --out", default=False)
     quiet: bool = option("no progress bar", default=False)
-    fsdp: bool = option("with several processes (--nproc N or torchrun): shard the frozen base across them with "
-                        "PyTorch's FSDP2 instead of copying it to each; every rank holds about 1/N of the base's "
-                        "parameters (measured; docs/distributed.md) and the adapter trains exactly as without it",
+    fsdp: bool = option("with several processes (--nproc N or torchrun): shard the frozen base across them "
+                        "(PyTorch's FSDP2) instead of copying it to each: a rank holds about 1/N of it (measured "
+                        "at N=2, also with --quantize nf4) and the adapter is the one DDP trains; each layer's "
+                        "weights cross the network every step, slower on CPUs (docs/distributed.md)",
                         default=False)
     full: bool = option("full fine-tune instead of an adapter: every weight of the base trains (fp32 master weights) "
                         "and --out gets a complete transformers model directory (config, safetensors, tokenizer). "
@@ -952,7 +953,8 @@ def register(subparsers) -> None:
         description="Train one LoRA adapter on a frozen base model; saves it in PEFT's format.\n\nexamples:\n"
                     "  lorakit train --data my_domain.txt --out adapters/mine\n"
                     "  lorakit train --base ~/models/llama --data chats.jsonl --r 16 --targets all-linear --out adapters/x\n"
-                    "  lorakit train --base ~/models/big --quantize nf4 --data d.jsonl --out adapters/q   # QLoRA",
+                    "  lorakit train --base ~/models/big --quantize nf4 --data d.jsonl --out adapters/q   # QLoRA\n"
+                    "  lorakit train --nproc 2 --fsdp --base ~/models/big --data d.jsonl --out adapters/x   # base sharded",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(p, TrainConfig)
 
