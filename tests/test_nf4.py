@@ -253,6 +253,19 @@ def test_autocast_dequantizes_into_its_dtype_and_gives_grads_in_the_input_dtype(
     torch.testing.assert_close(x.grad, layer.weight.bfloat16().float().sum(0).expand(4, 64), atol=0.02, rtol=0.02)
 
 
+def test_storage_as_parameters_keeps_the_values_and_the_forward():  # what --fsdp does before sharding
+    layer = nf4.NF4Linear.from_linear(nn.Linear(200, 40))
+    x = torch.randn(3, 200)
+    before, buffers = layer(x), dict(layer.named_buffers())
+    layer.storage_as_parameters()
+    params = dict(layer.named_parameters())
+    assert not list(layer.buffers()) and not any(p.requires_grad for p in params.values())
+    assert all(p.dim() >= 1 for p in params.values())  # FSDP refuses 0-d parameters
+    for name, b in buffers.items():
+        assert torch.equal(params[name].reshape(b.shape), b), name
+    assert torch.equal(layer(x), before)
+
+
 def test_public_names():
     assert lorakit.quantize is nf4.quantize and lorakit.nf4 is nf4
 

@@ -224,7 +224,7 @@ class TrainConfig:
                                 "leave it out")
 
     def _check_fsdp(self) -> None:
-        """What --fsdp cannot shard or has not been shown to work with."""
+        """--fsdp keeps the trainable parameters (an adapter's) out of FSDP and shards the frozen rest."""
         if self.full:
             raise UserError("--fsdp shards the frozen base around an adapter; --full trains every weight and is "
                             "not supported with it: leave out one of them")
