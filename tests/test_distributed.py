@@ -25,12 +25,18 @@ def _args(base, data, out, **kw):
     return [str(x) for kv in values.items() for x in kv] + ["--quiet"]
 
 
-def test_two_ranks_equal_one_process_with_twice_the_batch(tiny_base, tmp_path):
+def _single_process_run(tiny_base, tmp_path):
+    """(the data file, the directory of one process trained on it with batch 4: what 2 ranks of 2 rows must give)."""
     data = tmp_path / "d.txt"
     data.write_text(TEXT)
     single = tmp_path / "single"
     train(TrainConfig(data=data, out=single, base=str(tiny_base), steps=4, seq_len=16, r=4, dtype="fp32", lr=5e-3,
                       batch_size=4, quiet=True))
+    return data, single
+
+
+def test_two_ranks_equal_one_process_with_twice_the_batch(tiny_base, tmp_path):
+    data, single = _single_process_run(tiny_base, tmp_path)
     double = tmp_path / "double"
     subprocess.run([sys.executable, "-m", "lorakit", "train", "--nproc", "2",
                     *_args(tiny_base, data, double, **{"--batch-size": 2})], check=True, timeout=300)
@@ -78,11 +84,7 @@ train(TrainConfig(**json.loads(sys.argv[1])), should_stop=lambda step: step == 2
 
 
 def test_fsdp_resumes_from_its_checkpoint(tiny_base, tmp_path):
-    data = tmp_path / "d.txt"
-    data.write_text(TEXT)
-    single = tmp_path / "single"
-    train(TrainConfig(data=data, out=single, base=str(tiny_base), steps=4, seq_len=16, r=4, dtype="fp32", lr=5e-3,
-                      batch_size=4, quiet=True))
+    data, single = _single_process_run(tiny_base, tmp_path)
     out, script = tmp_path / "run", tmp_path / "stop.py"
     script.write_text(STOP_AFTER_TWO_STEPS)
     config = {"data": str(data), "out": str(out), "base": str(tiny_base), "steps": 4, "seq_len": 16, "r": 4,
