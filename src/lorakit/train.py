@@ -456,7 +456,8 @@ def _lora_config(config: TrainConfig, model: nn.Module, tokenizer) -> LoraConfig
 
 
 def token_items(text: str | None) -> list[int | str]:
-    """--trainable-tokens as given: ids (digits) and tokens by name, in order; refuses empty items and repeats."""
+    """--trainable-tokens as given: ids (digits) and tokens by name, in order; refuses empty items and ids no
+    vocabulary has."""
     if text is None:
         return []
     items = [t.strip() for t in text.split(",")]
@@ -471,7 +472,7 @@ def token_items(text: str | None) -> list[int | str]:
 
 def token_ids(items: list[int | str], tokenizer) -> list[int]:
     """Each item as a token id: an id as given; a name as the tokenizer's token of that name, else the one token
-    its text encodes to. Repeats are refused (which of two values a row takes would be a guess)."""
+    its text encodes to. (LoraConfig refuses repeats: which of two values a row takes would be a guess.)"""
     vocabulary = tokenizer.get_vocab()
     ids = []
     for item in items:
@@ -485,11 +486,6 @@ def token_ids(items: list[int | str], tokenizer) -> list[int]:
                 raise UserError(f"--trainable-tokens: {item!r} is {len(encoded)} tokens of this tokenizer, not one; "
                                 "give single tokens or their ids")
             ids.append(encoded[0])
-    seen: set[int] = set()
-    for i in ids:
-        if i in seen:
-            raise UserError(f"--trainable-tokens names token id {i} twice; list each token once")
-        seen.add(i)
     return ids
 
 
