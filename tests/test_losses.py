@@ -11,7 +11,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
-from lorakit.losses import IGNORE, LinearCrossEntropy, causal_lm_loss
+from lorakit.losses import CHUNK_ELEMENTS, IGNORE, MIN_ROWS, LinearCrossEntropy, _rows, causal_lm_loss
 
 
 def _tied_llama():
@@ -128,3 +128,13 @@ def test_function_gradcheck_with_bias_in_float64():
     assert torch.autograd.gradcheck(lambda h, W, b: LinearCrossEntropy.apply(h, W, b, t, 2), (h, W, b))
     expected = torch.nn.functional.cross_entropy(h @ W.t() + b, t, ignore_index=IGNORE)
     assert torch.allclose(LinearCrossEntropy.apply(h, W, b, t, 3), expected)
+
+
+@pytest.mark.parametrize(("chunk_elements", "vocab", "rows"), [
+    (None, 151_936, MIN_ROWS),  # a big vocabulary: the floor, not 13 rows that re-read the head 158 times
+    (None, 1000, CHUNK_ELEMENTS // 1000),  # a small one: the element budget
+    (5 * 1000, 1000, 5),  # a given bound is kept, down to one row
+    (10, 1000, 1),
+])
+def test_rows_per_chunk(chunk_elements, vocab, rows):
+    assert _rows(chunk_elements, vocab) == rows
