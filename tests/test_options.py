@@ -23,6 +23,7 @@ class Example:
     rate: float = option("a float", default=0.5)
     fast: bool = option("a switch that is off by default", default=False)
     stop: bool = option("keep going instead", default=True)
+    tidy: bool | None = option("undecided unless given", default=None)
     adapters: list[str] = option("repeatable", default_factory=list, flag="--adapter", metavar="PATH")
     prompts: list[str] | None = option("several values to one flag", default=None, nargs="+")
     scales: list[float] = option("one value, parsed", type=_floats, default_factory=lambda: [0.0, 1.0])
@@ -41,6 +42,11 @@ def test_each_annotation_becomes_its_flag():
                   "--no-stop", "--adapter", "a", "--adapter", "b", "--prompts", "p", "q", "--scales", "0,0.5"])
     assert got == Example(data=Path("d"), name="x", steps=7, rate=2.5, fast=True, stop=False, adapters=["a", "b"],
                           prompts=["p", "q"], scales=[0.0, 0.5], file=Path("f.txt"), out=Path("out"))
+
+
+@pytest.mark.parametrize(("argv", "tidy"), [([], None), (["--tidy"], True), (["--no-tidy"], False)])
+def test_an_undecided_switch_takes_both_forms(argv, tidy):
+    assert _parse(["f.txt", "--data", "d", "--out", "o", *argv]).tidy is tidy
 
 
 def test_defaults_come_from_the_fields():

@@ -136,6 +136,27 @@ def test_memory_and_speed_options_train_the_same_adapter(tiny_base, text_file, t
         assert torch.allclose(plain[key], other[key], atol=1e-5), key
 
 
+@pytest.mark.parametrize(("kw", "on"), [({}, False), ({"quantize": "nf4"}, True),
+                                        ({"quantize": "nf4", "activation_checkpointing": False}, False),
+                                        ({"activation_checkpointing": True}, True)])
+def test_qlora_checkpoints_activations_unless_told_not_to(tiny_base, text_file, tmp_path, kw, on):
+    """QLoRA's recipe (a 7B base in 6 GB) by default; a given --[no-]activation-checkpointing wins."""
+    assert _config(tiny_base, text_file, tmp_path / "o", **kw).activation_checkpointing is on
+
+
+@pytest.mark.parametrize("kw", [{}, {"quantize": "nf4"}, {"quantize": "nf4", "activation_checkpointing": False},
+                                {"activation_checkpointing": True, "dora": True, "r": 8, "lr": 0.01}])
+def test_cli_args_give_the_config_back(tiny_base, text_file, tmp_path, kw):
+    """--nproc hands each torchrun process cli_args(config): parsed again, it must be the same run."""
+    from lorakit.cli import build_parser
+    from lorakit.options import options
+    from lorakit.train import cli_args
+
+    config = _config(tiny_base, text_file, tmp_path / "o", **kw)
+    args = build_parser("train").parse_args(["train", *cli_args(config)])
+    assert TrainConfig(**options(args, TrainConfig)) == config
+
+
 # ---- --full: a full fine-tune through the same loop ---------------------------------------------
 
 

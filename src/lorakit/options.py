@@ -12,7 +12,8 @@
 
 How a field becomes a flag (its annotation decides; any other annotation is a TypeError, not a string):
 - `int`, `float`, `str`, `Path` (or `... | None`): `--name VALUE`; required when the field has no default;
-- `bool`: a switch, `--name` when the default is False, `--no-name` when it is True;
+- `bool`: a switch, `--name` when the default is False, `--no-name` when it is True; `bool | None`
+  with default None: both `--name` and `--no-name`, None when neither is given (the command decides);
 - `list[str]` / `list[Path]` / `list[float]`: a repeatable flag (`--adapter a --adapter b`), with
   `nargs="+"` one flag taking several values, with `type=` one value that `type` parses into the list;
   `positional=True` makes any field a positional argument.
@@ -104,6 +105,8 @@ def _argument(config: type, f: dataclasses.Field) -> dict:
     text = meta["help"].replace("%", "%%")
     annotation = _annotation(f)
     kw: dict = {"dest": f.name} if not meta.get("positional") else {}
+    if annotation == "bool" and f.default is None:  # undecided unless given: --name / --no-name
+        return {**kw, "action": argparse.BooleanOptionalAction, "default": None, "help": text}
     if annotation == "bool":
         return {**kw, "action": "store_false" if f.default is True else "store_true", "help": text}
     if annotation not in _TYPES:
