@@ -11,6 +11,8 @@ generic path; see `test_bitsandbytes_dequantize_equals_the_reference_or_is_furth
 from __future__ import annotations
 
 import json
+import sys
+import threading
 
 import pytest
 import torch
@@ -218,6 +220,33 @@ def test_nf4_linear_forward_and_backward_equal_dequantized_math(monkeypatch, chu
     torch.testing.assert_close(x.grad, x_ref.grad)
     if bias:
         torch.testing.assert_close(layer.bias.grad, g.sum((0, 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_buffers_serve_inference_mode_then_training_and_each_dtype(monkeypatch, dtype):
+    """The reused decode buffers: first made under inference mode (a server's step), they still serve a
+    training step after it; each chunk's decode equals the fresh one, in the compute dtype too."""
+    monkeypatch.setattr(nf4, "_SCRATCH", threading.local())  # no buffers left from other tests
+    monkeypatch.setattr(nf4, "_CHUNK", 1000)
+    torch.manual_seed(0)
+    layer = nf4.NF4Linear.from_linear(nn.Linear(75, 40))
+    q = layer.quantized
+    fresh = [q.rows(a, b, dtype) for a, b in nf4._row_chunks(q)]
+    assert all(torch.equal(q.rows(a, b, dtype, scratch=True), f) for (a, b), f in zip(nf4._row_chunks(q), fresh))
+    x = torch.randn(4, 75, dtype=dtype)
+    with torch.inference_mode():
+        served = layer(x)
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(served, x.detach() @ torch.cat(fresh).t() + layer.bias.to(dtype))
+    torch.testing.assert_close(x.grad, torch.cat(fresh).sum(0).expand_as(x), rtol=0.02, atol=0.02)
+
+
+def test_return_freed_memory_sets_glibcs_threshold_unless_the_user_did(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert nf4.return_freed_memory.__wrapped__() is sys.platform.startswith("linux")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert nf4.return_freed_memory.__wrapped__() is False
 
 
 def test_nf4_base_keeps_no_full_precision_weight_for_backward():
