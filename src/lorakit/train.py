@@ -433,8 +433,8 @@ def _add_adapter(config: TrainConfig, model: nn.Module, tokenizer) -> None:
         inject(model, _lora_config(config, model, tokenizer))
     if config.activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
-            raise UserError("this base does not support activation checkpointing (on by default with --quantize); "
-                            "add --no-activation-checkpointing")
+            raise UserError("this base does not support activation checkpointing (asked for, or on by default with "
+                            "--quantize); pass --no-activation-checkpointing")
         enable_activation_checkpointing(model)
     if config.compile:
         # In place (nn.Module.compile): module names, and so the saved adapter's keys, stay the same.
