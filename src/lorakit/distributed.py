@@ -106,12 +106,13 @@ def shard(model: nn.Module, root: nn.Module, device: torch.device) -> nn.Module:
         if isinstance(module, NF4Linear):
             module.storage_as_parameters()
     adapter = [p for p in model.parameters() if p.requires_grad]  # in the same order on every rank
+    ignored = set(adapter)
     # transformers names its decoder layer classes in _no_split_modules (what accelerate wraps, too)
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     for module in model.modules():
         if type(module).__name__ in layer_classes:
-            fully_shard(module, ignored_params=set(adapter))
-    root = fully_shard(root, ignored_params=set(adapter))
+            fully_shard(module, ignored_params=ignored)
+    root = fully_shard(root, ignored_params=ignored)
     for p in adapter:  # FSDP moves what it shards; the parameters it ignores are ours to move
         p.data = p.data.to(device)
         dist.broadcast(p.data, src=0)  # rank 0's initial adapter on every rank, as DDP starts
