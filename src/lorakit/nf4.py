@@ -186,7 +186,7 @@ def _scratch(name: str, n: int, dtype: torch.dtype, device: torch.device) -> tor
 
 
 _MMAP_THRESHOLD = 1 << 20  # bytes: blocks this big and bigger come from mmap once `return_freed_memory` ran
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
 @functools.cache
@@ -206,7 +206,7 @@ def return_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt worth setting)
         return False
 
