@@ -140,6 +140,7 @@ NUMBERS = [
     Case("train-seed-huge", train("--seed", str(2**64)), "--seed"),
     Case("train-dtype-unknown", train("--dtype", "fp8"), "dtype"),
     Case("train-quantize-unknown", train("--quantize", "int8"), "--quantize nf4"),
+    Case("train-checkpointing-with-a-value", train("--activation-checkpointing=yes"), "--no-activation-checkpointing"),
     Case("train-targets-empty", train("--targets", ""), "target"),
     Case("train-targets-bad-regex", train("--targets", "(q_proj"), "target"),
     Case("train-targets-no-match", train("--targets", "nothing_here"), "target_modules"),
