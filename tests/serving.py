@@ -22,7 +22,9 @@ def make_adapters(directory: Path, ranks: dict[str, int], seed: int = 0) -> dict
         g = torch.Generator().manual_seed(seed + i)
         with torch.no_grad():  # B starts at zero; a random B makes each adapter change the text its own way
             for _, layer in lorakit.lora_layers(model):
-                B = layer.lora_B["default"]
+                A, B = layer.lora_A["default"], layer.lora_B["default"]
+                # A too from the seeded generator: the same adapters whatever ran before in the process
+                A.copy_((torch.rand(A.shape, generator=g) * 2 - 1) / A.shape[1] ** 0.5)
                 B.copy_(torch.randn(B.shape, generator=g) * 0.04)
         paths[name] = lorakit.save_adapter(model, directory / name)
     return paths

@@ -229,11 +229,11 @@ def direct_greedy(model, ids: list[int], steps: int, presence: float, frequency:
 def test_penalties_and_bias_follow_openais_formula(client, peft_models, presence, frequency, bias):
     tokenizer = peft_models["tokenizer"]
     ids = tokenizer("The ship").input_ids
-    r = client.completions.create(model="legal", prompt=ids, max_tokens=16, temperature=0, presence_penalty=presence,
+    r = client.completions.create(model="legal", prompt=ids, max_tokens=32, temperature=0, presence_penalty=presence,
                                   frequency_penalty=frequency, logit_bias=bias, logprobs=0)
-    expected = direct_greedy(peft_models["legal"], ids, 16, presence, frequency, {int(k): v for k, v in bias.items()})
+    expected = direct_greedy(peft_models["legal"], ids, 32, presence, frequency, {int(k): v for k, v in bias.items()})
     assert r.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
-    plain = client.completions.create(model="legal", prompt=ids, max_tokens=16, temperature=0).choices[0].text
+    plain = client.completions.create(model="legal", prompt=ids, max_tokens=32, temperature=0).choices[0].text
     assert r.choices[0].text != plain  # the settings really changed the answer
 
 
