@@ -10,8 +10,10 @@ A single thread owns the model. It loops:
        low-rank product of `lorakit.routing`, S-LoRA/Punica style), then each row samples its next token
     4. drop finished or cancelled rows from the batch and its cache
 
-The batch's KV cache is left-padded: rows that joined later have zeros in front, masked out by the
-attention mask, and each row's position ids count only its own tokens. A request therefore computes
+For Llama-shaped models (Llama, Mistral, Qwen2) prefill and decode run `lorakit.serve.decoder`'s lean
+forward, which writes into the spare columns of the batch's `lorakit.serve.batch_cache.BatchCache`;
+other models run their own forward. The batch's KV cache is left-padded: rows that joined later have
+zeros in front, masked out by the attention mask, and each row's position ids count only its own tokens. A request therefore computes
 the same function alone or in a batch; only the floating-point summation order of the matmuls
 can differ, far below what changes a greedy choice in practice (tests check the outputs are equal).
 
@@ -33,13 +35,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters import delete_adapter, per_row_adapters
 from lorakit.base import autocast
 from lorakit.errors import UserError
 from lorakit.routing import AdapterStacks, RowRouting
+from lorakit.serve.batch_cache import BatchCache, left_pad
+from lorakit.serve.decoder import Decoder
 from lorakit.serve.sampling import RowSampler, SamplingParams, TokenScores, choose, log_failure, position_scores
 
 Emit = Callable[[int | None, str | None, TokenScores | None], None]
@@ -112,7 +115,7 @@ class Engine:
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._jobs: collections.deque[tuple[Callable, concurrent.futures.Future]] = collections.deque()
         self._rows: list[_Row] = []
-        self._cache = None  # DynamicCache of the running batch, (rows, heads, L, head_dim) per layer
+        self._cache: BatchCache | None = None  # the running batch's keys and values, (rows, heads, L, head_dim)
         self._mask: torch.Tensor | None = None  # (rows, L): 1 where the cache holds a real token
         self._users: collections.Counter[str] = collections.Counter()  # adapter -> requests holding it
         self._retiring: set[str] = set()
@@ -122,6 +125,7 @@ class Engine:
         # Only the last position's logits are needed: skip the (P, vocab) projection where the model allows.
         accepts = inspect.signature(self.model.forward).parameters
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        self._decoder = Decoder.of(self.model)  # decode steps without the model's forward, where its wiring allows
         self.last_error: BaseException | None = None
         self._check_cache_kind()
 
@@ -293,15 +297,21 @@ class Engine:
                             device=self.device)  # (n, P)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens from 0
         scoring = any(r.prompt_logprobs is not None for r in requests)
-        out = self._forward(RowRouting([r.adapters for r in requests], stacks=self._stacks), every_position=scoring,
-                            input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache())
+        routing = RowRouting([r.adapters for r in requests], stacks=self._stacks)
+        if self._decoder is not None:
+            with per_row_adapters(self.model, routing), autocast(self.device, self.dtype):
+                logits, cache = self._decoder.prefill(ids, positions, mask, every_position=scoring)
+        else:
+            out = self._forward(routing, every_position=scoring, input_ids=ids, attention_mask=mask,
+                                position_ids=positions, cache=DynamicCache())
+            logits, cache = out.logits, BatchCache.of(out.cache)  # (n, P or 1, V)
         self.stats.prefills += len(requests)
         self.stats.prefill_batches += 1
         rows = [_Row(r, RowSampler(r.sampling), last=-1, length=len(r.prompt_ids)) for r in requests]
         for i, request in enumerate(requests):
             if request.prompt_logprobs is not None:
                 n = len(request.prompt_ids)  # its tokens are the last n columns; column c predicts column c + 1
-                request.prompt_scores = [None, *position_scores(out.logits[i, width - n:-1], ids[i, width - n + 1:],
+                request.prompt_scores = [None, *position_scores(logits[i, width - n:-1], ids[i, width - n + 1:],
                                                                 request.prompt_logprobs)]
         scoring_only = [row for row in rows if row.request.max_tokens == 0]
         for row in scoring_only:
@@ -309,17 +319,15 @@ class Engine:
             self._finish(row.request, "length")
         sampling = [(i, row) for i, row in enumerate(rows) if not row.done]
         if sampling:
-            last = out.logits[[i for i, _ in sampling], -1]  # (m, V)
+            last = logits[[i for i, _ in sampling], -1]  # (m, V)
             tokens, scores = choose(last, [row.sampler for _, row in sampling])
             for (_, row), token, score in zip(sampling, tokens, scores):
                 self._accept(row, token, score)
-        self._join(rows, out.cache, mask)
+        self._join(rows, cache, mask)
 
-    def _join(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
+    def _join(self, rows: list[_Row], cache: BatchCache, mask: torch.Tensor) -> None:
         """Append prefilled rows (their cache and (n, P) mask) to the batch, leaving out the finished ones:
         left-pad whichever side is shorter, concatenate rows."""
-        from transformers import DynamicCache
-
         keep = [i for i, row in enumerate(rows) if not row.done]
         if not keep:
             return
@@ -330,12 +338,8 @@ class Engine:
             self._cache, self._mask, self._rows = cache, mask, rows
             return
         width = max(self._mask.shape[1], mask.shape[1])
-        layers = []
-        for old, new in zip(self._cache.layers, cache.layers):
-            layers.append((torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
-                           torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])))
-        self._cache = DynamicCache(layers)
-        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])  # (rows, L)
+        self._cache = self._cache.join(cache)
+        self._mask = torch.cat([left_pad(self._mask, width), left_pad(mask, width)])  # (rows, L)
         self._rows += rows
 
     @torch.inference_mode()
@@ -345,13 +349,18 @@ class Engine:
         ids = torch.tensor([[row.last] for row in rows], device=self.device)  # (n, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)  # (n, L+1)
         positions = torch.tensor([[row.length] for row in rows], device=self.device)  # (n, 1)
-        out = self._forward(self._running_routing(), input_ids=ids, attention_mask=self._mask,
-                            position_ids=positions, cache=self._cache)
-        self._cache = out.cache
+        routing = self._running_routing()
+        if self._decoder is not None:
+            with per_row_adapters(self.model, routing), autocast(self.device, self.dtype):
+                logits = self._decoder.step(ids, positions, self._mask, self._cache)  # (n, V)
+        else:
+            out = self._forward(routing, input_ids=ids, attention_mask=self._mask, position_ids=positions,
+                                cache=self._cache.dynamic())
+            self._cache, logits = BatchCache.of(out.cache), out.logits[:, -1]  # (n, V)
         self.stats.steps += 1
         self.stats.row_steps += len(rows)
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
-        tokens, scores = choose(out.logits[:, -1], [row.sampler for row in rows])  # logits (n, V)
+        tokens, scores = choose(logits, [row.sampler for row in rows])
         for row, token, score in zip(rows, tokens, scores):
             row.length += 1
             self._accept(row, token, score)
@@ -419,21 +428,9 @@ def _as_set(ids: int | set[int] | None) -> set[int] | frozenset[int]:
     return frozenset() if ids is None else {ids} if isinstance(ids, int) else ids
 
 
-def _select(cache, mask: torch.Tensor, keep: list[int]):
+def _select(cache: BatchCache, mask: torch.Tensor, keep: list[int]) -> tuple[BatchCache, torch.Tensor]:
     """Rows `keep` of a (cache, (rows, L) mask) pair, without the columns that are padding in all of them."""
-    from transformers import DynamicCache
-
     index = torch.tensor(keep, device=mask.device)
     mask = mask.index_select(0, index)
     start = int((mask.sum(0) > 0).long().argmax())  # columns before it are padding in every kept row
-    layers = [(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
-              for layer in cache.layers]
-    return DynamicCache(layers), mask[:, start:]
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Zeros in front along the sequence axis (dim 2 of a (B, H, L, D) cache tensor, dim 1 of a (B, L) mask)."""
-    missing = width - t.shape[2 if t.dim() == 4 else 1]
-    if missing == 0:
-        return t
-    return F.pad(t, (0, 0, missing, 0) if t.dim() == 4 else (missing, 0))
+    return cache.select(index, start), mask[:, start:]

@@ -1,0 +1,233 @@
+"""A lean decode step for Llama-shaped models: one new token per row, the model's own maths, less Python.
+
+A server's decode step feeds one token per row through a small model many times a second, and there the
+time goes to Python, not to arithmetic: transformers' forward builds a 4-D attention mask, checks its
+arguments and outputs, dispatches attention through a registry and concatenates every layer's whole
+cache, on every step (on the embedded base at batch 8 that forward takes ~1.5x the time of this one,
+~2x at batch 32). This step does what that forward computes for a decode step, written out:
+
+    x = embed(ids)                                   # (B, 1, d)
+    cos, sin = rotary(x, positions)                  # the model's own rotary module (any RoPE scaling)
+    for each layer:
+        h = input_norm(x)
+        q, k, v = q_proj(h), k_proj(h), v_proj(h)    # (B, H, 1, D) after the head split
+        q, k = rope(q), rope(k)
+        K, V = cache.write(layer, k, v)              # in place, into spare columns
+        x = x + o_proj(attention(q, K, V, mask))     # scaled dot product, padding masked
+        x = x + mlp(post_attention_norm(x))
+    logits = lm_head(norm(x))                        # (B, 1, vocab)
+
+Every norm, MLP and the embedding are the model's own modules, called as they are, and so are the
+projections, with one exception below: LoRA layers (with per-row routing), NF4 bases and biases
+(Qwen2's q/k/v) behave as in the model's forward. Only the decoder-layer and attention wiring above is
+ours, which is why it is used only for the architectures whose wiring it is (`Decoder.of` checks both
+the type and the module layout) and otherwise the engine runs the model's forward. Tests hold it to
+that forward: the same logits to 1e-4, the same greedy tokens.
+
+The exception: a decode step multiplies a few rows by every weight of the model, and how fast a BLAS
+does a few-row product depends on the layout it is asked for. On an AVX2 EPYC with MKL, x·Wᵀ (what
+`nn.Linear` asks for) at 8 rows is 1.3-3x slower than (W·xᵀ)ᵀ, the same product with W streamed row
+by row (a decode step at batch 8 on the embedded base: 1.4x faster). Other hosts and libraries may
+differ, so the engine measures both on the model's own weights before the first step (`measure`)
+and takes the transposed form for plain `nn.Linear` weights only where it is faster.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.layers import LoraLayer
+from lorakit.serve.batch_cache import BatchCache
+
+# Model types whose decoder layer is exactly the wiring in the module docstring (transformers' Llama code,
+# which Mistral and Qwen2 copy; their sliding-window variants are refused by the engine's cache check).
+ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
+LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+ATTENTION_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
+MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+SAMPLE_BYTES = 64 << 20  # weights timed by `measure`: more than a CPU's last-level cache, as in a real step
+
+
+class Decoder:
+    """`step` runs one decode step of `model` over a `BatchCache`; made by `Decoder.of`."""
+
+    def __init__(self, model: nn.Module, transposed: bool | None = None):
+        config = model.config
+        self.model = model
+        self.inner = model.model
+        self.head = model.get_output_embeddings()
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.transposed = transposed  # plain Linear products as (W·xᵀ)ᵀ; None: `measure` decides on first use
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Decoder | None:
+        """The lean step for `model`, or None where its forward must run (another architecture or layout,
+        or hooks on the modules this step bypasses)."""
+        config = getattr(model, "config", None)
+        inner = getattr(model, "model", None)
+        if getattr(config, "model_type", None) not in ARCHITECTURES or inner is None:
+            return None
+        if not all(hasattr(inner, part) for part in ("embed_tokens", "layers", "norm", "rotary_emb")):
+            return None
+        if model.get_output_embeddings() is None:
+            return None
+        for layer in inner.layers:
+            if {name for name, _ in layer.named_children()} != LAYER_PARTS:
+                return None
+            if {name for name, _ in layer.self_attn.named_children()} != ATTENTION_PARTS \
+                    or not hasattr(layer.self_attn, "scaling"):
+                return None
+            if {name for name, _ in layer.mlp.named_children()} != MLP_PARTS:
+                return None
+        bypassed = [model, inner, *inner.layers, *(m for layer in inner.layers for m in (layer.self_attn, layer.mlp))]
+        for module in _projections(model):  # their forward may be bypassed too (the transposed product)
+            bypassed += [module, module.base] if isinstance(module, LoraLayer) else [module]
+        if any(m._forward_hooks or m._forward_pre_hooks for m in bypassed):
+            return None
+        return cls(model)
+
+    def measure(self, dtype: torch.dtype, rows: int = 8, trials: int = 5) -> bool:
+        """Whether (W·xᵀ)ᵀ is faster than x·Wᵀ here: both timed (best of `trials`) for `rows` rows in
+        `dtype` over the model's plain Linear weights (the first ones up to `SAMPLE_BYTES`, and the
+        output head's). CPU only: a GPU's BLAS picks its kernels well for both."""
+        weights = [m.weight for m in _projections(self.model) if type(m) is nn.Linear]
+        weights += [m.base.weight for m in _projections(self.model)
+                    if isinstance(m, LoraLayer) and type(m.base) is nn.Linear]
+        if not weights or weights[0].device.type != "cpu":
+            return False
+        sample, size = [], 0
+        for W in weights[:-1]:  # the head comes last in `_projections`: always in the sample
+            if size >= SAMPLE_BYTES:
+                break
+            sample.append(W)
+            size += W.numel() * W.element_size()
+        sample.append(weights[-1])
+        inputs = {W.shape[1]: torch.randn(rows, W.shape[1]).to(dtype) for W in sample}
+        plain = transposed = float("inf")
+        with torch.inference_mode():
+            for _ in range(trials):  # alternating, so that a burst of other load hits both alike
+                start = time.perf_counter()
+                for W in sample:
+                    F.linear(inputs[W.shape[1]], W.to(dtype))
+                plain = min(plain, time.perf_counter() - start)
+                start = time.perf_counter()
+                for W in sample:
+                    _transposed_linear(inputs[W.shape[1]], W.to(dtype), None)
+                transposed = min(transposed, time.perf_counter() - start)
+        return transposed < 0.95 * plain  # a clear win only: the plain product is the model's own
+
+    def project(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`module(x)`, with the product of a plain `nn.Linear` weight taken as (W·xᵀ)ᵀ where that is faster.
+
+        A LoRA layer on such a base gets that product as its base output and adds its routed update
+        to it as its own forward would (`LoraLayer.forward`: disabled, or routing per row)."""
+        base = module.base if isinstance(module, LoraLayer) else module
+        if not self.transposed or type(base) is not nn.Linear:
+            return module(x)
+        if base is module:
+            return _transposed_linear(x, base.weight, base.bias)
+        if module.disabled:
+            return _transposed_linear(x, base.weight, base.bias)
+        if module.routing is None:  # not the engine's per-row path: the layer's own dispatch
+            return module(x)
+        return module.routing.apply(module, x, _transposed_linear(x, base.weight, base.bias))
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache) -> torch.Tensor:
+        """Logits (B, vocab) for `ids` (B, 1) at `positions` (B, 1), `mask` (B, L + 1) marking the real
+        columns of the cache plus the new one; appends the step's keys and values to `cache`."""
+        return self.forward(ids, positions, mask, cache)[0][:, -1]
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                every_position: bool = False) -> tuple[torch.Tensor, BatchCache]:
+        """Logits (B, P, vocab), or (B, 1, vocab) for the last position only, and the new cache, for
+        left-padded prompts `ids` (B, P) at `positions` (B, P), `mask` (B, P) marking the real tokens."""
+        return self.forward(ids, positions, mask, None, every_position)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache | None,
+                every_position: bool = False) -> tuple[torch.Tensor, BatchCache]:
+        """T new tokens per row (`ids`, `positions` (B, T)) after the L columns of `cache` (None: none);
+        `mask` (B, L + T) marks the real columns. Returns the logits ((B, T, vocab) or the last
+        position's (B, 1, vocab)) and the cache with the new columns."""
+        B, T = ids.shape
+        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        if self.transposed is None:
+            self.transposed = self.measure(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                                           else self.inner.norm.weight.dtype)
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            cache.reserve(T)
+        attend = _attention_mask(mask, past, T)  # (B, 1, T, L + T), True = attend; None: every column
+        x = self.inner.embed_tokens(ids)  # (B, T, d)
+        cos, sin = self.inner.rotary_emb(x, positions)  # (B, T, D) each
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D): over heads
+        fresh = []
+        for i, layer in enumerate(self.inner.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)  # (B, T, d)
+            q = self.project(attn.q_proj, h).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            k = self.project(attn.k_proj, h).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            v = self.project(attn.v_proj, h).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            if cache is None:
+                K, V = k, v
+                fresh.append((k, v))
+            else:
+                K, V = cache.write(i, k, v)  # (B, Hkv, L + T, D)
+            o = F.scaled_dot_product_attention(q, K, V, attn_mask=attend, scale=attn.scaling,
+                                               enable_gqa=H != Hkv)  # (B, H, T, D)
+            x = x + self.project(attn.o_proj, o.transpose(1, 2).reshape(B, T, H * D))  # (B, T, d)
+            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))  # (B, T, d)
+        if cache is None:
+            cache = BatchCache(fresh, T)
+        else:
+            cache.advance(T)
+        h = self.inner.norm(x if every_position else x[:, -1:])  # (B, T or 1, d)
+        return self.project(self.head, h), cache  # (B, T or 1, vocab)
+
+    def _mlp(self, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """down(act(gate(h)) · up(h)): the gated MLP of these architectures, through `project`."""
+        return self.project(mlp.down_proj, mlp.act_fn(self.project(mlp.gate_proj, h)) * self.project(mlp.up_proj, h))
+
+
+def _projections(model: nn.Module) -> list[nn.Module]:
+    """Every projection `Decoder.project` may take over, the output head last."""
+    modules = []
+    for layer in model.model.layers:
+        modules += [getattr(layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        modules += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+    return [*modules, model.get_output_embeddings()]
+
+
+def _transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x·Wᵀ + b computed as (W·xᵀ)ᵀ: x (..., in), W (out, in) -> (..., out), contiguous."""
+    y = torch.mm(weight, x.reshape(-1, x.shape[-1]).t()).t()  # (N, out), a transposed view
+    if bias is not None:
+        y = y + bias
+    return y.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def _attention_mask(mask: torch.Tensor, past: int, T: int) -> torch.Tensor | None:
+    """(B, 1, T, past + T) booleans for T new tokens after `past` cached columns: a real column, and not
+    after the token itself. None where that is every column (no padding, one new token).
+
+    A padding position in a left-padded prompt has no real column before it; it attends to itself, so
+    that its (unused) keys and values stay finite: a NaN there would reach real rows through the zero
+    attention weights of masked columns (0·NaN = NaN)."""
+    if T == 1 and bool(mask.all()):
+        return None
+    width = past + T
+    columns = torch.arange(width, device=mask.device)  # (L + T,)
+    own = past + torch.arange(T, device=mask.device)[:, None]  # (T, 1): each new token's own column
+    allowed = mask.bool()[:, None, None, :] & (columns <= own)  # (B, 1, T, L + T)
+    return allowed | (columns == own)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last axis's halves: RoPE's rotation in transformers' layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)

@@ -1,0 +1,130 @@
+"""The server's lean decode step against the model's own forward; the batch cache it writes into."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+
+import lorakit
+from lorakit.routing import RowRouting
+from lorakit.serve import batch_cache
+from lorakit.serve.batch_cache import BatchCache
+from lorakit.serve.decoder import Decoder
+from tests.conftest import VOCAB, build, randomize_adapters
+
+MIXES = [{"a": 1.0}, {}, {"b": 1.0}, {"a": 0.5, "b": -1.5}]
+
+
+def mistral():
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                                            max_position_embeddings=64, tie_word_embeddings=False)).eval()
+
+
+def model_of(family: str):
+    model = mistral() if family == "mistral" else build(family)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "lm_head", "embed_tokens"]
+    for name, r in {"a": 2, "b": 4}.items():
+        lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets), adapter=name)
+    randomize_adapters(model, scale=0.3)
+    return model
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_decode_steps_equal_the_models_forward_on_a_left_padded_mixed_batch(family, transposed, monkeypatch):
+    """Logits and cache of 6 steps, with either form of the Linear products, (to 1e-4 in fp32, the bound the server promises for log-probabilities): rows of different lengths (so padded), each with its own adapter mix,
+    the cache growing on every step (no spare columns)."""
+    monkeypatch.setattr(batch_cache, "SPARE", 0)
+    model = model_of(family)
+    decoder = Decoder.of(model)
+    assert decoder is not None
+    decoder.transposed = transposed
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 2, 7, 3]
+    width = max(lengths)
+    ids = torch.stack([torch.cat([torch.zeros(width - n, dtype=torch.long), torch.randint(1, VOCAB, (n,), generator=g)])
+                       for n in lengths])  # (4, 7), left-padded
+    mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()  # (4, 7)
+    routing = RowRouting(MIXES)
+    with torch.inference_mode(), lorakit.per_row_adapters(model, routing):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                    cache=DynamicCache(), use_cache=True)
+        ours, theirs = BatchCache.of(out.cache), out.cache
+        last = out.logits[:, -1].argmax(-1, keepdim=True)  # (4, 1)
+        positions = torch.tensor(lengths)[:, None]  # (4, 1)
+        for _ in range(6):
+            mask = torch.cat([mask, mask.new_ones(4, 1)], dim=1)
+            expected = model(input_ids=last, attention_mask=mask, position_ids=positions, cache=theirs, use_cache=True)
+            got = decoder.step(last, positions, mask, ours)  # (4, V)
+            torch.testing.assert_close(got, expected.logits[:, -1], rtol=0, atol=1e-4)
+            theirs = expected.cache
+            assert ours.length == theirs.layers[0].keys.shape[2]
+            for (K, V), layer in zip(ours.layers, theirs.layers):
+                torch.testing.assert_close(K[:, :, :ours.length], layer.keys, rtol=0, atol=1e-4)
+                torch.testing.assert_close(V[:, :, :ours.length], layer.values, rtol=0, atol=1e-4)
+            last, positions = got.argmax(-1, keepdim=True), positions + 1
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_prefill_equals_the_models_forward_at_every_real_position(family, transposed):
+    """Left-padded prompts with their own adapter mixes: every real position's logits and every real
+    column of the cache as the model's forward gives them (padding positions stay finite)."""
+    model = model_of(family)
+    decoder = Decoder.of(model)
+    decoder.transposed = transposed
+    g = torch.Generator().manual_seed(2)
+    lengths = [5, 1, 8, 3]
+    width = max(lengths)
+    ids = torch.stack([torch.cat([torch.zeros(width - n, dtype=torch.long), torch.randint(1, VOCAB, (n,), generator=g)])
+                       for n in lengths])  # (4, 8)
+    mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()  # (4, 8)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.inference_mode(), lorakit.per_row_adapters(model, RowRouting(MIXES)):
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(), use_cache=True)
+        logits, cache = decoder.prefill(ids, positions, mask, every_position=True)  # (4, 8, V)
+        last, _ = decoder.prefill(ids, positions, mask)  # (4, 1, V)
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], expected.logits[real], rtol=0, atol=1e-4)
+    torch.testing.assert_close(last[:, 0], expected.logits[:, -1], rtol=0, atol=1e-4)
+    assert cache.length == width and torch.isfinite(logits).all()
+    for (K, V), layer in zip(cache.layers, expected.cache.layers):
+        assert torch.isfinite(K).all() and torch.isfinite(V).all()
+        torch.testing.assert_close(K.transpose(1, 2)[real], layer.keys.transpose(1, 2)[real], rtol=0, atol=1e-4)
+        torch.testing.assert_close(V.transpose(1, 2)[real], layer.values.transpose(1, 2)[real], rtol=0, atol=1e-4)
+
+
+def test_the_lean_step_is_used_only_where_its_wiring_is_the_models():
+    assert Decoder.of(build("llama")) is not None and Decoder.of(build("qwen2")) is not None
+    assert Decoder.of(build("gpt2")) is None  # another architecture: the model's forward runs
+    hooked = build("llama")
+    hooked.model.layers[0].register_forward_hook(lambda *_: None)  # a hook the lean step would skip
+    assert Decoder.of(hooked) is None
+    model = build("llama")
+    model.model.layers[1].self_attn.q_norm = torch.nn.LayerNorm(8)  # a part the wiring does not know
+    assert Decoder.of(model) is None
+
+
+def test_batch_cache_select_join_and_growth_equal_plain_tensor_ops():
+    g = torch.Generator().manual_seed(0)
+    K, V = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    cache = BatchCache([(K.clone(), V.clone())], 5)
+    cache.reserve(2)
+    assert cache.capacity >= 7
+    k, v = torch.randn(3, 2, 1, 4, generator=g), torch.randn(3, 2, 1, 4, generator=g)
+    K1, V1 = cache.write(0, k, v)
+    cache.advance()
+    torch.testing.assert_close(K1, torch.cat([K, k], 2), rtol=0, atol=0)
+    torch.testing.assert_close(V1, torch.cat([V, v], 2), rtol=0, atol=0)
+    kept = cache.select(torch.tensor([2, 0]), start=1)
+    assert kept.length == 5
+    torch.testing.assert_close(kept.layers[0][0], torch.cat([K, k], 2)[[2, 0], :, 1:], rtol=0, atol=0)
+    other = BatchCache([(torch.ones(1, 2, 8, 4), torch.ones(1, 2, 8, 4))], 8)
+    joined = kept.join(other)
+    assert joined.length == 8 and joined.layers[0][0].shape == (3, 2, 8, 4)
+    assert joined.layers[0][0][:2, :, :3].abs().sum() == 0  # the shorter side is left-padded with zeros
+    torch.testing.assert_close(joined.layers[0][0][:2, :, 3:], kept.layers[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(joined.dynamic().layers[0].keys, joined.layers[0][0], rtol=0, atol=0)
