@@ -25,7 +25,7 @@ from lorakit.errors import UserError
 from lorakit.files import OutsideRoot
 from lorakit.serve.config import NAME_RULE, ServeConfig, valid_name
 from lorakit.serve.engine import Engine, GenerationRequest, Overloaded, Stopped
-from lorakit.serve.choices import Answer, Choice, TokenText, chunk_body, new_id
+from lorakit.serve.choices import Answer, Choice, Relay, TokenText, chunk_body, new_id
 from lorakit.serve.protocol import ApiError, GenerationParams, TextStream, parse_request
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -109,6 +109,7 @@ class Api:
         self.vocab = engine.model.get_input_embeddings().num_embeddings  # ids the model can embed
         self.template = bool(getattr(tokenizer, "chat_template", None))
         self.names = TokenText(tokenizer)
+        self.relay: Relay | None = None  # engine events to the event loop, made on the first request
         # Without a chat template of its own the base sees "### Role:" headers; it must not write the next turn.
         self.chat_stops = [] if self.template else ["\n" + SIMPLE_CHAT_TEMPLATE.split("{")[0]]
 
@@ -202,7 +203,10 @@ class Api:
             raise ApiError(400, f"this request needs {rows} rows ({len(prompts)} prompts x {params.best_of}); the "
                                 f"server queues at most {self.engine.max_waiting} (--max-waiting)", param="n")
         names = self.names if not params.tokens_as_ids else TokenText(self.tokenizer, as_ids=True)
-        answer = Answer(params.best_of, params.n, chat, names, params.logprobs)
+        loop = asyncio.get_running_loop()
+        if self.relay is None or self.relay.loop is not loop:
+            self.relay = Relay(loop)
+        answer = Answer(params.best_of, params.n, chat, names, params.logprobs, self.relay)
         stops = params.stop + (self.chat_stops if chat else [])
         scoring = params.logprobs if params.echo else None  # the prompt's own log-probabilities
         for prompt, ids, budget in zip(params.prompts or [None], prompts, budgets):
