@@ -108,23 +108,50 @@ def test_the_lean_step_is_used_only_where_its_wiring_is_the_models():
     assert Decoder.of(model) is None
 
 
-def test_batch_cache_select_join_and_growth_equal_plain_tensor_ops():
+def test_batch_cache_equals_plain_tensor_ops_over_random_steps_joins_and_leaves(monkeypatch):
+    """Against a reference kept with torch.cat / index ops: steps append a column, rows leave (the last
+    rows move into their holes), prompts of other widths join (in spare room, or in new buffers), and
+    columns that became padding everywhere are trimmed."""
+    monkeypatch.setattr(batch_cache, "SPARE", 3)  # small, so that every kind of growth happens
     g = torch.Generator().manual_seed(0)
-    K, V = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
-    cache = BatchCache([(K.clone(), V.clone())], 5)
-    cache.reserve(2)
-    assert cache.capacity >= 7
-    k, v = torch.randn(3, 2, 1, 4, generator=g), torch.randn(3, 2, 1, 4, generator=g)
-    K1, V1 = cache.write(0, k, v)
-    cache.advance()
-    torch.testing.assert_close(K1, torch.cat([K, k], 2), rtol=0, atol=0)
-    torch.testing.assert_close(V1, torch.cat([V, v], 2), rtol=0, atol=0)
-    kept = cache.select(torch.tensor([2, 0]), start=1)
-    assert kept.length == 5
-    torch.testing.assert_close(kept.layers[0][0], torch.cat([K, k], 2)[[2, 0], :, 1:], rtol=0, atol=0)
-    other = BatchCache([(torch.ones(1, 2, 8, 4), torch.ones(1, 2, 8, 4))], 8)
-    joined = kept.join(other)
-    assert joined.length == 8 and joined.layers[0][0].shape == (3, 2, 8, 4)
-    assert joined.layers[0][0][:2, :, :3].abs().sum() == 0  # the shorter side is left-padded with zeros
-    torch.testing.assert_close(joined.layers[0][0][:2, :, 3:], kept.layers[0][0], rtol=0, atol=0)
-    torch.testing.assert_close(joined.dynamic().layers[0].keys, joined.layers[0][0], rtol=0, atol=0)
+
+    def block(rows, width):
+        return torch.randn(rows, 2, width, 4, generator=g)
+
+    def pad(t, width):
+        return torch.cat([t.new_zeros(t.shape[0], 2, width - t.shape[2], 4), t], 2)
+
+    K = block(3, 5)
+    cache, ref = BatchCache([(K.clone(), K.clone())], 5), K.clone()  # values = keys, enough here
+    for turn in range(60):
+        action = turn % 4
+        if action in (0, 1):  # a decode step
+            new = block(cache.rows, 1)
+            cache.reserve(1)
+            K1, _ = cache.write(0, new, new)
+            cache.advance()
+            ref = torch.cat([ref, new], 2)
+            torch.testing.assert_close(K1, ref, rtol=0, atol=0)
+        elif action == 2 and cache.rows > 1:  # some rows leave
+            keep = sorted(torch.randperm(cache.rows, generator=g)[:max(1, cache.rows - 2)].tolist())
+            order = cache.compact(keep)
+            assert sorted(order) == keep
+            ref = ref[order]
+            cache.trim(1)  # the engine trims what is padding everywhere; here, one column
+            ref = ref[:, :, 1:]
+        else:  # new rows join, narrower or wider than the batch
+            width = int(torch.randint(1, cache.width + 4, (1,), generator=g))
+            other = block(int(torch.randint(1, 4, (1,), generator=g)), width)
+            cache.join(BatchCache([(other.clone(), other.clone())], width))
+            common = max(ref.shape[2], width)
+            ref = torch.cat([pad(ref, common), pad(other, common)])
+        K, _ = cache.view(0)
+        assert cache.rows == ref.shape[0] and cache.width == ref.shape[2]
+        # the new rows' padding is zeroed; the old rows' padding is only masked, so compare what rows own
+        if action == 3:
+            torch.testing.assert_close(K[-other.shape[0]:], pad(other, ref.shape[2]), rtol=0, atol=0)
+        own = ref != 0
+        torch.testing.assert_close(K[own], ref[own], rtol=0, atol=0)
+    torch.testing.assert_close(cache.dynamic().layers[0].keys, cache.view(0)[0], rtol=0, atol=0)
+    kept = cache.select([0, cache.rows - 1])
+    torch.testing.assert_close(kept.view(0)[0], cache.view(0)[0][[0, cache.rows - 1]], rtol=0, atol=0)

@@ -158,7 +158,7 @@ class Decoder:
         if self.transposed is None:
             self.transposed = self.measure(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
                                            else self.inner.norm.weight.dtype)
-        past = 0 if cache is None else cache.length
+        past = 0 if cache is None else cache.width  # columns in use before the new ones
         if cache is not None:
             cache.reserve(T)
         attend = _attention_mask(mask, past, T)  # (B, 1, T, L + T), True = attend; None: every column

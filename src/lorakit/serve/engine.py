@@ -332,15 +332,16 @@ class Engine:
         if not keep:
             return
         if len(keep) < len(rows):
-            cache, mask = _select(cache, mask, keep)
+            cache, mask = cache.select(keep), mask[keep]
             rows = [rows[i] for i in keep]
         if self._cache is None:
             self._cache, self._mask, self._rows = cache, mask, rows
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        self._cache = self._cache.join(cache)
-        self._mask = torch.cat([left_pad(self._mask, width), left_pad(mask, width)])  # (rows, L)
-        self._rows += rows
+        else:
+            width = max(self._mask.shape[1], mask.shape[1])
+            self._cache.join(cache)
+            self._mask = torch.cat([left_pad(self._mask, width), left_pad(mask, width)])  # (rows, L)
+            self._rows += rows
+        self._trim()
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -405,8 +406,17 @@ class Engine:
         if not keep:
             self._rows, self._cache, self._mask = [], None, None
             return
-        self._cache, self._mask = _select(self._cache, self._mask, keep)
-        self._rows = [self._rows[i] for i in keep]
+        order = self._cache.compact(keep)  # the last rows move into the holes
+        self._rows = [self._rows[i] for i in order]
+        self._mask = self._mask[order]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the cache columns that are padding in every row."""
+        start = int((self._mask.sum(0) > 0).long().argmax())  # the first column some row owns
+        if start:
+            self._cache.trim(start)
+            self._mask = self._mask[:, start:]
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:
@@ -426,11 +436,3 @@ class Engine:
 
 def _as_set(ids: int | set[int] | None) -> set[int] | frozenset[int]:
     return frozenset() if ids is None else {ids} if isinstance(ids, int) else ids
-
-
-def _select(cache: BatchCache, mask: torch.Tensor, keep: list[int]) -> tuple[BatchCache, torch.Tensor]:
-    """Rows `keep` of a (cache, (rows, L) mask) pair, without the columns that are padding in all of them."""
-    index = torch.tensor(keep, device=mask.device)
-    mask = mask.index_select(0, index)
-    start = int((mask.sum(0) > 0).long().argmax())  # columns before it are padding in every kept row
-    return cache.select(index, start), mask[:, start:]
