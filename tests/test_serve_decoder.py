@@ -155,3 +155,14 @@ def test_batch_cache_equals_plain_tensor_ops_over_random_steps_joins_and_leaves(
     torch.testing.assert_close(cache.dynamic().layers[0].keys, cache.view(0)[0], rtol=0, atol=0)
     kept = cache.select([0, cache.rows - 1])
     torch.testing.assert_close(kept.view(0)[0], cache.view(0)[0][[0, cache.rows - 1]], rtol=0, atol=0)
+
+
+def test_measuring_the_product_layout_gives_a_choice_and_leaves_the_global_generator_alone():
+    decoder = Decoder.of(build("llama"))
+    state = torch.get_rng_state()
+    assert decoder.measure(torch.float32) in (True, False)
+    assert torch.equal(torch.get_rng_state(), state)  # unseeded sampling draws from it
+    assert decoder.transposed is None  # measuring does not decide; the first forward does
+    with torch.inference_mode():
+        decoder.prefill(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.long))
+    assert decoder.transposed in (True, False)
