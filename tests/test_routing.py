@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import build, logits, randomize_adapters
+from conftest import build, logits, perturb_trainables, randomize_adapters
 from torch import nn
 
 import lorakit
@@ -115,6 +115,44 @@ def test_per_row_stack_is_rebuilt_when_adapters_change():
         expected = logits(model, ids)
     assert not torch.allclose(before, after)
     assert torch.allclose(after, expected, atol=1e-5)
+
+
+def test_every_row_on_the_same_mix_equals_that_mix_alone(ids):
+    """The uniform case (its weights folded into the up projection once) against set_adapters."""
+    model = build("llama")
+    for name, r in zip("abc", (2, 6, 3)):
+        lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]), adapter=name)
+    randomize_adapters(model)
+    mix = {"a": 0.4, "b": -1.5, "c": 0.25}
+    routing = RowRouting([mix] * ids.shape[0])
+    with torch.no_grad():
+        outs = []
+        for _ in range(2):  # the folded weights are made once and reused
+            with lorakit.per_row_adapters(model, routing):
+                outs.append(logits(model, ids))
+        lorakit.set_adapters(model, mix)
+        expected = logits(model, ids)
+    assert torch.equal(outs[0], outs[1]) and torch.allclose(outs[0], expected, atol=1e-5)
+
+
+def test_a_routing_kept_across_an_adapter_replaced_by_another_kind_follows_the_new_one(ids):
+    """Same name, now DoRA: what the routing knew about the layer's adapters is stale and rebuilt."""
+    model = build("llama")
+    for name in ("a", "b"):  # "b" stays, and so do the layers
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter=name)
+    randomize_adapters(model)
+    routing = RowRouting(["a"] * ids.shape[0])
+    with torch.no_grad():
+        with lorakit.per_row_adapters(model, routing):
+            logits(model, ids)
+        lorakit.delete_adapter(model, "a")
+        lorakit.inject(model, lorakit.LoraConfig(r=3, target_modules=["q_proj"], use_dora=True), adapter="a")
+        perturb_trainables(model)
+        with lorakit.per_row_adapters(model, routing):
+            got = logits(model, ids)
+        lorakit.set_adapters(model, "a")
+        expected = logits(model, ids)
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_per_row_adapters_equal_each_row_alone(ids):

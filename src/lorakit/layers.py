@@ -81,6 +81,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         # inside `per_row_adapters`: each batch row's own adapters (set and cleared by that context manager)
         self.routing: RowRouting | None = None
+        self.revision = 0  # counts adapters added and deleted: what routing caches about them is stale once it moves
 
     # -- adapters -----------------------------------------------------------------------------
 
@@ -94,6 +95,7 @@ class LoraLayer(nn.Module):
         dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
         A = torch.empty(r, self.in_features, dtype=dtype, device=device)
         B = torch.empty(self.out_features, r, dtype=dtype, device=device)
+        self.revision += 1
         if init is not None:  # None: the caller copies saved weights in next, so no init to throw away
             _init_lora(A, B, init, embedding=self.kind == "embedding", r=r)
         self.lora_A[name] = nn.Parameter(A)
@@ -132,6 +134,7 @@ class LoraLayer(nn.Module):
             with torch.no_grad():
                 W = self._dense_weight() + (self.scaling[name] * B0) @ A0  # (out, in)
                 self._set_base(W if self.kind == "linear" else W.t())
+        self.revision += 1
         for table in (self.lora_A, self.lora_B, self.lora_magnitude, self.lora_bias, self.dropout):
             if name in table:
                 del table[name]

@@ -65,6 +65,7 @@ class RoutedLayer(Protocol):
     lora_A: nn.ParameterDict  # name -> (r, in); `by_name()` gives it as a plain dict (layers.AdapterParameters)
     lora_B: nn.ParameterDict  # name -> (out, r)
     scaling: dict[str, float]
+    revision: int  # moves whenever an adapter is added or deleted
 
     def dropping(self, name: str) -> bool: ...
 
@@ -164,14 +165,17 @@ def _stack(layer: RoutedLayer, key: tuple) -> AdapterStack:
 class _LayerRoute:
     """A routing as one layer sees it: only the adapters the layer holds."""
 
-    held: tuple[str, ...]  # the layer's adapters when this was made
+    revision: int  # the layer's `revision` when this was made: its adapters then
     mixes: list[dict[str, float]]  # per row
     names: list[str]  # every adapter some row applies, in order of first use
+    plain: bool  # every adapter of `names` plain LoRA (no DoRA magnitude, no lora_bias)
+    uniform: bool  # every row the same mix
     stack: AdapterStack | None = None  # what `index` points into
     index: torch.Tensor | None = None  # (batch, k) slots
     scale: torch.Tensor | None = None  # (batch, k) w · s per slot
     weights: torch.Tensor | None = None  # (batch, Σr) each row's weight per column of the concatenated adapters
     all_ones: bool = False  # every row applies every adapter of `names` at weight 1: no weights to apply
+    folded: tuple[torch.Tensor, torch.Tensor] | None = None  # (Bt, Bt with the one mix's weights in its rows)
     used_rank: int = 0  # Σr over `names`
     k: int = 0  # the most adapters one row applies
 
@@ -207,7 +211,7 @@ class RowRouting:
         route = self._route(layer)
         if not route.names:
             return result
-        if not all(layer.plain(n) for n in route.names):
+        if not route.plain:
             return _add_by_mix(layer, x, result, route)
         if layer.kind == "embedding" or any(layer.dropping(n) for n in route.names):
             return _add_one_by_one(layer, x, result, route)
@@ -220,17 +224,25 @@ class RowRouting:
             At, Bt = self.stacks.concatenated(layer, stack, tuple(route.names))
             if route.weights is None or route.weights.device != x.device or route.weights.dtype != At.dtype:
                 route.weights, route.all_ones = _column_weights(route, layer, At.dtype, x.device)
-            return _add_dense(x, result, At, Bt, None if route.all_ones else route.weights)
+                route.folded = None
+            if route.all_ones:
+                return _add_dense(x, result, At, Bt, None)
+            if route.uniform:  # every row the same mix: its weights go into Bt, once
+                if route.folded is None or route.folded[0] is not Bt:
+                    route.folded = Bt, Bt * route.weights[0, 0, :, None]  # (Σr, out)
+                return _add_dense(x, result, At, route.folded[1], None)
+            return _add_dense(x, result, At, Bt, route.weights)
         if route.index is None or route.index.device != x.device:
             route.index, route.scale = _gather_index(route.mixes, stack, layer.scaling, x.device)
         return _add_gathered(layer, x, result, stack, route.index, route.scale)
 
     def _route(self, layer: RoutedLayer) -> _LayerRoute:
-        held = tuple(layer.lora_A.keys())
         route = self._layers.get(layer)
-        if route is None or route.held != held:
+        if route is None or route.revision != layer.revision:
             mixes = [{n: w for n, w in mix.items() if n in layer.lora_A} for mix in self.mixes]
-            route = self._layers[layer] = _LayerRoute(held, mixes, list(dict.fromkeys(n for m in mixes for n in m)),
+            names = list(dict.fromkeys(n for m in mixes for n in m))
+            route = self._layers[layer] = _LayerRoute(layer.revision, mixes, names, all(layer.plain(n) for n in names),
+                                                      all(m == mixes[0] for m in mixes),
                                                       k=max((len(m) for m in mixes), default=0))
         return route
 
