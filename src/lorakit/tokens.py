@@ -86,9 +86,15 @@ def _check(name: str, module: nn.Module, ids: list[int], taken: set[str]) -> Non
     if rows is None:
         raise UserError(f"trainable_token_indices names {name!r}, a {type(module).__name__}; token rows can be "
                         "trained in an Embedding or a Linear output head only")
-    if max(ids) >= rows:
-        raise UserError(f"trainable_token_indices: token id {max(ids)} is past the {rows} rows of {name!r} "
-                        f"(ids 0 to {rows - 1}); is the adapter for a base with a larger vocabulary?")
+    check_ids(ids, rows, "trainable_token_indices", f"the {rows} rows of {name!r}",
+              "; is the adapter for a base with a larger vocabulary?")
+
+
+def check_ids(ids: list[int], rows: int, source: str, table: str, hint: str = "") -> None:
+    """Refuse token ids past a table of `rows` rows, in words the caller gives: where the ids came from
+    (`source`: a flag or a config field) and what the table is."""
+    if ids and max(ids) >= rows:
+        raise UserError(f"{source}: token id {max(ids)} is past {table} (ids 0 to {rows - 1}){hint}")
 
 
 def _input_embedding(model: nn.Module) -> str | None:

@@ -54,6 +54,7 @@ from lorakit.objectives import DPO, KTO, OBJECTIVES, REFERENCE_ADAPTER, SFT, Pre
 from lorakit.options import add_options, option, options
 from lorakit.plots import plot_loss
 from lorakit.preferences import load_preferences
+from lorakit.tokens import check_ids
 
 # Default peak learning rates: an adapter, and every weight with --full. With the default targets
 # (every linear layer and the output head) these were chosen by `lorakit sweep` on the shipped corpora and
@@ -449,10 +450,9 @@ def _lora_config(config: TrainConfig, model: nn.Module, tokenizer) -> LoraConfig
     tokens = token_ids(token_items(config.trainable_tokens), tokenizer) if config.trainable_tokens else None
     lora = config.lora_config(tokens)
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    past = next((i for i in tokens or [] if embedding is not None and i >= embedding.num_embeddings), None)
-    if past is not None:
-        raise UserError(f"--trainable-tokens: token id {past} is past this base's vocabulary of "
-                        f"{embedding.num_embeddings} tokens (ids 0 to {embedding.num_embeddings - 1})")
+    if tokens and embedding is not None:  # the ids as the user gave them (inject checks them again, by layer)
+        check_ids(tokens, embedding.num_embeddings, "--trainable-tokens",
+                  f"this base's vocabulary of {embedding.num_embeddings} tokens")
     tied = head is not None and embedding is not None and head.weight is embedding.weight
     if config.targets == DEFAULT_TARGETS and tied and (config.init.startswith(("pissa", "olora")) or tokens):
         lora = replace(lora, target_modules=ALL_LINEAR)
