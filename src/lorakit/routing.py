@@ -114,29 +114,32 @@ class AdapterStacks:
         return cached
 
 
-    def concatenated(self, layer: RoutedLayer, stack: AdapterStack,
-                     names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def concatenated(self, layer: RoutedLayer, stack: AdapterStack, names: tuple[str, ...],
+                     weights: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_uᵀ, Bt_u): the adapters `names` of `layer` at their own ranks, (in, Σr) and (Σr, out), each
-        adapter's scaling s folded into its rows of Bt_u. Kept, like `stack` (the layer's current one, from
-        `get`), until the layer's adapters change."""
+        adapter's scaling s (times its weight in `weights`, where given: one mix for every row) folded into
+        its rows of Bt_u. Kept, like `stack` (the layer's current one, from `get`), until the layer's
+        adapters change."""
         if torch.is_grad_enabled():
-            return _concatenate(layer, names)
+            return _concatenate(layer, names, weights)
         key = stack.key
         known = self._concatenated.get(layer)
         if known is None or known[0] != key:
             known = self._concatenated[layer] = (key, {})
-        found = known[1].get(names)
+        found = known[1].get((names, weights))
         if found is None:
             if len(known[1]) >= 64:  # a server cycling through many adapter sets: keep the memory bounded
                 known[1].clear()
-            found = known[1][names] = _concatenate(layer, names)
+            found = known[1][names, weights] = _concatenate(layer, names, weights)
         return found
 
 
-def _concatenate(layer: RoutedLayer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _concatenate(layer: RoutedLayer, names: tuple[str, ...],
+                 weights: tuple[float, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A_uᵀ (in, Σr), Bt_u (Σr, out)), both contiguous for the two matmuls."""
+    weights = weights or (1.0,) * len(names)
     At = torch.cat([layer.lora_A[n] for n in names]).t().contiguous()  # (in, Σr)
-    Bt = torch.cat([layer.lora_B[n].t() * layer.scaling[n] for n in names])  # (Σr, out)
+    Bt = torch.cat([layer.lora_B[n].t() * (layer.scaling[n] * w) for n, w in zip(names, weights)])  # (Σr, out)
     return At, Bt
 
 
@@ -170,12 +173,12 @@ class _LayerRoute:
     names: list[str]  # every adapter some row applies, in order of first use
     plain: bool  # every adapter of `names` plain LoRA (no DoRA magnitude, no lora_bias)
     uniform: bool  # every row the same mix
+    mix: tuple[float, ...] | None  # that mix's weight per name of `names` (None: all 1, or not uniform)
     stack: AdapterStack | None = None  # what `index` points into
     index: torch.Tensor | None = None  # (batch, k) slots
     scale: torch.Tensor | None = None  # (batch, k) w · s per slot
     weights: torch.Tensor | None = None  # (batch, Σr) each row's weight per column of the concatenated adapters
     all_ones: bool = False  # every row applies every adapter of `names` at weight 1: no weights to apply
-    folded: tuple[torch.Tensor, torch.Tensor] | None = None  # (Bt, Bt with the one mix's weights in its rows)
     used_rank: int = 0  # Σr over `names`
     k: int = 0  # the most adapters one row applies
 
@@ -221,17 +224,13 @@ class RowRouting:
             route.used_rank = sum(layer.lora_A[n].shape[0] for n in route.names)
         if _dense_is_cheaper(x.numel() // layer.in_features, len(self.mixes), route.k, stack.A.shape[1],
                              route.used_rank):
-            At, Bt = self.stacks.concatenated(layer, stack, tuple(route.names))
+            names = tuple(route.names)
+            if route.uniform:  # every row the same mix: its weights go into Bt, kept with the stacks
+                return _add_dense(x, result, *self.stacks.concatenated(layer, stack, names, route.mix), None)
+            At, Bt = self.stacks.concatenated(layer, stack, names)
             if route.weights is None or route.weights.device != x.device or route.weights.dtype != At.dtype:
                 route.weights, route.all_ones = _column_weights(route, layer, At.dtype, x.device)
-                route.folded = None
-            if route.all_ones:
-                return _add_dense(x, result, At, Bt, None)
-            if route.uniform:  # every row the same mix: its weights go into Bt, once
-                if route.folded is None or route.folded[0] is not Bt:
-                    route.folded = Bt, Bt * route.weights[0, 0, :, None]  # (Σr, out)
-                return _add_dense(x, result, At, route.folded[1], None)
-            return _add_dense(x, result, At, Bt, route.weights)
+            return _add_dense(x, result, At, Bt, None if route.all_ones else route.weights)
         if route.index is None or route.index.device != x.device:
             route.index, route.scale = _gather_index(route.mixes, stack, layer.scaling, x.device)
         return _add_gathered(layer, x, result, stack, route.index, route.scale)
@@ -241,8 +240,10 @@ class RowRouting:
         if route is None or route.revision != layer.revision:
             mixes = [{n: w for n, w in mix.items() if n in layer.lora_A} for mix in self.mixes]
             names = list(dict.fromkeys(n for m in mixes for n in m))
+            uniform = all(m == mixes[0] for m in mixes)
+            mix = tuple(mixes[0][n] for n in names) if uniform else None
             route = self._layers[layer] = _LayerRoute(layer.revision, mixes, names, all(layer.plain(n) for n in names),
-                                                      all(m == mixes[0] for m in mixes),
+                                                      uniform, None if mix is None or set(mix) == {1.0} else mix,
                                                       k=max((len(m) for m in mixes), default=0))
         return route
 
