@@ -199,6 +199,8 @@ class RowRouting:
         self._named = list(dict.fromkeys(n for spec in rows for n in ([spec] if isinstance(spec, str) else spec or ())))
         self.stacks = stacks if stacks is not None else AdapterStacks()
         self._layers: dict[nn.Module, _LayerRoute] = {}
+        self._held: dict[tuple[str, ...], tuple] = {}  # a layer's adapter names -> what `_route` derives from them
+        self._weights: dict[tuple, tuple[torch.Tensor, bool]] = {}  # see `_column_weights`
 
     def __len__(self) -> int:
         return len(self.mixes)
@@ -229,7 +231,7 @@ class RowRouting:
                 return _add_dense(x, result, *self.stacks.concatenated(layer, stack, names, route.mix), None)
             At, Bt = self.stacks.concatenated(layer, stack, names)
             if route.weights is None or route.weights.device != x.device or route.weights.dtype != At.dtype:
-                route.weights, route.all_ones = _column_weights(route, layer, At.dtype, x.device)
+                route.weights, route.all_ones = self._column_weights(route, layer, At.dtype, x.device)
             return _add_dense(x, result, At, Bt, None if route.all_ones else route.weights)
         if route.index is None or route.index.device != x.device:
             route.index, route.scale = _gather_index(route.mixes, stack, layer.scaling, x.device)
@@ -238,14 +240,30 @@ class RowRouting:
     def _route(self, layer: RoutedLayer) -> _LayerRoute:
         route = self._layers.get(layer)
         if route is None or route.revision != layer.revision:
-            mixes = [{n: w for n, w in mix.items() if n in layer.lora_A} for mix in self.mixes]
-            names = list(dict.fromkeys(n for m in mixes for n in m))
-            uniform = all(m == mixes[0] for m in mixes)
-            mix = tuple(mixes[0][n] for n in names) if uniform else None
+            held = tuple(layer.lora_A.keys())
+            shared = self._held.get(held)
+            if shared is None:  # the same for every layer holding these adapters: made once per routing
+                have = set(held)
+                mixes = [{n: w for n, w in mix.items() if n in have} for mix in self.mixes]
+                names = list(dict.fromkeys(n for m in mixes for n in m))
+                uniform = all(m == mixes[0] for m in mixes)
+                mix = tuple(mixes[0][n] for n in names) if uniform else None
+                shared = self._held[held] = (mixes, names, uniform, None if mix is None or set(mix) == {1.0} else mix,
+                                             max((len(m) for m in mixes), default=0))
+            mixes, names, uniform, mix, k = shared
             route = self._layers[layer] = _LayerRoute(layer.revision, mixes, names, all(layer.plain(n) for n in names),
-                                                      uniform, None if mix is None or set(mix) == {1.0} else mix,
-                                                      k=max((len(m) for m in mixes), default=0))
+                                                      uniform, mix, k=k)
         return route
+
+    def _column_weights(self, route: _LayerRoute, layer: RoutedLayer, dtype: torch.dtype,
+                        device: torch.device) -> tuple[torch.Tensor, bool]:
+        """`_column_weights`, shared by the layers whose adapters have the same names and ranks."""
+        ranks = tuple(layer.lora_A[n].shape[0] for n in route.names)
+        key = (tuple(route.names), ranks, dtype, device, id(route.mixes))  # mixes: one list per adapter set (`_held`)
+        found = self._weights.get(key)
+        if found is None:
+            found = self._weights[key] = _column_weights(route.mixes, route.names, ranks, dtype, device)
+        return found
 
 
 def _mix(row: int, spec: RowSpec) -> dict[str, float]:
@@ -273,13 +291,12 @@ def _dense_is_cheaper(tokens: int, rows: int, k: int, padded_rank: int, used_ran
     return tokens * used_rank <= rows * k * padded_rank * (tokens / rows + 3)
 
 
-def _column_weights(route: _LayerRoute, layer: RoutedLayer, dtype: torch.dtype,
+def _column_weights(mixes: list[dict[str, float]], names: list[str], ranks: tuple[int, ...], dtype: torch.dtype,
                     device: torch.device) -> tuple[torch.Tensor, bool]:
-    """(batch, 1, Σr): row b's weight for each column of `route.names`' concatenated adapters (0: not used);
-    and whether all of them are 1."""
-    ranks = [layer.lora_A[n].shape[0] for n in route.names]
-    weights = torch.tensor([[mix.get(n, 0.0) for n, r in zip(route.names, ranks) for _ in range(r)]
-                            for mix in route.mixes], dtype=dtype)
+    """(batch, 1, Σr): row b's weight for each column of the adapters `names` concatenated (ranks `ranks`;
+    0: not used); and whether all of them are 1."""
+    per_name = torch.tensor([[mix.get(n, 0.0) for n in names] for mix in mixes], dtype=dtype)  # (batch, n)
+    weights = per_name.repeat_interleave(torch.tensor(ranks), dim=1)  # (batch, Σr)
     return weights.unsqueeze(1).to(device), bool((weights == 1).all())
 
 
