@@ -95,13 +95,12 @@ class Decoder:
         """Whether (W·xᵀ)ᵀ is faster than x·Wᵀ here: both timed (best of `trials`) for `rows` rows in
         `dtype` over the model's plain Linear weights (the first ones up to `SAMPLE_BYTES`, and the
         output head's). CPU only: a GPU's BLAS picks its kernels well for both."""
-        weights = [m.weight for m in _projections(self.model) if type(m) is nn.Linear]
-        weights += [m.base.weight for m in _projections(self.model)
-                    if isinstance(m, LoraLayer) and type(m.base) is nn.Linear]
+        bases = [m.base if isinstance(m, LoraLayer) else m for m in _projections(self.model)]
+        weights = [m.weight for m in bases if type(m) is nn.Linear]
         if not weights or weights[0].device.type != "cpu":
             return False
         sample, size = [], 0
-        for W in weights[:-1]:  # the head comes last in `_projections`: always in the sample
+        for W in weights[:-1]:  # the last (the head's, when it is a plain Linear) is always in the sample
             if size >= SAMPLE_BYTES:
                 break
             sample.append(W)
