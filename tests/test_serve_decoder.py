@@ -106,6 +106,11 @@ def test_the_lean_step_is_used_only_where_its_wiring_is_the_models():
     model = build("llama")
     model.model.layers[1].self_attn.q_norm = torch.nn.LayerNorm(8)  # a part the wiring does not know
     assert Decoder.of(model) is None
+    replaced = build("llama")
+    replaced.model.layers[0].self_attn.forward = lambda *args, **kwargs: None  # as accelerate's hooks do
+    assert Decoder.of(replaced) is None
+    adapted = model_of("llama")  # LoRA on down_proj: lorakit's own lean MLP forward, the same maths
+    assert "forward" in adapted.model.layers[0].mlp.__dict__ and Decoder.of(adapted) is not None
 
 
 def test_batch_cache_equals_plain_tensor_ops_over_random_steps_joins_and_leaves(monkeypatch):

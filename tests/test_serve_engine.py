@@ -329,3 +329,25 @@ def test_one_row_with_broken_logits_ends_alone(monkeypatch):
         engine.stop()
     assert bad.finish == "error" and bad.tokens == []
     assert [out.tokens for out in outs] == expected and engine.alive() is False
+
+
+def test_an_adapter_on_the_output_head_loaded_while_serving_changes_the_answers_as_it_should():
+    """Loading wraps the head in a new module after the engine started: the next forward must use it."""
+    model = build("llama")  # no adapter yet: the head is a plain Linear
+    ids = prompts(1, seed=9)[0]
+    base = reference(model, ids, {})
+    engine = Engine(model, eos_id=None, max_batch=8).start()
+    try:
+        assert run(engine, ids, {})[1].done.wait(30)
+
+        def load(m):
+            lorakit.inject(m, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]), adapter="h")
+            randomize_adapters(m, scale=0.5)
+
+        engine.call(load).result(30)
+        _, out = run(engine, ids, {"h": 1.0})
+        assert out.done.wait(30)
+    finally:
+        engine.stop()
+    expected = reference(model, ids, {"h": 1.0})
+    assert out.tokens == expected and expected != base

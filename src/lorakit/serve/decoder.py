@@ -41,14 +41,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.layers import LoraLayer
+from lorakit.mlp import is_gated_mlp, lean_forward
 from lorakit.serve.batch_cache import BatchCache
 
 # Model types whose decoder layer is exactly the wiring in the module docstring (transformers' Llama code,
 # which Mistral and Qwen2 copy; their sliding-window variants are refused by the engine's cache check).
 ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+TRANSFORMERS_MODELS = tuple(f"transformers.models.{name}." for name in ARCHITECTURES)
 ATTENTION_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
 MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+FEW_ROWS = 64  # the transposed product is timed at 8 rows and measured faster from 4 to 64; longer inputs
+# (prompts) take the plain one
 SAMPLE_BYTES = 64 << 20  # weights timed by `measure`: more than a CPU's last-level cache, as in a real step
 
 
@@ -59,7 +63,6 @@ class Decoder:
         config = model.config
         self.model = model
         self.inner = model.model
-        self.head = model.get_output_embeddings()
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.transposed = transposed  # plain Linear products as (W·xᵀ)ᵀ; None: `measure` decides on first use
@@ -79,6 +82,9 @@ class Decoder:
         for layer in inner.layers:
             if {name for name, _ in layer.named_children()} != LAYER_PARTS:
                 return None
+            if any(not type(m).__module__.startswith(TRANSFORMERS_MODELS) for m in (layer, layer.self_attn)) \
+                    or not is_gated_mlp(type(layer.mlp)):  # remote code may reuse a model type with other maths
+                return None
             if {name for name, _ in layer.self_attn.named_children()} != ATTENTION_PARTS \
                     or not hasattr(layer.self_attn, "scaling"):
                 return None
@@ -87,7 +93,7 @@ class Decoder:
         bypassed = [model, inner, *inner.layers, *(m for layer in inner.layers for m in (layer.self_attn, layer.mlp))]
         for module in _projections(model):  # their forward may be bypassed too (the transposed product)
             bypassed += [module, module.base] if isinstance(module, LoraLayer) else [module]
-        if any(m._forward_hooks or m._forward_pre_hooks for m in bypassed):
+        if any(m._forward_hooks or m._forward_pre_hooks or _replaced_forward(m) for m in bypassed):
             return None
         return cls(model)
 
@@ -127,7 +133,7 @@ class Decoder:
         A LoRA layer on such a base gets that product as its base output and adds its routed update
         to it as its own forward would (`LoraLayer.forward`: disabled, or routing per row)."""
         base = module.base if isinstance(module, LoraLayer) else module
-        if not self.transposed or type(base) is not nn.Linear:
+        if not self.transposed or type(base) is not nn.Linear or x.numel() > FEW_ROWS * x.shape[-1]:
             return module(x)
         if base is module:
             return _transposed_linear(x, base.weight, base.bias)
@@ -187,11 +193,19 @@ class Decoder:
         else:
             cache.advance(T)
         h = self.inner.norm(x if every_position else x[:, -1:])  # (B, T or 1, d)
-        return self.project(self.head, h), cache  # (B, T or 1, vocab)
+        # looked up now: loading an adapter on the head replaces the module (a LoRA wrapper around it)
+        return self.project(self.model.get_output_embeddings(), h), cache  # (B, T or 1, vocab)
 
     def _mlp(self, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """down(act(gate(h)) · up(h)): the gated MLP of these architectures, through `project`."""
         return self.project(mlp.down_proj, mlp.act_fn(self.project(mlp.gate_proj, h)) * self.project(mlp.up_proj, h))
+
+
+def _replaced_forward(module: nn.Module) -> bool:
+    """A forward set on the instance (accelerate's offload hooks do that), other than lorakit's own lean
+    MLP forward, which computes what the class's does."""
+    forward = module.__dict__.get("forward")
+    return forward is not None and getattr(forward, "func", None) is not lean_forward
 
 
 def _projections(model: nn.Module) -> list[nn.Module]:
@@ -205,9 +219,9 @@ def _projections(model: nn.Module) -> list[nn.Module]:
 
 def _transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x·Wᵀ + b computed as (W·xᵀ)ᵀ: x (..., in), W (out, in) -> (..., out), contiguous."""
-    y = torch.mm(weight, x.reshape(-1, x.shape[-1]).t()).t()  # (N, out), a transposed view
-    if bias is not None:
-        y = y + bias
+    xt = x.reshape(-1, x.shape[-1]).t()  # (in, N)
+    # (out, N), then a transposed view; the bias added inside the product, rounded once as in F.linear
+    y = (torch.mm(weight, xt) if bias is None else torch.addmm(bias[:, None], weight, xt)).t()
     return y.contiguous().view(*x.shape[:-1], weight.shape[0])
 
 

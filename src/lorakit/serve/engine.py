@@ -125,9 +125,18 @@ class Engine:
         # Only the last position's logits are needed: skip the (P, vocab) projection where the model allows.
         accepts = inspect.signature(self.model.forward).parameters
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
-        self._decoder = Decoder.of(self.model)  # decode steps without the model's forward, where its wiring allows
+        self._decoder: Decoder | None = None
+        self._decoder = self._check_decoder()  # forwards without the model's own, where its wiring allows
         self.last_error: BaseException | None = None
         self._check_cache_kind()
+
+    def _check_decoder(self) -> Decoder | None:
+        """`Decoder.of` the model as it is now (a job may have wrapped or unwrapped layers, or hooked one),
+        keeping the product layout measured so far."""
+        decoder = Decoder.of(self.model)
+        if decoder is not None and self._decoder is not None:
+            decoder.transposed = self._decoder.transposed
+        return decoder
 
     def _check_cache_kind(self) -> None:
         """The batch cache is joined and trimmed per layer as plain (B, H, L, D) keys and values."""
@@ -251,6 +260,7 @@ class Engine:
             future.set_result(result)
         finally:  # adapters may have come or gone: restack them (and free the old stacks) on next use
             self._stacks, self._routing = AdapterStacks(), None
+            self._decoder = self._check_decoder()
 
     def _guard(self, step: Callable, requests: list[GenerationRequest] | None = None) -> None:
         """An unexpected failure ends the requests involved (`requests`, else the running rows') with
