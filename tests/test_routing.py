@@ -118,7 +118,7 @@ def test_per_row_stack_is_rebuilt_when_adapters_change():
 
 
 def test_every_row_on_the_same_mix_equals_that_mix_alone(ids):
-    """The uniform case (its weights folded into the up projection once) against set_adapters."""
+    """The uniform case (one mix's weights on every row, the same routing over many forwards) against set_adapters."""
     model = build("llama")
     for name, r in zip("abc", (2, 6, 3)):
         lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]), adapter=name)
@@ -127,7 +127,7 @@ def test_every_row_on_the_same_mix_equals_that_mix_alone(ids):
     routing = RowRouting([mix] * ids.shape[0])
     with torch.no_grad():
         outs = []
-        for _ in range(2):  # the folded weights are made once and reused
+        for _ in range(2):  # what the routing derives is made once and reused
             with lorakit.per_row_adapters(model, routing):
                 outs.append(logits(model, ids))
         lorakit.set_adapters(model, mix)

@@ -83,7 +83,7 @@ class RoutedLayer(Protocol):
 class AdapterStack:
     """Every adapter of one layer stacked behind a zero slot, zero-padded to one rank."""
 
-    key: tuple  # (name, storage, version) of each weight: the stack is stale once one differs
+    key: tuple  # the layer's revision, then (name, storages, versions) per adapter: stale once one differs
     slots: dict[str, int]  # adapter name -> its slot (from 1; slot 0 is all zeros)
     A: torch.Tensor  # (1+n, r, in)
     Bt: torch.Tensor  # (1+n, r, out)
@@ -105,7 +105,8 @@ class AdapterStacks:
 
     def get(self, layer: RoutedLayer) -> AdapterStack:
         A, B = layer.lora_A.by_name(), layer.lora_B.by_name()  # plain dicts by adapter name: no module lookups
-        key = tuple((n, A[n].data_ptr(), A[n]._version, B[n].data_ptr(), B[n]._version) for n in sorted(A))
+        # the revision too: a deleted adapter's memory may come back, same address and version, to a new one
+        key = (layer.revision, *((n, A[n].data_ptr(), A[n]._version, B[n].data_ptr(), B[n]._version) for n in sorted(A)))
         if torch.is_grad_enabled():
             return _stack(layer, key)
         cached = self._stacks.get(layer)
@@ -114,37 +115,34 @@ class AdapterStacks:
         return cached
 
 
-    def concatenated(self, layer: RoutedLayer, stack: AdapterStack, names: tuple[str, ...],
-                     weights: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def concatenated(self, layer: RoutedLayer, stack: AdapterStack,
+                     names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_uᵀ, Bt_u): the adapters `names` of `layer` at their own ranks, (in, Σr) and (Σr, out), each
-        adapter's scaling s (times its weight in `weights`, where given: one mix for every row) folded into
-        its rows of Bt_u. Kept, like `stack` (the layer's current one, from `get`), until the layer's
-        adapters change."""
+        adapter's scaling s folded into its rows of Bt_u. Kept, like `stack` (the layer's current one, from
+        `get`), until the layer's adapters change."""
         if torch.is_grad_enabled():
-            return _concatenate(layer, names, weights)
+            return _concatenate(layer, names)
         key = stack.key
         known = self._concatenated.get(layer)
         if known is None or known[0] != key:
             known = self._concatenated[layer] = (key, {})
-        found = known[1].get((names, weights))
+        found = known[1].get(names)
         if found is None:
             if len(known[1]) >= 64:  # a server cycling through many adapter sets: keep the memory bounded
                 known[1].clear()
-            found = known[1][names, weights] = _concatenate(layer, names, weights)
+            found = known[1][names] = _concatenate(layer, names)
         return found
 
 
-def _concatenate(layer: RoutedLayer, names: tuple[str, ...],
-                 weights: tuple[float, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _concatenate(layer: RoutedLayer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(A_uᵀ (in, Σr), Bt_u (Σr, out)), both contiguous for the two matmuls."""
-    weights = weights or (1.0,) * len(names)
     At = torch.cat([layer.lora_A[n] for n in names]).t().contiguous()  # (in, Σr)
-    Bt = torch.cat([layer.lora_B[n].t() * (layer.scaling[n] * w) for n, w in zip(names, weights)])  # (Σr, out)
+    Bt = torch.cat([layer.lora_B[n].t() * layer.scaling[n] for n in names])  # (Σr, out)
     return At, Bt
 
 
 def _stack(layer: RoutedLayer, key: tuple) -> AdapterStack:
-    names = [k[0] for k in key]
+    names = [k[0] for k in key[1:]]
     ranks = [layer.lora_A[n].shape[0] for n in names]
     first = layer.lora_A[names[0]]
     zero_A = first.new_zeros(1, max(ranks), layer.in_features)  # (1, r, in)
@@ -172,8 +170,6 @@ class _LayerRoute:
     mixes: list[dict[str, float]]  # per row
     names: list[str]  # every adapter some row applies, in order of first use
     plain: bool  # every adapter of `names` plain LoRA (no DoRA magnitude, no lora_bias)
-    uniform: bool  # every row the same mix
-    mix: tuple[float, ...] | None  # that mix's weight per name of `names` (None: all 1, or not uniform)
     stack: AdapterStack | None = None  # what `index` points into
     index: torch.Tensor | None = None  # (batch, k) slots
     scale: torch.Tensor | None = None  # (batch, k) w · s per slot
@@ -227,8 +223,6 @@ class RowRouting:
         if _dense_is_cheaper(x.numel() // layer.in_features, len(self.mixes), route.k, stack.A.shape[1],
                              route.used_rank):
             names = tuple(route.names)
-            if route.uniform:  # every row the same mix: its weights go into Bt, kept with the stacks
-                return _add_dense(x, result, *self.stacks.concatenated(layer, stack, names, route.mix), None)
             At, Bt = self.stacks.concatenated(layer, stack, names)
             if route.weights is None or route.weights.device != x.device or route.weights.dtype != At.dtype:
                 route.weights, route.all_ones = self._column_weights(route, layer, At.dtype, x.device)
@@ -246,13 +240,10 @@ class RowRouting:
                 have = set(held)
                 mixes = [{n: w for n, w in mix.items() if n in have} for mix in self.mixes]
                 names = list(dict.fromkeys(n for m in mixes for n in m))
-                uniform = all(m == mixes[0] for m in mixes)
-                mix = tuple(mixes[0][n] for n in names) if uniform else None
-                shared = self._held[held] = (mixes, names, uniform, None if mix is None or set(mix) == {1.0} else mix,
-                                             max((len(m) for m in mixes), default=0))
-            mixes, names, uniform, mix, k = shared
+                shared = self._held[held] = (mixes, names, max((len(m) for m in mixes), default=0))
+            mixes, names, k = shared
             route = self._layers[layer] = _LayerRoute(layer.revision, mixes, names, all(layer.plain(n) for n in names),
-                                                      uniform, mix, k=k)
+                                                      k=k)
         return route
 
     def _column_weights(self, route: _LayerRoute, layer: RoutedLayer, dtype: torch.dtype,
