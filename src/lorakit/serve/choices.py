@@ -238,6 +238,9 @@ class Relay:
     def put(self, queue: asyncio.Queue, item: tuple) -> None:
         """Deliver `item` into `queue` on the loop (from any thread); dropped if the loop is gone."""
         with self._lock:
+            if self.loop.is_closed():  # shut down, maybe with a drain it never ran: nobody is listening
+                self._items.clear()
+                return
             self._items.append((queue, item))
             if len(self._items) > 1:  # a drain is already scheduled and will take this one too
                 return
