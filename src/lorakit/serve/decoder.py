@@ -1,10 +1,11 @@
-"""A lean decode step for Llama-shaped models: one new token per row, the model's own maths, less Python.
+"""A lean forward for Llama-shaped models' prefill and decode steps: the model's own maths, less Python.
 
 A server's decode step feeds one token per row through a small model many times a second, and there the
 time goes to Python, not to arithmetic: transformers' forward builds a 4-D attention mask, checks its
 arguments and outputs, dispatches attention through a registry and concatenates every layer's whole
 cache, on every step (on the embedded base at batch 8 that forward takes ~1.5x the time of this one,
-~2x at batch 32). This step does what that forward computes for a decode step, written out:
+~2x at batch 32). This step does what that forward computes for a decode step, written out (a
+prefill is the same with T tokens per row, a causal mask and a new cache):
 
     x = embed(ids)                                   # (B, 1, d)
     cos, sin = rotary(x, positions)                  # the model's own rotary module (any RoPE scaling)
@@ -17,8 +18,8 @@ cache, on every step (on the embedded base at batch 8 that forward takes ~1.5x t
         x = x + mlp(post_attention_norm(x))
     logits = lm_head(norm(x))                        # (B, 1, vocab)
 
-Every norm, MLP and the embedding are the model's own modules, called as they are, and so are the
-projections, with one exception below: LoRA layers (with per-row routing), NF4 bases and biases
+Every norm, the MLP activation and the embedding are the model's own modules, called as they are,
+and so are the projections, with one exception below: LoRA layers (with per-row routing), NF4 bases and biases
 (Qwen2's q/k/v) behave as in the model's forward. Only the decoder-layer and attention wiring above is
 ours, which is why it is used only for the architectures whose wiring it is (`Decoder.of` checks both
 the type and the module layout) and otherwise the engine runs the model's forward. Tests hold it to
@@ -29,7 +30,8 @@ does a few-row product depends on the layout it is asked for. On an AVX2 EPYC wi
 `nn.Linear` asks for) at 8 rows is 1.3-3x slower than (W·xᵀ)ᵀ, the same product with W streamed row
 by row (a decode step at batch 8 on the embedded base: 1.4x faster). Other hosts and libraries may
 differ, so the engine measures both on the model's own weights before the first step (`measure`)
-and takes the transposed form for plain `nn.Linear` weights only where it is faster.
+and takes the transposed form for plain `nn.Linear` weights, on inputs of at most `FEW_ROWS` rows,
+only where it is faster.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ SAMPLE_BYTES = 64 << 20  # weights timed by `measure`: more than a CPU's last-le
 
 
 class Decoder:
-    """`step` runs one decode step of `model` over a `BatchCache`; made by `Decoder.of`."""
+    """`prefill` and `step` run `model`'s forward the lean way over a `BatchCache`; made by `Decoder.of`."""
 
     def __init__(self, model: nn.Module, transposed: bool | None = None):
         config = model.config
