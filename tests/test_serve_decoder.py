@@ -35,8 +35,9 @@ def model_of(family: str):
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_decode_steps_equal_the_models_forward_on_a_left_padded_mixed_batch(family, transposed, monkeypatch):
-    """Logits and cache of 6 steps, with either form of the Linear products, (to 1e-4 in fp32, the bound the server promises for log-probabilities): rows of different lengths (so padded), each with its own adapter mix,
-    the cache growing on every step (no spare columns)."""
+    """Logits and cache of 6 steps, with either form of the Linear products, to 1e-4 in fp32 (the bound
+    the server promises for log-probabilities): rows of different lengths (so padded), each with its own
+    adapter mix, the cache growing on every step (no spare columns)."""
     monkeypatch.setattr(batch_cache, "SPARE", 0)
     model = model_of(family)
     decoder = Decoder.of(model)
@@ -58,7 +59,7 @@ def test_decode_steps_equal_the_models_forward_on_a_left_padded_mixed_batch(fami
         for _ in range(6):
             mask = torch.cat([mask, mask.new_ones(4, 1)], dim=1)
             expected = model(input_ids=last, attention_mask=mask, position_ids=positions, cache=theirs, use_cache=True)
-            got = decoder.step(last, positions, mask, ours)  # (4, V)
+            got = decoder.forward(last, positions, mask, ours)[0][:, -1]  # (4, V)
             torch.testing.assert_close(got, expected.logits[:, -1], rtol=0, atol=1e-4)
             theirs = expected.cache
             assert ours.length == theirs.layers[0].keys.shape[2]
@@ -84,9 +85,10 @@ def test_prefill_equals_the_models_forward_at_every_real_position(family, transp
     mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()  # (4, 8)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.inference_mode(), lorakit.per_row_adapters(model, RowRouting(MIXES)):
-        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(), use_cache=True)
-        logits, cache = decoder.prefill(ids, positions, mask, every_position=True)  # (4, 8, V)
-        last, _ = decoder.prefill(ids, positions, mask)  # (4, 1, V)
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(),
+                         use_cache=True)
+        logits, cache = decoder.forward(ids, positions, mask, None, every_position=True)  # (4, 8, V)
+        last, _ = decoder.forward(ids, positions, mask, None)  # (4, 1, V)
     real = mask.bool()
     torch.testing.assert_close(logits[real], expected.logits[real], rtol=0, atol=1e-4)
     torch.testing.assert_close(last[:, 0], expected.logits[:, -1], rtol=0, atol=1e-4)
@@ -169,5 +171,5 @@ def test_measuring_the_product_layout_gives_a_choice_and_leaves_the_global_gener
     assert torch.equal(torch.get_rng_state(), state)  # unseeded sampling draws from it
     assert decoder.transposed is None  # measuring does not decide; the first forward does
     with torch.inference_mode():
-        decoder.prefill(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.long))
+        decoder.forward(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.long), None)
     assert decoder.transposed in (True, False)

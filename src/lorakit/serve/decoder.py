@@ -59,7 +59,7 @@ SAMPLE_BYTES = 64 << 20  # weights timed by `measure`: more than a CPU's last-le
 
 
 class Decoder:
-    """`prefill` and `step` run `model`'s forward the lean way over a `BatchCache`; made by `Decoder.of`."""
+    """`forward` runs `model`'s prefill and decode steps the lean way over a `BatchCache`; made by `Decoder.of`."""
 
     def __init__(self, model: nn.Module, transposed: bool | None = None):
         config = model.config
@@ -144,17 +144,6 @@ class Decoder:
         if module.routing is None:  # not the engine's per-row path: the layer's own dispatch
             return module(x)
         return module.routing.apply(module, x, _transposed_linear(x, base.weight, base.bias))
-
-    def step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache) -> torch.Tensor:
-        """Logits (B, vocab) for `ids` (B, 1) at `positions` (B, 1), `mask` (B, L + 1) marking the real
-        columns of the cache plus the new one; appends the step's keys and values to `cache`."""
-        return self.forward(ids, positions, mask, cache)[0][:, -1]
-
-    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                every_position: bool = False) -> tuple[torch.Tensor, BatchCache]:
-        """Logits (B, P, vocab), or (B, 1, vocab) for the last position only, and the new cache, for
-        left-padded prompts `ids` (B, P) at `positions` (B, P), `mask` (B, P) marking the real tokens."""
-        return self.forward(ids, positions, mask, None, every_position)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache | None,
                 every_position: bool = False) -> tuple[torch.Tensor, BatchCache]:

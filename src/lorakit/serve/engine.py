@@ -13,9 +13,10 @@ A single thread owns the model. It loops:
 For Llama-shaped models (Llama, Mistral, Qwen2) prefill and decode run `lorakit.serve.decoder`'s lean
 forward, which writes into the spare columns of the batch's `lorakit.serve.batch_cache.BatchCache`;
 other models run their own forward. The batch's KV cache is left-padded: rows that joined later have
-zeros in front, masked out by the attention mask, and each row's position ids count only its own tokens. A request therefore computes
-the same function alone or in a batch; only the floating-point summation order of the matmuls
-can differ, far below what changes a greedy choice in practice (tests check the outputs are equal).
+zeros in front, masked out by the attention mask, and each row's position ids count only its own
+tokens. A request therefore computes the same function alone or in a batch; only the floating-point
+summation order of the matmuls can differ, far below what changes a greedy choice in practice (tests
+check the outputs are equal).
 
 Requests talk to the engine through `submit` (from any thread) and a callback `emit(token, finish, scores)`
 that the engine thread calls for every token and once with a finish reason ("stop", "length", "error",
@@ -284,15 +285,23 @@ class Engine:
             self._routing = rows, RowRouting([row.request.adapters for row in rows], stacks=self._stacks)
         return self._routing[1]
 
-    def _forward(self, routing: RowRouting, every_position: bool = False, **inputs):
+    def _forward(self, routing: RowRouting, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 cache: BatchCache | None, every_position: bool = False) -> tuple[torch.Tensor, BatchCache]:
+        """Logits (n, T, V), or the last position's (n, 1, V), for `ids` (n, T) after `cache` (None: a
+        prefill), and the cache with their columns: the lean forward where the model allows, else its own."""
+        from transformers import DynamicCache
+
         with per_row_adapters(self.model, routing), autocast(self.device, self.dtype):
-            return self.model(**inputs, use_cache=True, **({} if every_position else self._last_logits_only))
+            if self._decoder is not None:
+                return self._decoder.forward(ids, positions, mask, cache, every_position)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             cache=DynamicCache() if cache is None else cache.dynamic(),
+                             **({} if every_position else self._last_logits_only))
+        return out.logits, BatchCache.of(out.cache)
 
     @torch.inference_mode()  # not no_grad: no version counters or view tracking either (jobs stay outside)
     def _admit(self, requests: list[GenerationRequest]) -> None:
         """Prefill the new prompts in one forward (left-padded), sample each first token, join the batch."""
-        from transformers import DynamicCache
-
         for request in requests:
             if request.cancelled:
                 self._finish(request, "stop")
@@ -308,13 +317,7 @@ class Engine:
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens from 0
         scoring = any(r.prompt_logprobs is not None for r in requests)
         routing = RowRouting([r.adapters for r in requests], stacks=self._stacks)
-        if self._decoder is not None:
-            with per_row_adapters(self.model, routing), autocast(self.device, self.dtype):
-                logits, cache = self._decoder.prefill(ids, positions, mask, every_position=scoring)
-        else:
-            out = self._forward(routing, every_position=scoring, input_ids=ids, attention_mask=mask,
-                                position_ids=positions, cache=DynamicCache())
-            logits, cache = out.logits, BatchCache.of(out.cache)  # (n, P or 1, V)
+        logits, cache = self._forward(routing, ids, positions, mask, None, every_position=scoring)  # (n, P or 1, V)
         self.stats.prefills += len(requests)
         self.stats.prefill_batches += 1
         rows = [_Row(r, RowSampler(r.sampling), last=-1, length=len(r.prompt_ids)) for r in requests]
@@ -360,18 +363,11 @@ class Engine:
         ids = torch.tensor([[row.last] for row in rows], device=self.device)  # (n, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)  # (n, L+1)
         positions = torch.tensor([[row.length] for row in rows], device=self.device)  # (n, 1)
-        routing = self._running_routing()
-        if self._decoder is not None:
-            with per_row_adapters(self.model, routing), autocast(self.device, self.dtype):
-                logits = self._decoder.step(ids, positions, self._mask, self._cache)  # (n, V)
-        else:
-            out = self._forward(routing, input_ids=ids, attention_mask=self._mask, position_ids=positions,
-                                cache=self._cache.dynamic())
-            self._cache, logits = BatchCache.of(out.cache), out.logits[:, -1]  # (n, V)
+        logits, self._cache = self._forward(self._running_routing(), ids, positions, self._mask, self._cache)
         self.stats.steps += 1
         self.stats.row_steps += len(rows)
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
-        tokens, scores = choose(logits, [row.sampler for row in rows])
+        tokens, scores = choose(logits[:, -1], [row.sampler for row in rows])  # logits (n, 1, V)
         for row, token, score in zip(rows, tokens, scores):
             row.length += 1
             self._accept(row, token, score)
