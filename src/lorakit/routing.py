@@ -106,7 +106,8 @@ class AdapterStacks:
     def get(self, layer: RoutedLayer) -> AdapterStack:
         A, B = layer.lora_A.by_name(), layer.lora_B.by_name()  # plain dicts by adapter name: no module lookups
         # the revision too: a deleted adapter's memory may come back, same address and version, to a new one
-        key = (layer.revision, *((n, A[n].data_ptr(), A[n]._version, B[n].data_ptr(), B[n]._version) for n in sorted(A)))
+        key = (layer.revision,
+               *((n, A[n].data_ptr(), A[n]._version, B[n].data_ptr(), B[n]._version) for n in sorted(A)))
         if torch.is_grad_enabled():
             return _stack(layer, key)
         cached = self._stacks.get(layer)
@@ -222,8 +223,7 @@ class RowRouting:
             route.used_rank = sum(layer.lora_A[n].shape[0] for n in route.names)
         if _dense_is_cheaper(x.numel() // layer.in_features, len(self.mixes), route.k, stack.A.shape[1],
                              route.used_rank):
-            names = tuple(route.names)
-            At, Bt = self.stacks.concatenated(layer, stack, names)
+            At, Bt = self.stacks.concatenated(layer, stack, tuple(route.names))
             if route.weights is None or route.weights.device != x.device or route.weights.dtype != At.dtype:
                 route.weights, route.all_ones = self._column_weights(route, layer, At.dtype, x.device)
             return _add_dense(x, result, At, Bt, None if route.all_ones else route.weights)
@@ -250,7 +250,7 @@ class RowRouting:
                         device: torch.device) -> tuple[torch.Tensor, bool]:
         """`_column_weights`, shared by the layers whose adapters have the same names and ranks."""
         ranks = tuple(layer.lora_A[n].shape[0] for n in route.names)
-        key = (tuple(route.names), ranks, dtype, device, id(route.mixes))  # mixes: one list per adapter set (`_held`)
+        key = (id(route.mixes), ranks, dtype, device)  # mixes (and names): one list per adapter set, see `_held`
         found = self._weights.get(key)
         if found is None:
             found = self._weights[key] = _column_weights(route.mixes, route.names, ranks, dtype, device)
