@@ -10,7 +10,7 @@ import lorakit
 from lorakit.routing import RowRouting
 from lorakit.serve import batch_cache
 from lorakit.serve.batch_cache import BatchCache
-from lorakit.serve.decoder import Decoder
+from lorakit.serve.decoder import Decoder, Rows
 from tests.conftest import VOCAB, build, randomize_adapters
 
 MIXES = [{"a": 1.0}, {}, {"b": 1.0}, {"a": 0.5, "b": -1.5}]
@@ -97,6 +97,61 @@ def test_prefill_equals_the_models_forward_at_every_real_position(family, transp
         assert torch.isfinite(K).all() and torch.isfinite(V).all()
         torch.testing.assert_close(K.transpose(1, 2)[real], layer.keys.transpose(1, 2)[real], rtol=0, atol=1e-4)
         torch.testing.assert_close(V.transpose(1, 2)[real], layer.values.transpose(1, 2)[real], rtol=0, atol=1e-4)
+
+
+def left_padded(lengths: list[int], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, positions) of random prompts of `lengths` tokens, left-padded to the longest."""
+    width = max(lengths)
+    ids = torch.stack([torch.cat([torch.zeros(width - n, dtype=torch.long), torch.randint(1, VOCAB, (n,), generator=g)])
+                       for n in lengths])
+    mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("every_position", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_decode_step_and_new_prompts_in_one_run_equal_the_models_forward_for_each_group(transposed, every_position):
+    """The engine's joined step: the running rows decode a token while new prompts prefill, one pass over
+    the weights for both, each group with its own adapters (plain LoRA on every projection, the head and
+    the embedding, and a DoRA adapter, whose update is not added in place): each group's logits and
+    cache are the model's own forward's for that group alone, to 1e-4."""
+    model = model_of("llama")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "up_proj"], use_dora=True), adapter="d")
+    randomize_adapters(model, seed=1, scale=0.3)
+    decoder = Decoder.of(model)
+    decoder.transposed = transposed
+    g = torch.Generator().manual_seed(3)
+    ids, mask, positions = left_padded([5, 2, 7, 3], g)
+    running, joining = RowRouting([*MIXES[:3], {"d": 1.0, "a": 0.5}]), RowRouting([{"d": 1.0}, {"b": 2.0}, {}])
+    new_ids, new_mask, new_positions = left_padded([4, 6, 1], g)
+    last = torch.randint(1, VOCAB, (4, 1), generator=g)
+    step_mask = torch.cat([mask, mask.new_ones(4, 1)], dim=1)
+    step_positions = torch.tensor([[5], [2], [7], [3]])
+    with torch.inference_mode():
+        with lorakit.per_row_adapters(model, running):
+            prefilled = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(),
+                              use_cache=True)
+            stepped = model(input_ids=last, attention_mask=step_mask, position_ids=step_positions,
+                            cache=prefilled.cache, use_cache=True)
+        with lorakit.per_row_adapters(model, joining):
+            prompted = model(input_ids=new_ids, attention_mask=new_mask, position_ids=new_positions,
+                             cache=DynamicCache(), use_cache=True)
+        _, cache = decoder.run([Rows(ids, positions, mask, routing=running)])[0]
+        (step_logits, cache), (prompt_logits, prompt_cache) = decoder.run([
+            Rows(last, step_positions, step_mask, cache, routing=running),
+            Rows(new_ids, new_positions, new_mask, routing=joining, every_position=every_position)])
+    torch.testing.assert_close(step_logits[:, 0], stepped.logits[:, -1], rtol=0, atol=1e-4)
+    real = new_mask.bool()
+    if every_position:
+        torch.testing.assert_close(prompt_logits[real], prompted.logits[real], rtol=0, atol=1e-4)
+    else:
+        torch.testing.assert_close(prompt_logits[:, 0], prompted.logits[:, -1], rtol=0, atol=1e-4)
+    for (ours, theirs, rows) in ((cache, stepped.cache, step_mask.bool()), (prompt_cache, prompted.cache, real)):
+        assert ours.width == theirs.layers[0].keys.shape[2]
+        for layer, want in enumerate(theirs.layers):
+            K, V = ours.view(layer)
+            torch.testing.assert_close(K.transpose(1, 2)[rows], want.keys.transpose(1, 2)[rows], rtol=0, atol=1e-4)
+            torch.testing.assert_close(V.transpose(1, 2)[rows], want.values.transpose(1, 2)[rows], rtol=0, atol=1e-4)
 
 
 def test_the_lean_step_is_used_only_where_its_wiring_is_the_models():

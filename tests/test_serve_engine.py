@@ -331,6 +331,69 @@ def test_one_row_with_broken_logits_ends_alone(monkeypatch):
     assert [out.tokens for out in outs] == expected and engine.alive() is False
 
 
+def test_a_prompt_that_breaks_the_joined_step_ends_alone_and_the_running_rows_go_on():
+    """New prompts are prefilled inside the running rows' decode step; if that forward fails, the prompts
+    are prefilled apart, so that only the failing one ends (here: an adapter deleted behind the engine's
+    back), and every other request gives what it gives alone."""
+    model = adapted("llama")
+    batch = list(zip(prompts(3, seed=11), [{"a": 1.0}, {"b": 1.0}, {}]))
+    expected = [reference(model, ids, mix, max_tokens=20) for ids, mix in batch]
+    engine = Engine(model, eos_id=None, max_batch=8).start()
+    try:
+        first = run(engine, *batch[0], max_tokens=20)[1]
+        while len(first.tokens) < 3:  # running
+            first.done.wait(0.001)
+        gate = threading.Event()
+        engine.call(lambda m: (lorakit.delete_adapter(m, "c"), gate.wait(30)))  # 'c' goes; the queue fills
+        bad = run(engine, batch[1][0], {"c": 1.0}, max_tokens=20)[1]
+        good = [run(engine, ids, mix, max_tokens=20)[1] for ids, mix in batch[1:]]
+        gate.set()
+        for out in [first, bad, *good]:
+            assert out.done.wait(30)
+    finally:
+        engine.stop()
+    assert bad.finish == "error" and bad.tokens == []
+    assert [first.tokens, *(out.tokens for out in good)] == expected
+    assert engine.alive() is False
+
+
+@pytest.mark.parametrize("joined_step_fails", [False, True])
+def test_prompts_join_the_running_rows_decode_step_in_one_forward(joined_step_fails, monkeypatch):
+    """With rows running, new prompts are prefilled in the same forward as their decode step (the lean
+    decoder): one forward, not a prefill and a step; the answers are those of the plain path. Where that
+    forward fails, the prompts are prefilled apart and the answers are the same."""
+    from lorakit.serve.decoder import Decoder
+
+    model = adapted("llama")
+    batch = list(zip(sorted(prompts(4, seed=12), key=len, reverse=True), MIXES))  # the running row the widest
+    expected = [reference(model, ids, mix, max_tokens=16) for ids, mix in batch]
+    calls = []
+    real = Decoder.run
+
+    def counted(self, groups):
+        calls.append(len(groups))
+        if joined_step_fails and len(groups) == 2:
+            raise RuntimeError("a joined step that fails")
+        return real(self, groups)
+
+    monkeypatch.setattr(Decoder, "run", counted)
+    engine = Engine(model, eos_id=None, max_batch=8).start()
+    try:
+        outs = [run(engine, *batch[0], max_tokens=16)[1]]
+        while len(outs[0].tokens) < 3:
+            outs[0].done.wait(0.001)
+        gate = threading.Event()
+        engine.call(lambda _: gate.wait(30))
+        outs += [run(engine, ids, mix, max_tokens=16)[1] for ids, mix in batch[1:]]
+        gate.set()
+        for out in outs:
+            assert out.done.wait(30)
+    finally:
+        engine.stop()
+    assert [out.tokens for out in outs] == expected
+    assert 2 in calls and engine.stats.prefill_batches == 2  # the first prompt alone, then the three joining
+
+
 def test_an_adapter_on_the_output_head_loaded_while_serving_changes_the_answers_as_it_should():
     """Loading wraps the head in a new module after the engine started: the next forward must use it."""
     model = build("llama")  # no adapter yet: the head is a plain Linear

@@ -432,6 +432,19 @@ def per_row_adapters(model: nn.Module, rows: list[RowSpec] | RowRouting) -> Iter
     steps): it keeps the stacked weights and gather indices between them.
     """
     routing = rows if isinstance(rows, RowRouting) else RowRouting(rows)
+    layers = check_row_adapters(model, routing)
+    for layer in layers:
+        layer.routing = routing
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.routing = None
+
+
+def check_row_adapters(model: nn.Module, routing: RowRouting) -> list[LoraLayer]:
+    """The model's LoRA layers, once `routing` is known to be one they can apply (its adapters exist,
+    unmerged, without trainable token rows); a UserError says what is wrong otherwise."""
     known = adapter_configs(model)
     for name in routing.adapters():
         if name not in known:
@@ -444,13 +457,7 @@ def per_row_adapters(model: nn.Module, rows: list[RowSpec] | RowRouting) -> Iter
     if rows:  # a TokenLayer replaces rows for the whole batch; routing them per row is not built
         raise UserError(f"adapter {rows[0]!r} has trainable token rows, which per-row adapters do not route; "
                         "serve it alone (set_adapters) or merge it into its own copy of the base")
-    for layer in layers:
-        layer.routing = routing
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.routing = None
+    return layers
 
 
 # -- merge / unload -------------------------------------------------------------------------------

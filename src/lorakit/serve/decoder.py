@@ -18,6 +18,12 @@ prefill is the same with T tokens per row, a causal mask and a new cache):
         x = x + mlp(post_attention_norm(x))
     logits = lm_head(norm(x))                        # (B, 1, vocab)
 
+`Decoder.run` takes several groups of rows in one pass: the engine's running rows (one token each,
+after their cache) and the new prompts joining them (P tokens each, no cache yet). Every group's tokens
+are rows of one (N, d) hidden state, so each weight is read once for all of them; only attention and
+the cache are per group, and each group has its own adapter routing. A prompt therefore costs its
+rows in the products, not a forward of its own.
+
 Every norm, the MLP activation and the embedding are the model's own modules, called as they are,
 and so are the projections, with one exception below: LoRA layers (with per-row routing), NF4 bases and biases
 (Qwen2's q/k/v) behave as in the model's forward. Only the decoder-layer and attention wiring above is
@@ -36,7 +42,9 @@ only where it is faster.
 
 from __future__ import annotations
 
+import itertools
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +52,7 @@ from torch import nn
 
 from lorakit.layers import LoraLayer
 from lorakit.mlp import is_gated_mlp, lean_forward
+from lorakit.routing import RowRouting
 from lorakit.serve.batch_cache import BatchCache
 
 # Model types whose decoder layer is exactly the wiring in the module docstring (transformers' Llama code,
@@ -56,6 +65,29 @@ MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 FEW_ROWS = 64  # the transposed product is timed at 8 rows and measured faster from 4 to 64; longer inputs
 # (prompts) take the plain one
 SAMPLE_BYTES = 64 << 20  # weights timed by `measure`: more than a CPU's last-level cache, as in a real step
+
+
+@dataclass
+class Rows:
+    """A group of rows for `Decoder.run`: T new tokens per row (`ids`, `positions` (B, T)) after the L
+    columns of `cache` (None: a prefill), `mask` (B, L + T) marking the real columns; `routing`: the rows'
+    adapters (None: each LoRA layer's own routing); `every_position`: logits at every position, not only the last."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    cache: BatchCache | None = None
+    routing: RowRouting | None = None
+    every_position: bool = False
+
+
+@dataclass(frozen=True)
+class Part:
+    """Consecutive rows of a product's input (N, in) that share a routing: `rows` rows of `tokens` // `rows` tokens."""
+
+    rows: int
+    tokens: int
+    routing: RowRouting | None
 
 
 class Decoder:
@@ -129,67 +161,118 @@ class Decoder:
                 transposed = min(transposed, time.perf_counter() - start)
         return transposed < 0.95 * plain  # a clear win only: the plain product is the model's own
 
-    def project(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """`module(x)`, with the product of a plain `nn.Linear` weight taken as (W·xᵀ)ᵀ where that is faster.
-
-        A LoRA layer on such a base gets that product as its base output and adds its routed update
-        to it as its own forward would (`LoraLayer.forward`: disabled, or routing per row)."""
+    def project(self, module: nn.Module, x: torch.Tensor, parts: list[Part]) -> torch.Tensor:
+        """`module(x)` for x (N, in), the rows of `parts` one after the other: one product with the base
+        weight for all of them (as (W·xᵀ)ᵀ where that is faster), then each part's routed LoRA update
+        added to its own rows as `LoraLayer.forward` would (disabled, or routing per row). A part
+        without a routing takes the layer's (`per_row_adapters`); where that is none too, the layer's
+        own forward runs."""
+        lora = isinstance(module, LoraLayer) and not module.disabled
         base = module.base if isinstance(module, LoraLayer) else module
-        if not self.transposed or type(base) is not nn.Linear or x.numel() > FEW_ROWS * x.shape[-1]:
-            return module(x)
-        if base is module:
-            return _transposed_linear(x, base.weight, base.bias)
-        if module.disabled:
-            return _transposed_linear(x, base.weight, base.bias)
-        if module.routing is None:  # not the engine's per-row path: the layer's own dispatch
-            return module(x)
-        return module.routing.apply(module, x, _transposed_linear(x, base.weight, base.bias))
+        routings = [part.routing or module.routing for part in parts] if lora else []
+        if None in routings:  # not the engine's per-row path: the layer's own dispatch
+            return torch.cat([module(xp) for xp in x.split([p.tokens for p in parts])])
+        if self.transposed and type(base) is nn.Linear and x.shape[0] <= FEW_ROWS:
+            y = _transposed_linear(x, base.weight, base.bias)
+        else:
+            y = base(x)
+        if not lora:
+            return y
+        start = 0
+        for part, routing in zip(parts, routings):
+            rows = y[start:start + part.tokens]  # (tokens, out), a view
+            shape = (part.rows, part.tokens // part.rows)
+            got = routing.apply(module, x[start:start + part.tokens].view(*shape, -1), rows.view(*shape, -1))
+            if got.data_ptr() != rows.data_ptr():  # a path that does not add in place
+                rows.copy_(got.view_as(rows))
+            start += part.tokens
+        return y
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache | None,
                 every_position: bool = False) -> tuple[torch.Tensor, BatchCache]:
         """T new tokens per row (`ids`, `positions` (B, T)) after the L columns of `cache` (None: none);
         `mask` (B, L + T) marks the real columns. Returns the logits ((B, T, vocab) or the last
-        position's (B, 1, vocab)) and the cache with the new columns."""
-        B, T = ids.shape
+        position's (B, 1, vocab)) and the cache with the new columns. Adapters: each LoRA layer's routing."""
+        return self.run([Rows(ids, positions, mask, cache, every_position=every_position)])[0]
+
+    def run(self, groups: list[Rows]) -> list[tuple[torch.Tensor, BatchCache]]:
+        """`forward` for several groups of rows at once (a decode step's rows and new prompts' rows): the
+        products take every group's tokens together, one pass over the weights; attention and the cache
+        are each group's own. Returns each group's logits and cache."""
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         if self.transposed is None:
             self.transposed = self.measure(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
                                            else self.inner.norm.weight.dtype)
-        past = 0 if cache is None else cache.width  # columns in use before the new ones
-        if cache is not None:
-            cache.reserve(T)
-        attend = _attention_mask(mask, past, T)  # (B, 1, T, L + T), True = attend; None: every column
-        x = self.inner.embed_tokens(ids)  # (B, T, d)
-        cos, sin = self.inner.rotary_emb(x, positions)  # (B, T, D) each
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D): over heads
-        fresh = []
+        parts = [Part(g.ids.shape[0], g.ids.numel(), g.routing) for g in groups]
+        spans = list(zip(groups, itertools.accumulate([p.tokens for p in parts], initial=0)))  # (group, first row)
+        N = sum(p.tokens for p in parts)
+        attend = []
+        for g in groups:
+            past = 0 if g.cache is None else g.cache.width  # columns in use before the new ones
+            if g.cache is not None:
+                g.cache.reserve(g.ids.shape[1])
+            attend.append(_attention_mask(g.mask, past, g.ids.shape[1]))  # (B, 1, T, L + T); None: every column
+        x = torch.cat([self._embed(g).flatten(0, 1) for g in groups])  # (N, d)
+        positions = torch.cat([g.positions.flatten() for g in groups])[None]  # (1, N)
+        cos, sin = (c[0, :, None] for c in self.inner.rotary_emb(x, positions))  # (N, 1, D) each: over heads
+        fresh: list[list] = [[] for _ in groups]
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)  # (B, T, d)
-            q = self.project(attn.q_proj, h).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-            k = self.project(attn.k_proj, h).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-            v = self.project(attn.v_proj, h).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            h = layer.input_layernorm(x)  # (N, d)
+            q = self.project(attn.q_proj, h, parts).view(N, H, D)
+            k = self.project(attn.k_proj, h, parts).view(N, Hkv, D)
+            v = self.project(attn.v_proj, h, parts).view(N, Hkv, D)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-            if cache is None:
-                K, V = k, v
-                fresh.append((k, v))
-            else:
-                K, V = cache.write(i, k, v)  # (B, Hkv, L + T, D)
-            o = F.scaled_dot_product_attention(q, K, V, attn_mask=attend, scale=attn.scaling,
-                                               enable_gqa=H != Hkv)  # (B, H, T, D)
-            x = x + self.project(attn.o_proj, o.transpose(1, 2).reshape(B, T, H * D))  # (B, T, d)
-            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))  # (B, T, d)
-        if cache is None:
-            cache = BatchCache(fresh, T)
-        else:
-            cache.advance(T)
-        h = self.inner.norm(x if every_position else x[:, -1:])  # (B, T or 1, d)
+            outputs = []
+            for j, (g, start) in enumerate(spans):
+                B, T = g.ids.shape
+                rows = slice(start, start + B * T)
+                qg = q[rows].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+                kg = k[rows].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+                vg = v[rows].view(B, T, Hkv, D).transpose(1, 2)
+                if g.cache is None:
+                    K, V = kg, vg
+                    fresh[j].append((kg, vg))
+                else:
+                    K, V = g.cache.write(i, kg, vg)  # (B, Hkv, L + T, D)
+                o = F.scaled_dot_product_attention(qg, K, V, attn_mask=attend[j], scale=attn.scaling,
+                                                   enable_gqa=H != Hkv)  # (B, H, T, D)
+                outputs.append(o.transpose(1, 2).reshape(B * T, H * D))
+            o = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # (N, H·D)
+            x = x + self.project(attn.o_proj, o, parts)  # (N, d)
+            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x), parts)  # (N, d)
+        last, heads = [], []  # the positions whose logits are wanted, and their parts
+        for g, start in spans:
+            B, T = g.ids.shape
+            rows = x[start:start + B * T]
+            last.append(rows if g.every_position else rows.view(B, T, -1)[:, -1])
+            heads.append(Part(B, B * T if g.every_position else B, g.routing))
+        h = self.inner.norm(torch.cat(last))  # (M, d)
         # looked up now: loading an adapter on the head replaces the module (a LoRA wrapper around it)
-        return self.project(self.model.get_output_embeddings(), h), cache  # (B, T or 1, vocab)
+        logits = self.project(self.model.get_output_embeddings(), h, heads)  # (M, vocab)
+        results, start = [], 0
+        for j, (g, part) in enumerate(zip(groups, heads)):
+            B, T = g.ids.shape
+            if g.cache is None:
+                cache = BatchCache(fresh[j], T)
+            else:
+                cache = g.cache
+                cache.advance(T)
+            results.append((logits[start:start + part.tokens].view(B, part.tokens // B, -1), cache))
+            start += part.tokens
+        return results
 
-    def _mlp(self, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def _embed(self, g: Rows) -> torch.Tensor:
+        """The embedding of `g`'s ids, (B, T, d), with the group's adapters where it has a routing."""
+        embed = self.inner.embed_tokens
+        if g.routing is not None and isinstance(embed, LoraLayer) and not embed.disabled:
+            return g.routing.apply(embed, g.ids, embed.base(g.ids))
+        return embed(g.ids)
+
+    def _mlp(self, mlp: nn.Module, h: torch.Tensor, parts: list[Part]) -> torch.Tensor:
         """down(act(gate(h)) · up(h)): the gated MLP of these architectures, through `project`."""
-        return self.project(mlp.down_proj, mlp.act_fn(self.project(mlp.gate_proj, h)) * self.project(mlp.up_proj, h))
+        gated = mlp.act_fn(self.project(mlp.gate_proj, h, parts)) * self.project(mlp.up_proj, h, parts)
+        return self.project(mlp.down_proj, gated, parts)
 
 
 def _replaced_forward(module: nn.Module) -> bool:

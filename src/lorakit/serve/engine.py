@@ -10,6 +10,9 @@ A single thread owns the model. It loops:
        low-rank product of `lorakit.routing`, S-LoRA/Punica style), then each row samples its next token
     4. drop finished or cancelled rows from the batch and its cache
 
+With the lean forward and rows running, 2 and 3 are one forward: the new prompts' tokens ride in the
+decode step as more rows of its products (`Decoder.run`), and join the batch after it.
+
 For Llama-shaped models (Llama, Mistral, Qwen2) prefill and decode run `lorakit.serve.decoder`'s lean
 forward, which writes into the spare columns of the batch's `lorakit.serve.batch_cache.BatchCache`;
 other models run their own forward. The batch's KV cache is left-padded: rows that joined later have
@@ -38,12 +41,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorakit.adapters import delete_adapter, per_row_adapters
+from lorakit.adapters import check_row_adapters, delete_adapter, per_row_adapters
 from lorakit.base import autocast
 from lorakit.errors import UserError
 from lorakit.routing import AdapterStacks, RowRouting
 from lorakit.serve.batch_cache import BatchCache, left_pad
-from lorakit.serve.decoder import Decoder
+from lorakit.serve.decoder import Decoder, Rows
 from lorakit.serve.sampling import RowSampler, SamplingParams, TokenScores, choose, log_failure, position_scores
 
 Emit = Callable[[int | None, str | None, TokenScores | None], None]
@@ -83,6 +86,14 @@ class _Row:
     last: int  # the token to feed at the next step
     length: int  # real tokens in the cache so far (= the next position id)
     done: str | None = None  # finish reason once finished
+
+
+@dataclass
+class _Prompts:
+    """New requests, prefilled together as one group of left-padded rows."""
+
+    requests: list[GenerationRequest]
+    rows: Rows
 
 
 @dataclass
@@ -242,10 +253,13 @@ class Engine:
                 self._run_job(lambda model, a=adapter: delete_adapter(model, a), concurrent.futures.Future())
             for job, future in jobs:
                 self._run_job(job, future)
+            if admitted and self._rows and self._decoder is not None:  # one forward: new prompts join the step
+                self._guard(self._step, admitted, running=True)
+                continue
             if admitted:
-                self._guard(self._admit, admitted)
+                self._guard(self._admit, admitted, running=False)
             if self._rows:
-                self._guard(self._step)
+                self._guard(self._step, [], running=True)
 
     def _retired(self) -> list[str]:
         return [a for a in self._retiring if self._users[a] == 0]
@@ -263,17 +277,18 @@ class Engine:
             self._stacks, self._routing = AdapterStacks(), None
             self._decoder = self._check_decoder()
 
-    def _guard(self, step: Callable, requests: list[GenerationRequest] | None = None) -> None:
-        """An unexpected failure ends the requests involved (`requests`, else the running rows') with
-        finish reason 'error', not the engine."""
+    def _guard(self, step: Callable[[list[GenerationRequest]], None], new: list[GenerationRequest],
+               running: bool) -> None:
+        """`step(new)`; an unexpected failure ends the requests involved (`new`, and the running rows' if
+        `running`) with finish reason 'error', not the engine."""
         try:
-            step() if requests is None else step(requests)
+            step(new)
         except Exception as err:  # noqa: BLE001 - the engine must outlive one bad batch
-            involved = requests if requests is not None else [row.request for row in self._rows]
+            involved = new + ([row.request for row in self._rows] if running else [])
             log_failure(f"a step failed; its {len(involved)} request(s) end with an error (500)", err)
             for request in involved:
                 self._finish(request, "error")
-            if requests is None:
+            if running:
                 self._rows, self._cache, self._mask = [], None, None
             self.last_error = err
 
@@ -302,12 +317,26 @@ class Engine:
     @torch.inference_mode()  # not no_grad: no version counters or view tracking either (jobs stay outside)
     def _admit(self, requests: list[GenerationRequest]) -> None:
         """Prefill the new prompts in one forward (left-padded), sample each first token, join the batch."""
+        prompts = self._prompts(requests)
+        if prompts is None:
+            return
+        group = prompts.rows
+        logits, cache = self._forward(group.routing, group.ids, group.positions, group.mask, None,
+                                      every_position=group.every_position)  # (n, P or 1, V)
+        self._begin(prompts, logits, cache)
+
+    def _prompts(self, requests: list[GenerationRequest]) -> _Prompts | None:
+        """The new prompts that were not cancelled while waiting, as one left-padded group of rows (None: none)."""
         for request in requests:
             if request.cancelled:
                 self._finish(request, "stop")
         requests = [r for r in requests if not r.cancelled]
+        try:
+            check_row_adapters(self.model, RowRouting([r.adapters for r in requests]))
+        except UserError:  # a request's adapter is gone: that request ends, not the others prefilled with it
+            requests = [r for r in requests if self._servable(r)]
         if not requests:
-            return
+            return None
         width = max(len(r.prompt_ids) for r in requests)
         # Padding in front, masked out; its id is any valid one, and its position ids are clamped to 0.
         ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests],
@@ -317,7 +346,23 @@ class Engine:
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens from 0
         scoring = any(r.prompt_logprobs is not None for r in requests)
         routing = RowRouting([r.adapters for r in requests], stacks=self._stacks)
-        logits, cache = self._forward(routing, ids, positions, mask, None, every_position=scoring)  # (n, P or 1, V)
+        return _Prompts(requests, Rows(ids, positions, mask, routing=routing, every_position=scoring))
+
+    def _servable(self, request: GenerationRequest) -> bool:
+        """Whether the model can apply `request`'s adapters; if not, the request ends with an error."""
+        try:
+            check_row_adapters(self.model, RowRouting([request.adapters]))
+        except UserError as err:
+            log_failure(f"a request cannot start: {err}")
+            self._finish(request, "error")
+            return False
+        return True
+
+    def _begin(self, prompts: _Prompts, logits: torch.Tensor, cache: BatchCache) -> None:
+        """After the prompts' forward (`logits` (n, P or 1, V)): score the prompts that asked for it, sample
+        each first token, join the batch."""
+        requests, ids = prompts.requests, prompts.rows.ids
+        width = ids.shape[1]
         self.stats.prefills += len(requests)
         self.stats.prefill_batches += 1
         rows = [_Row(r, RowSampler(r.sampling), last=-1, length=len(r.prompt_ids)) for r in requests]
@@ -336,7 +381,7 @@ class Engine:
             tokens, scores = choose(last, [row.sampler for _, row in sampling])
             for (_, row), token, score in zip(sampling, tokens, scores):
                 self._accept(row, token, score)
-        self._join(rows, cache, mask)
+        self._join(rows, cache, prompts.rows.mask)
 
     def _join(self, rows: list[_Row], cache: BatchCache, mask: torch.Tensor) -> None:
         """Append prefilled rows (their cache and (n, P) mask) to the batch, leaving out the finished ones:
@@ -357,13 +402,27 @@ class Engine:
         self._trim()
 
     @torch.inference_mode()
-    def _step(self) -> None:
-        """One token for every running row, in one forward pass."""
+    def _step(self, new: list[GenerationRequest]) -> None:
+        """One token for every running row, in one forward pass; the prompts of `new` (lean decoder only)
+        are prefilled in the same pass, and their rows join the batch after it."""
         rows = self._rows
         ids = torch.tensor([[row.last] for row in rows], device=self.device)  # (n, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)  # (n, L+1)
         positions = torch.tensor([[row.length] for row in rows], device=self.device)  # (n, 1)
-        logits, self._cache = self._forward(self._running_routing(), ids, positions, self._mask, self._cache)
+        prompts = self._prompts(new) if new else None
+        if prompts is None:
+            logits, self._cache = self._forward(self._running_routing(), ids, positions, self._mask, self._cache)
+        else:
+            step = Rows(ids, positions, self._mask, self._cache, self._running_routing())
+            try:
+                with per_row_adapters(self.model, step.routing), autocast(self.device, self.dtype):
+                    (logits, self._cache), prompted = self._decoder.run([step, prompts.rows])
+            except Exception as err:  # noqa: BLE001 - nothing is changed yet (the cache gained only spare room)
+                # A prompt's failure must not end the running rows: prefill apart, then step, as without joining.
+                log_failure("a step with joining prompts failed; prefilling them apart", err)
+                self._mask = self._mask[:, :-1]
+                self._guard(self._admit, prompts.requests, running=False)
+                return self._step([])
         self.stats.steps += 1
         self.stats.row_steps += len(rows)
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
@@ -372,6 +431,8 @@ class Engine:
             row.length += 1
             self._accept(row, token, score)
         self._drop_finished()
+        if prompts is not None:
+            self._begin(prompts, *prompted)
 
     def _accept(self, row: _Row, token: int | None, scores: TokenScores | None) -> None:
         """Deliver one sampled token, or finish the row (end of text, length, cancelled, broken logits)."""
