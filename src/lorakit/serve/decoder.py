@@ -169,7 +169,7 @@ class Decoder:
         own forward runs."""
         lora = isinstance(module, LoraLayer) and not module.disabled
         base = module.base if isinstance(module, LoraLayer) else module
-        routings = [part.routing or module.routing for part in parts] if lora else []
+        routings = [module.routing if part.routing is None else part.routing for part in parts] if lora else []
         if None in routings:  # not the engine's per-row path: the layer's own dispatch
             return torch.cat([module(xp) for xp in x.split([p.tokens for p in parts])])
         if self.transposed and type(base) is nn.Linear and x.shape[0] <= FEW_ROWS:
