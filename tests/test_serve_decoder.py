@@ -154,6 +154,54 @@ def test_a_decode_step_and_new_prompts_in_one_run_equal_the_models_forward_for_e
             torch.testing.assert_close(V.transpose(1, 2)[rows], want.values.transpose(1, 2)[rows], rtol=0, atol=1e-4)
 
 
+def test_a_group_without_a_routing_takes_the_layers_own_adapters_and_the_other_keeps_its_own():
+    """Outside the engine (no per-row routing set on the layers), a group without a routing runs the
+    layers' own forward (here `set_adapters` with adapter b) while a group with one applies its own mixes."""
+    model = model_of("llama")
+    decoder = Decoder.of(model)
+    g = torch.Generator().manual_seed(4)
+    ids, mask, positions = left_padded([5, 2, 7, 3], g)
+    other_ids, other_mask, other_positions = left_padded([3, 6], g)
+    routing = RowRouting(MIXES)
+    lorakit.set_adapters(model, {"b": 1.0})
+    with torch.inference_mode():
+        own = model(input_ids=other_ids, attention_mask=other_mask, position_ids=other_positions).logits[:, -1]
+        with lorakit.per_row_adapters(model, routing):
+            routed = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        (got_routed, _), (got_own, _) = decoder.run([Rows(ids, positions, mask, routing=routing),
+                                                    Rows(other_ids, other_positions, other_mask)])
+    torch.testing.assert_close(got_routed[:, 0], routed, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got_own[:, 0], own, rtol=0, atol=1e-4)
+
+
+def test_a_prompt_joining_long_rows_gets_its_own_rope_under_a_dynamic_scaling():
+    """Dynamic RoPE scaling picks its frequencies from the largest position in a call: a short prompt
+    riding with rows past the model's context must still get the frequencies of its own forward."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                         rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                          "rope_theta": 10000.0})).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # weights large enough that the positions show in the logits
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    decoder = Decoder.of(model)
+    ids, mask, positions = left_padded([24, 20], g)  # past the 16 positions the frequencies were made for
+    new_ids, new_mask, new_positions = left_padded([3, 5], g)
+    with torch.inference_mode():
+        expected = model(input_ids=new_ids, attention_mask=new_mask, position_ids=new_positions).logits[:, -1]
+        _, cache = decoder.forward(ids, positions, mask, None)
+        step = Rows(torch.tensor([[1], [2]]), torch.tensor([[24], [20]]), torch.cat([mask, mask.new_ones(2, 1)], 1),
+                    cache)
+        _, (got, _) = decoder.run([step, Rows(new_ids, new_positions, new_mask)])
+    assert expected.abs().max() > 1
+    torch.testing.assert_close(got[:, 0], expected, rtol=0, atol=1e-4)
+
+
 def test_the_lean_step_is_used_only_where_its_wiring_is_the_models():
     assert Decoder.of(build("llama")) is not None and Decoder.of(build("qwen2")) is not None
     assert Decoder.of(build("gpt2")) is None  # another architecture: the model's forward runs
@@ -163,6 +211,9 @@ def test_the_lean_step_is_used_only_where_its_wiring_is_the_models():
     model = build("llama")
     model.model.layers[1].self_attn.q_norm = torch.nn.LayerNorm(8)  # a part the wiring does not know
     assert Decoder.of(model) is None
+    embedded = model_of("llama")  # LoRA on the embedding: its wrapper's forward is bypassed too
+    embedded.model.embed_tokens.register_forward_hook(lambda *_: None)
+    assert Decoder.of(embedded) is None
     replaced = build("llama")
     replaced.model.layers[0].self_attn.forward = lambda *args, **kwargs: None  # as accelerate's hooks do
     assert Decoder.of(replaced) is None

@@ -331,10 +331,10 @@ def test_one_row_with_broken_logits_ends_alone(monkeypatch):
     assert [out.tokens for out in outs] == expected and engine.alive() is False
 
 
-def test_a_prompt_that_breaks_the_joined_step_ends_alone_and_the_running_rows_go_on():
-    """New prompts are prefilled inside the running rows' decode step; if that forward fails, the prompts
-    are prefilled apart, so that only the failing one ends (here: an adapter deleted behind the engine's
-    back), and every other request gives what it gives alone."""
+def test_a_request_whose_adapter_is_gone_ends_alone_and_the_others_go_on():
+    """An adapter deleted behind the engine's back while a request for it waits: that request ends with
+    an error when it would start; the running row and the prompts admitted with it give what they give
+    alone (without the check, its rows would silently run on the base)."""
     model = adapted("llama")
     batch = list(zip(prompts(3, seed=11), [{"a": 1.0}, {"b": 1.0}, {}]))
     expected = [reference(model, ids, mix, max_tokens=20) for ids, mix in batch]
@@ -361,22 +361,29 @@ def test_a_prompt_that_breaks_the_joined_step_ends_alone_and_the_running_rows_go
 def test_prompts_join_the_running_rows_decode_step_in_one_forward(joined_step_fails, monkeypatch):
     """With rows running, new prompts are prefilled in the same forward as their decode step (the lean
     decoder): one forward, not a prefill and a step; the answers are those of the plain path. Where that
-    forward fails, the prompts are prefilled apart and the answers are the same."""
+    forward fails halfway (after the first layer wrote its keys and values), the prompts are prefilled
+    apart and the answers are the same."""
     from lorakit.serve.decoder import Decoder
 
     model = adapted("llama")
     batch = list(zip(sorted(prompts(4, seed=12), key=len, reverse=True), MIXES))  # the running row the widest
     expected = [reference(model, ids, mix, max_tokens=16) for ids, mix in batch]
-    calls = []
-    real = Decoder.run
+    calls, projections = [], []
+    real_run, real_project = Decoder.run, Decoder.project
 
     def counted(self, groups):
         calls.append(len(groups))
-        if joined_step_fails and len(groups) == 2:
-            raise RuntimeError("a joined step that fails")
-        return real(self, groups)
+        return real_run(self, groups)
+
+    def failing(self, module, x, parts):
+        if joined_step_fails and len(parts) == 2:
+            projections.append(module)
+            if len(projections) == 5:  # layer 0's o_proj: its cache columns are written
+                raise RuntimeError("a joined step that fails")
+        return real_project(self, module, x, parts)
 
     monkeypatch.setattr(Decoder, "run", counted)
+    monkeypatch.setattr(Decoder, "project", failing)
     engine = Engine(model, eos_id=None, max_batch=8).start()
     try:
         outs = [run(engine, *batch[0], max_tokens=16)[1]]
@@ -392,6 +399,30 @@ def test_prompts_join_the_running_rows_decode_step_in_one_forward(joined_step_fa
         engine.stop()
     assert [out.tokens for out in outs] == expected
     assert 2 in calls and engine.stats.prefill_batches == 2  # the first prompt alone, then the three joining
+
+
+def test_a_failure_after_the_joined_forward_ends_the_new_requests_only():
+    """A new request that breaks while its first token is delivered (here: its emit raises) ends; the row
+    that was running goes on to the end with the tokens it gives alone."""
+    model = adapted("llama")
+    (ids, mix), (other, other_mix) = zip(prompts(2, seed=13), MIXES[:2])
+    expected = reference(model, ids, mix, max_tokens=20)
+    engine = Engine(model, eos_id=None, max_batch=8).start()
+
+    def broken(token, finish, scores=None):
+        if token is not None:
+            raise RuntimeError("a client callback that breaks")
+
+    try:
+        first = run(engine, ids, mix, max_tokens=20)[1]
+        while len(first.tokens) < 3:
+            first.done.wait(0.001)
+        engine.submit(GenerationRequest(other, other_mix, 20, broken, sampling=SamplingParams(temperature=0)))
+        assert first.done.wait(30)
+    finally:
+        engine.stop()
+    assert first.tokens == expected and first.finish == "length"
+    assert engine.stats.prefill_batches == 2 and isinstance(engine.last_error, RuntimeError)
 
 
 def test_an_adapter_on_the_output_head_loaded_while_serving_changes_the_answers_as_it_should():

@@ -124,7 +124,8 @@ class Decoder:
                 return None
             if {name for name, _ in layer.mlp.named_children()} != MLP_PARTS:
                 return None
-        bypassed = [model, inner, *inner.layers, *(m for layer in inner.layers for m in (layer.self_attn, layer.mlp))]
+        bypassed = [model, inner, inner.embed_tokens, *inner.layers,
+                    *(m for layer in inner.layers for m in (layer.self_attn, layer.mlp))]
         for module in _projections(model):  # their forward may be bypassed too (the transposed product)
             bypassed += [module, module.base] if isinstance(module, LoraLayer) else [module]
         if any(m._forward_hooks or m._forward_pre_hooks or _replaced_forward(m) for m in bypassed):
@@ -170,8 +171,13 @@ class Decoder:
         lora = isinstance(module, LoraLayer) and not module.disabled
         base = module.base if isinstance(module, LoraLayer) else module
         routings = [module.routing if part.routing is None else part.routing for part in parts] if lora else []
-        if None in routings:  # not the engine's per-row path: the layer's own dispatch
-            return torch.cat([module(xp) for xp in x.split([p.tokens for p in parts])])
+        if None in routings:  # a part off the per-row path: each part apart, with the layer's own forward for it
+            outputs = []
+            for part, routing, xp in zip(parts, routings, x.split([p.tokens for p in parts])):
+                shape = (part.rows, part.tokens // part.rows, -1)
+                outputs.append(module(xp) if routing is None else
+                               routing.apply(module, xp.view(shape), base(xp).view(shape)).flatten(0, 1))
+            return torch.cat(outputs)
         if self.transposed and type(base) is nn.Linear and x.shape[0] <= FEW_ROWS:
             y = _transposed_linear(x, base.weight, base.bias)
         else:
@@ -213,8 +219,9 @@ class Decoder:
                 g.cache.reserve(g.ids.shape[1])
             attend.append(_attention_mask(g.mask, past, g.ids.shape[1]))  # (B, 1, T, L + T); None: every column
         x = torch.cat([self._embed(g).flatten(0, 1) for g in groups])  # (N, d)
-        positions = torch.cat([g.positions.flatten() for g in groups])[None]  # (1, N)
-        cos, sin = (c[0, :, None] for c in self.inner.rotary_emb(x, positions))  # (N, 1, D) each: over heads
+        # per group, as its own forward would (dynamic RoPE scalings look at the largest position)
+        rotary = [self.inner.rotary_emb(x, g.positions) for g in groups]  # (B, T, D) cos and sin per group
+        cos, sin = (torch.cat([r[i].flatten(0, 1) for r in rotary])[:, None] for i in (0, 1))  # (N, 1, D): over heads
         fresh: list[list] = [[] for _ in groups]
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn

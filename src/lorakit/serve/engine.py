@@ -418,7 +418,8 @@ class Engine:
                 with per_row_adapters(self.model, step.routing), autocast(self.device, self.dtype):
                     (logits, self._cache), prompted = self._decoder.run([step, prompts.rows])
             except Exception as err:  # noqa: BLE001 - nothing is changed yet (the cache gained only spare room)
-                # A prompt's failure must not end the running rows: prefill apart, then step, as without joining.
+                # The prompts' failure must not end the running rows: prefill them apart, then step, as
+                # without joining (a prompt that fails there ends with those prefilled with it).
                 log_failure("a step with joining prompts failed; prefilling them apart", err)
                 self._mask = self._mask[:, :-1]
                 self._guard(self._admit, prompts.requests, running=False)
@@ -431,8 +432,8 @@ class Engine:
             row.length += 1
             self._accept(row, token, score)
         self._drop_finished()
-        if prompts is not None:
-            self._begin(prompts, *prompted)
+        if prompts is not None:  # a failure from here on ends the new requests, not the running rows
+            self._guard(lambda _: self._begin(prompts, *prompted), prompts.requests, running=False)
 
     def _accept(self, row: _Row, token: int | None, scores: TokenScores | None) -> None:
         """Deliver one sampled token, or finish the row (end of text, length, cancelled, broken logits)."""
