@@ -417,7 +417,10 @@ def test_a_failure_after_the_joined_forward_ends_the_new_requests_only():
         first = run(engine, ids, mix, max_tokens=20)[1]
         while len(first.tokens) < 3:
             first.done.wait(0.001)
+        gate = threading.Event()
+        engine.call(lambda _: gate.wait(30))  # the new request arrives while the first is surely running
         engine.submit(GenerationRequest(other, other_mix, 20, broken, sampling=SamplingParams(temperature=0)))
+        gate.set()
         assert first.done.wait(30)
     finally:
         engine.stop()
