@@ -331,12 +331,16 @@ class Engine:
             if request.cancelled:
                 self._finish(request, "stop")
         requests = [r for r in requests if not r.cancelled]
-        try:
-            check_row_adapters(self.model, RowRouting([r.adapters for r in requests]))
-        except UserError:  # a request's adapter is gone: that request ends, not the others prefilled with it
-            requests = [r for r in requests if self._servable(r)]
         if not requests:
             return None
+        routing = RowRouting([r.adapters for r in requests], stacks=self._stacks)
+        try:
+            check_row_adapters(self.model, routing)
+        except UserError:  # a request's adapter is gone: that request ends, not the others prefilled with it
+            requests = [r for r in requests if self._servable(r)]
+            if not requests:
+                return None
+            routing = RowRouting([r.adapters for r in requests], stacks=self._stacks)
         width = max(len(r.prompt_ids) for r in requests)
         # Padding in front, masked out; its id is any valid one, and its position ids are clamped to 0.
         ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests],
@@ -345,7 +349,6 @@ class Engine:
                             device=self.device)  # (n, P)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens from 0
         scoring = any(r.prompt_logprobs is not None for r in requests)
-        routing = RowRouting([r.adapters for r in requests], stacks=self._stacks)
         return _Prompts(requests, Rows(ids, positions, mask, routing=routing, every_position=scoring))
 
     def _servable(self, request: GenerationRequest) -> bool:
