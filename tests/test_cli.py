@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -81,3 +82,36 @@ def test_serve_flags_reach_every_config_field(tmp_path, monkeypatch):
     assert config.adapters == {"legal": str(tmp_path / "a")} and config.api_key == "from-env"
     assert {f.name for f in dataclasses.fields(config)} == {*given, "adapters", "api_key"}  # none forgotten
     assert main(["serve", "--api-key", "k"]) == 0 and built[1].api_key == "k"
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else None
+
+
+@pytest.mark.parametrize("user_value", [None, "0"])
+def test_commands_back_big_tensors_with_huge_pages_unless_the_user_says_not(user_value):
+    """`main` turns on torch's transparent huge pages for big CPU tensors before any command imports torch;
+    a THP_MEM_ALLOC_ENABLE of the user's stands."""
+    code = ("import os, re, sys; from lorakit.cli import main\n"
+            "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' in sys.modules\n"
+            "import torch; x = torch.ones(64 << 18)  # 64 MB, touched\n"
+            "huge = int(re.search(r'AnonHugePages:\\s+(\\d+)', open('/proc/self/smaps_rollup').read()).group(1))\n"
+            "print(os.environ['THP_MEM_ALLOC_ENABLE'], huge)")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if user_value is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user_value
+    if not os.path.exists("/proc/self/smaps_rollup"):
+        pytest.skip("no /proc/self/smaps_rollup (not Linux)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         stdin=subprocess.DEVNULL).stdout.strip().splitlines()[-1].split()  # after the help
+    assert out[0] == (user_value or "1")
+    mode = _thp_mode()
+    if user_value is None and mode in ("madvise", "always"):
+        assert int(out[1]) >= 32 << 10, f"{out[1]} kB of huge pages for a 64 MB tensor (THP {mode})"
+    if user_value == "0" and mode == "madvise":
+        assert int(out[1]) == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lorakit.errors import UserError
@@ -64,6 +65,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    huge_pages()
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
@@ -76,6 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorakit {args.command}: interrupted", file=sys.stderr)
         return 130
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def huge_pages() -> None:
+    """Have PyTorch back its CPU tensors of 2 MB and more with transparent huge pages (`madvise`), unless the
+    user set THP_MEM_ALLOC_ENABLE. Torch reads the variable once, at its first allocation, so this runs
+    before any command imports it (in a process that had torch already, it changes nothing).
+
+    Without them a fresh big tensor is faulted in 4 KB at a time, and glibc hands blocks over 32 MB
+    straight from mmap: a training step pays that for every activation. On a 2-core AVX2 host, fp32,
+    a (2048, 4864) tensor (a 0.5B base's MLP at batch 4x512): SiLU 30 -> 11 ms, a multiply 25 -> 6.5 ms,
+    its gate product 184 -> 126-151 ms; the same peak memory.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 if __name__ == "__main__":
