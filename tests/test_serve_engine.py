@@ -448,3 +448,20 @@ def test_an_adapter_on_the_output_head_loaded_while_serving_changes_the_answers_
         engine.stop()
     expected = reference(model, ids, {"h": 1.0})
     assert out.tokens == expected and expected != base
+
+
+def test_an_adapter_served_before_and_deleted_by_a_job_is_checked_again():
+    """The engine remembers which adapters passed its checks, but only until the next job: a request for
+    an adapter that was served and then deleted by a job ends with an error, not on the base."""
+    model = adapted("llama")
+    ids = prompts(1, seed=13)[0]
+    engine = Engine(model, eos_id=None, max_batch=8).start()
+    try:
+        served = run(engine, ids, {"c": 1.0}, max_tokens=4)[1]
+        assert served.done.wait(30) and served.finish == "length"
+        engine.call(lambda m: lorakit.delete_adapter(m, "c")).result(30)
+        again = run(engine, ids, {"c": 1.0}, max_tokens=4)[1]
+        assert again.done.wait(30)
+    finally:
+        engine.stop()
+    assert again.finish == "error" and again.tokens == []

@@ -432,11 +432,18 @@ def per_row_adapters(model: nn.Module, rows: list[RowSpec] | RowRouting) -> Iter
     steps): it keeps the stacked weights and gather indices between them.
     """
     routing = rows if isinstance(rows, RowRouting) else RowRouting(rows)
-    layers = check_row_adapters(model, routing)
+    with routed(check_row_adapters(model, routing), routing):
+        yield model
+
+
+@contextlib.contextmanager
+def routed(layers: list[LoraLayer], routing: RowRouting) -> Iterator[None]:
+    """`per_row_adapters` without its checks: `layers` are `check_row_adapters(model, routing)`'s, found
+    by a caller that knows the model has not changed since (a server between two adapter jobs)."""
     for layer in layers:
         layer.routing = routing
     try:
-        yield model
+        yield
     finally:
         for layer in layers:
             layer.routing = None

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorakit.adapters import check_row_adapters, delete_adapter, per_row_adapters
+from lorakit.adapters import check_row_adapters, delete_adapter, routed
 from lorakit.base import autocast
 from lorakit.errors import UserError
 from lorakit.routing import AdapterStacks, RowRouting
@@ -133,6 +133,9 @@ class Engine:
         self._retiring: set[str] = set()
         self._stacks = AdapterStacks()  # each LoRA layer's adapters stacked for the gathered product
         self._routing: tuple[tuple[_Row, ...], RowRouting] | None = None  # the running rows' routing
+        # The model's LoRA layers and the adapters `check_row_adapters` passed, until the next job: a
+        # step then routes its rows without walking the model (0.3 ms a step on the 6-layer embedded base)
+        self._checked: tuple[list, set[str]] | None = None
         self._thread: threading.Thread | None = None
         # Only the last position's logits are needed: skip the (P, vocab) projection where the model allows.
         accepts = inspect.signature(self.model.forward).parameters
@@ -274,7 +277,7 @@ class Engine:
         else:
             future.set_result(result)
         finally:  # adapters may have come or gone: restack them (and free the old stacks) on next use
-            self._stacks, self._routing = AdapterStacks(), None
+            self._stacks, self._routing, self._checked = AdapterStacks(), None, None
             self._decoder = self._check_decoder()
 
     def _guard(self, step: Callable[[list[GenerationRequest]], None], new: list[GenerationRequest],
@@ -300,13 +303,25 @@ class Engine:
             self._routing = rows, RowRouting([row.request.adapters for row in rows], stacks=self._stacks)
         return self._routing[1]
 
+    def _check(self, routing: RowRouting) -> list:
+        """`check_row_adapters(self.model, routing)`, remembered until the next job (only jobs change the model)."""
+        names = set(routing.adapters())
+        if self._checked is None or not names <= self._checked[1]:
+            layers = check_row_adapters(self.model, routing)  # a UserError says what is wrong
+            self._checked = layers, (set() if self._checked is None else self._checked[1]) | names
+        return self._checked[0]
+
+    def _routed(self, routing: RowRouting):
+        """`per_row_adapters(self.model, routing)`, with the checks remembered (`_check`)."""
+        return routed(self._check(routing), routing)
+
     def _forward(self, routing: RowRouting, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  cache: BatchCache | None, every_position: bool = False) -> tuple[torch.Tensor, BatchCache]:
         """Logits (n, T, V), or the last position's (n, 1, V), for `ids` (n, T) after `cache` (None: a
         prefill), and the cache with their columns: the lean forward where the model allows, else its own."""
         from transformers import DynamicCache
 
-        with per_row_adapters(self.model, routing), autocast(self.device, self.dtype):
+        with self._routed(routing), autocast(self.device, self.dtype):
             if self._decoder is not None:
                 return self._decoder.forward(ids, positions, mask, cache, every_position)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -335,7 +350,7 @@ class Engine:
             return None
         routing = RowRouting([r.adapters for r in requests], stacks=self._stacks)
         try:
-            check_row_adapters(self.model, routing)
+            self._check(routing)
         except UserError:  # a request's adapter is gone: that request ends, not the others prefilled with it
             requests = [r for r in requests if self._servable(r)]
             if not requests:
@@ -418,7 +433,7 @@ class Engine:
         else:
             step = Rows(ids, positions, self._mask, self._cache, self._running_routing())
             try:
-                with per_row_adapters(self.model, step.routing), autocast(self.device, self.dtype):
+                with self._routed(step.routing), autocast(self.device, self.dtype):
                     (logits, self._cache), prompted = self._decoder.run([step, prompts.rows])
             except Exception as err:  # noqa: BLE001 - nothing is changed yet (the cache gained only spare room)
                 # The prompts' failure must not end the running rows: prefill them apart, then step, as
