@@ -87,8 +87,9 @@ def huge_pages() -> None:
 
     Without them a fresh big tensor is faulted in 4 KB at a time, and glibc hands blocks over 32 MB
     straight from mmap: a training step pays that for every activation. On a 2-core AVX2 host, fp32,
-    a (2048, 4864) tensor (a 0.5B base's MLP at batch 4x512): SiLU 30 -> 11 ms, a multiply 25 -> 6.5 ms,
-    its gate product 184 -> 126-151 ms; the same peak memory.
+    a (2048, 4864) tensor (a 0.5B base's MLP at batch 4x512): SiLU 28 -> 13 ms, a multiply 25 -> 8 ms
+    (`benchmarks/huge_pages.py`); the 0.5B training step 1.17-1.39x PEFT's speed instead of 1.18-1.22x,
+    at a lower peak (BENCHMARKS.md).
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
