@@ -11,7 +11,6 @@ generic path; see `test_bitsandbytes_dequantize_equals_the_reference_or_is_furth
 from __future__ import annotations
 
 import json
-import sys
 import threading
 
 import pytest
@@ -240,13 +239,6 @@ def test_decode_buffers_serve_inference_mode_then_training_and_each_dtype(monkey
     layer(x).sum().backward()
     torch.testing.assert_close(served, x.detach() @ torch.cat(fresh).t() + layer.bias.to(dtype))
     torch.testing.assert_close(x.grad, torch.cat(fresh).sum(0).expand_as(x), rtol=0.02, atol=0.02)
-
-
-def test_return_freed_memory_sets_glibcs_threshold_unless_the_user_did(monkeypatch):
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    assert nf4.return_freed_memory.__wrapped__() is sys.platform.startswith("linux")
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert nf4.return_freed_memory.__wrapped__() is False
 
 
 def test_nf4_base_keeps_no_full_precision_weight_for_backward():

@@ -22,13 +22,10 @@ serialization (`save_quantized` / `load_quantized`).
 from __future__ import annotations
 
 import copy
-import ctypes
 import dataclasses
 import functools
 import json
 import math
-import os
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,32 +180,6 @@ def _scratch(name: str, n: int, dtype: torch.dtype, device: torch.device) -> tor
         with torch.inference_mode(False):  # a normal tensor, also when first made under inference mode
             buffers[key] = buffer = torch.empty(n, dtype=dtype, device=device)
     return buffer[:n]
-
-
-_MMAP_THRESHOLD = 1 << 20  # bytes: blocks this big and bigger come from mmap once `return_freed_memory` ran
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-
-
-@functools.cache
-def return_freed_memory() -> bool:
-    """Have glibc serve blocks of 1 MiB and more straight from mmap, so that freeing one gives it back.
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a big block is freed; after that such
-    blocks come from the heap, which cannot shrink below a block still in use. A QLoRA step keeps
-    activations between the temporaries it frees, and on a Llama-2-7B shape (r=16 q,v, 1x128) held
-    about 1 GB it no longer used: peak RSS 6.24 GB, 5.17 GB with this (measured with checkpointed
-    activations and scratch decoding on both sides). The price is fresh pages for every big block:
-    without checkpointing that step took 65-68 s instead of 55-57 s (one run each).
-    Called once per process by the NF4 loader. False, doing nothing, off glibc or when the user set
-    MALLOC_MMAP_THRESHOLD_ (theirs stands).
-    """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt worth setting)
-        return False
 
 
 def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit import nf4
+from lorakit import heap, nf4
 from lorakit.errors import UserError
 from lorakit.modules import set_module
 from lorakit.tensorfiles import Stored, stored_tensors
@@ -38,7 +38,7 @@ def load_streaming(directory: str | Path, dtype: torch.dtype, device: torch.devi
     """The causal LM in `directory` in `dtype` on `device`, its chosen Linear layers in NF4 if `quantize`
     (a directory written by `lorakit quantize` is NF4 as stored); in eval mode."""
     directory, device = Path(directory), device or torch.device("cpu")
-    nf4.return_freed_memory()  # a 4-bit base is for small machines: what a step frees goes back to the OS
+    heap.return_freed_memory()  # a 4-bit base is for small machines: what a step frees goes back to the OS
     config = plain_config(directory)
     stored_nf4 = nf4.is_quantized(directory)
     stored = stored_tensors(directory)

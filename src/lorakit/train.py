@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit import distributed
+from lorakit import distributed, heap
 from lorakit.adapters import ALL_LINEAR, ALL_LINEAR_HEAD, disable_adapters, inject, lora_layers, trainable_parameters
 from lorakit.base import autocast, base_name, load_base, quantize_option, quantize_spec, resolve_dtype
 from lorakit.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint
@@ -969,6 +969,8 @@ def register(subparsers) -> None:
         if args.nproc is not None and "WORLD_SIZE" not in os.environ:
             check_fsdp_world(config, args.nproc)  # before torchrun starts processes that would each refuse
             return distributed.launch(args.nproc, ["train", *cli_args(config)])
+        if config.quantize is None:  # a 4-bit base returns freed memory instead (the loader sets it)
+            heap.keep_freed_memory()  # this process only trains: a step's big blocks serve the next one's
         with ctrl_c_stops() as should_stop:
             result = train(config, should_stop=should_stop)
         return 130 if result.get("interrupted") else 0
