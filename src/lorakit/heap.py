@@ -14,7 +14,8 @@ policies trade that time against the process's peak:
 - `keep_freed_memory`: no block from mmap and nothing trimmed, so a freed activation's pages serve the
   next step's. The 0.5B step (`benchmarks/scale.py --only train`, fp32, 2-core AVX2 host): 54.8-55.4 s
   instead of 61.1-62.1 s, at 7.09 GB peak instead of 6.65-6.71 GB (two alternated rounds, the same
-  settings through glibc's variables); 1.30x and 1.50x PEFT's speed at 0.46x its peak (BENCHMARKS.md).
+  settings through glibc's variables); against PEFT, 1.18-1.50x its speed over four rounds (1.28x on the
+  median) at 0.46-0.48x its peak (BENCHMARKS.md).
 
 The first policy a process sets stands for the rest of it, except that a 4-bit base asks for
 `return_freed_memory` whatever came before: it is the one for small machines. Both do nothing off glibc
