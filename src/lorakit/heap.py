@@ -10,7 +10,8 @@ policies trade that time against the process's peak:
 
 - `return_freed_memory`: blocks of 1 MiB and more from mmap, so freeing one gives it back at once. The
   heap cannot shrink below a block still in use, and a step's kept activations pin the temporaries freed
-  around them: a QLoRA step on a Llama-2-7B shape peaked at 6.24 GB without this, 5.17 GB with it.
+  around them: a QLoRA step on a Llama-2-7B shape peaked at 6.24 GB without this, 5.17 GB with it (and
+  without checkpointed activations took 65-68 s instead of 55-57 s: the price of fresh pages).
 - `keep_freed_memory`: no block from mmap and nothing trimmed, so a freed activation's pages serve the
   next step's. The 0.5B step (`benchmarks/scale.py --only train`, fp32, 2-core AVX2 host): 54.8-55.4 s
   instead of 61.1-62.1 s, at 7.09 GB peak instead of 6.65-6.71 GB (two alternated rounds, the same
@@ -45,10 +46,9 @@ def _libc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt  # noqa: B018 (musl and others have no mallopt worth setting)
-    except (OSError, AttributeError):
+    except OSError:
         return None
-    return libc
+    return libc if hasattr(libc, "mallopt") else None  # musl and others have no mallopt worth setting
 
 
 def _user_set() -> bool:
