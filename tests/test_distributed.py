@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -35,13 +36,10 @@ def _single_process_run(tiny_base, tmp_path):
     return data, single
 
 
-def test_two_ranks_equal_one_process_with_twice_the_batch(tiny_base, tmp_path):
+def test_two_ranks_equal_one_process_with_twice_the_batch(tiny_base, tmp_path, launched):
     data, single = _single_process_run(tiny_base, tmp_path)
-    double = tmp_path / "double"
-    subprocess.run([sys.executable, "-m", "lorakit", "train", "--nproc", "2",
-                    *_args(tiny_base, data, double, **{"--batch-size": 2})], check=True, timeout=300)
     a = load_file(single / "adapter_model.safetensors")
-    b = load_file(double / "adapter_model.safetensors")
+    b = launched()[1]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
@@ -54,21 +52,37 @@ def _launch(tiny_base, data, out, *flags):
     return load_file(out / "adapter_model.safetensors")
 
 
+@pytest.fixture(scope="module")
+def launched(tiny_base, tmp_path_factory):
+    """`launched(*flags)`: (out, adapter) of `lorakit train --nproc 2 *flags` on TEXT, batch 2 per rank; each set
+    of flags runs once per module (the plain DDP run is what two tests compare with)."""
+    root = tmp_path_factory.mktemp("launched")
+    data = root / "d.txt"
+    data.write_text(TEXT)
+    runs = {}
+
+    def launch(*flags):
+        if flags not in runs:
+            out = root / f"run-{len(runs)}"
+            runs[flags] = out, _launch(tiny_base, data, out, *flags)
+        return runs[flags]
+
+    return launch
+
+
 # base precision -> its flags; NF4 is the FSDP+QLoRA recipe (the 4-bit codes are sharded too)
 FSDP_BASES = {"fp32": [], "nf4": ["--quantize", "nf4"]}
 
 
 @pytest.mark.parametrize("base", FSDP_BASES)
-def test_fsdp_trains_the_ddp_adapter_holding_half_the_base_per_rank(tiny_base, tmp_path, base):
-    data = tmp_path / "d.txt"
-    data.write_text(TEXT)
-    ddp = _launch(tiny_base, data, tmp_path / "ddp", *FSDP_BASES[base])
-    fsdp = _launch(tiny_base, data, tmp_path / "fsdp", "--fsdp", *FSDP_BASES[base])
+def test_fsdp_trains_the_ddp_adapter_holding_half_the_base_per_rank(launched, base):
+    ddp = launched(*FSDP_BASES[base])[1]
+    fsdp_out, fsdp = launched("--fsdp", *FSDP_BASES[base])
     assert ddp.keys() == fsdp.keys()
     for key in ddp:
         assert torch.allclose(ddp[key], fsdp[key], atol=1e-5, rtol=0), key
     assert any(ddp[k].abs().sum() > 0 for k in ddp if "lora_B" in k)  # it trained
-    memory = json.loads((tmp_path / "fsdp" / "training_summary.json").read_text())["memory"]
+    memory = json.loads((fsdp_out / "training_summary.json").read_text())["memory"]
     whole, held = memory["base_bytes"], memory["base_bytes_per_rank"]
     assert len(held) == 2
     # Half each, up to what FSDP does not split: buffers (rotary frequencies) and the padding of a
@@ -99,19 +113,29 @@ def test_fsdp_resumes_from_its_checkpoint(tiny_base, tmp_path):
         assert torch.allclose(expected[key], resumed[key], atol=1e-6, rtol=1e-5), key
 
 
+def _parent_pid(pid: int) -> int | None:
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), None)
+
+
 def _rank_pid(parent: int, rank: int) -> int | None:
-    """The pid of the worker process with LOCAL_RANK=rank below `parent`."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    """The pid of the worker process with LOCAL_RANK=rank below `parent` (only there: another test's job may run
+    beside this one, under pytest-xdist)."""
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            status = open(f"/proc/{pid}/status").read()
         except OSError:
             continue
-        if f"LOCAL_RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b"".join(env) and "PPid" in status:
-            if int(pid) != parent:
-                return int(pid)
+        if f"LOCAL_RANK={rank}".encode() not in env or b"TORCHELASTIC_RUN_ID" not in b"".join(env):
+            continue
+        ancestor = _parent_pid(pid)
+        while ancestor not in (None, 0, 1, parent):
+            ancestor = _parent_pid(ancestor)
+        if ancestor == parent:
+            return pid
     return None
 
 
@@ -131,7 +155,11 @@ def test_a_crashed_rank_stops_the_whole_job_with_a_message(tiny_base, tmp_path):
         os.kill(victim, signal.SIGKILL)
         _, err = job.communicate(timeout=120)  # no hang: torchrun stops the surviving rank
     finally:
-        if job.poll() is None:
+        if job.poll() is None:  # the ranks run in sessions of their own: they would outlive the job's group
+            ranks = [pid for pid in (_rank_pid(job.pid, rank) for rank in (0, 1)) if pid is not None]
             os.killpg(job.pid, signal.SIGKILL)
+            for pid in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     assert job.returncode == 2
     assert "a training process failed" in err.splitlines()[-1]
