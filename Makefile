@@ -32,12 +32,11 @@ browser:
 # again under the other one (LORAKIT_CPU_BF16 overrides the check), so both pass on every host.
 OTHER_POLICY := $(shell grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo 0 || echo 1)
 
-# A worker per core (pytest-xdist), one thread each; the slow tests go out first (tests/conftest.py).
-PYTEST := $(BIN)/python -m pytest --numprocesses logical --dist load
-
+# The suite: a worker per core (pytest-xdist), one thread each; the slow tests go out first (tests/conftest.py).
+# The second pass is a few fast tests: one process (workers would cost more to start than they save).
 test: $(STAMP) browser
-	$(PYTEST)
-	LORAKIT_CPU_BF16=$(OTHER_POLICY) $(PYTEST) -m auto_dtype
+	$(BIN)/python -m pytest --numprocesses logical --dist load
+	LORAKIT_CPU_BF16=$(OTHER_POLICY) $(BIN)/python -m pytest -m auto_dtype
 
 demo: $(STAMP)
 	$(BIN)/lorakit demo
