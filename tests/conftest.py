@@ -145,9 +145,10 @@ def tiny_base(tmp_path_factory):
 
 
 def pytest_configure(config):
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs a worker per core: one thread each, and for
-        # the processes a test starts (torchrun ranks, servers, killed runs), or the workers' thread pools
-        # fight over the cores (measured on 2 cores: the demo's test alone went from 173 s to over 600 s)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs a worker per core: one thread for each worker and for the processes its tests start
+        # (torchrun ranks, servers, killed runs). With torch's own count the thread pools fight over the cores
+        # (measured on 2 cores: the demo's test, 173 s alone, hit the 600 s timeout).
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
     config.addinivalue_line("markers", "auto_dtype: resolves --dtype auto (the CPU policy); `make test` runs "
