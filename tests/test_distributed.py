@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -113,29 +114,16 @@ def test_fsdp_resumes_from_its_checkpoint(tiny_base, tmp_path):
         assert torch.allclose(expected[key], resumed[key], atol=1e-6, rtol=1e-5), key
 
 
-def _parent_pid(pid: int) -> int | None:
-    try:
-        status = open(f"/proc/{pid}/status").read()
-    except OSError:
-        return None
-    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), None)
-
-
 def _rank_pid(parent: int, rank: int) -> int | None:
     """The pid of the worker process with LOCAL_RANK=rank below `parent` (only there: another test's job may run
     beside this one, under pytest-xdist)."""
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+    for process in psutil.Process(parent).children(recursive=True):
         try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        except OSError:
+            env = process.environ()
+        except psutil.Error:  # gone meanwhile
             continue
-        if f"LOCAL_RANK={rank}".encode() not in env or b"TORCHELASTIC_RUN_ID" not in b"".join(env):
-            continue
-        ancestor = _parent_pid(pid)
-        while ancestor not in (None, 0, 1, parent):
-            ancestor = _parent_pid(ancestor)
-        if ancestor == parent:
-            return pid
+        if env.get("LOCAL_RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in env:
+            return process.pid
     return None
 
 
