@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorakit.serve.protocol import ApiError, TextStream, parse_request
 
@@ -46,6 +50,43 @@ def test_text_stream_keeps_a_leading_space_that_a_sentencepiece_decoder_would_dr
     tokenizer = CharTokenizer(strip_leading_space=True)
     stream = TextStream(tokenizer, [], context=[ord(c) for c in "The ship"])
     assert run(stream, " sailed") == " sailed"
+
+
+@functools.cache
+def real_tokenizers() -> dict:
+    """The embedded base's byte-level BPE, and a SentencePiece-style one (Metaspace: a word's space is part of its
+    token, and decoding drops the text's leading space) trained here on a few lines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorakit.base import load_base
+
+    _, embedded = load_base(None)
+    sp = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Metaspace()])
+    lines = ["The ship sailed across the sea.", "Über die Brücke, naïve café.", "A function that returns 42!"] * 20
+    special = ["<unk>", "<s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    sp.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, special_tokens=special))
+    return {"byte-level BPE": embedded,
+            "metaspace": PreTrainedTokenizerFast(tokenizer_object=sp, clean_up_tokenization_spaces=False)}
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "metaspace"])
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_streamed_text_is_the_decoded_text(kind, data):
+    """Token by token, the stream gives the text that decoding all the generated tokens after the prompt
+    gives (a character split over tokens comes out whole once complete), whatever the tokens."""
+    tokenizer = real_tokenizers()[kind]
+    context = tokenizer(data.draw(st.text(max_size=30), label="prompt")).input_ids
+    ids = data.draw(st.lists(st.integers(0, len(tokenizer) - 1), min_size=1, max_size=30), label="ids")
+    stream = TextStream(tokenizer, [], context=context)
+    streamed = "".join(stream.add(t) for t in ids) + stream.flush()
+    head = tokenizer.decode(context[-4:], skip_special_tokens=True)
+    whole = tokenizer.decode(context[-4:] + ids, skip_special_tokens=True)
+    if not whole.endswith("\ufffd") and whole.startswith(head):  # else no prefix of it is settled text
+        assert streamed == whole[len(head):]
 
 
 @pytest.mark.parametrize("body, param", [
@@ -150,8 +191,6 @@ def test_new_fields_parse_to_what_the_engine_needs():
 
 # -- property tests over the generation fields ------------------------------------------------------
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=5),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,

@@ -264,15 +264,31 @@ def _adapters(mix) -> dict[str, float]:
 # -- stop strings ---------------------------------------------------------------------------------
 
 
+def decoder(tokenizer):
+    """`ids -> text` as `tokenizer.decode(ids, skip_special_tokens=True)` gives it: the Rust tokenizer's own
+    decode where the wrapper would only call it (half the time of going through transformers' wrapper,
+    which the server pays for every token), else the wrapper."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False \
+            and callable(getattr(backend, "decode", None)):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class TextStream:
-    """Token ids in, text deltas out: holds back incomplete UTF-8 and anything that may begin a stop string."""
+    """Token ids in, text deltas out: holds back incomplete UTF-8 and anything that may begin a stop string.
+
+    Each token's text is decoded in a window of the few tokens before it (vLLM's incremental
+    detokenization): the text of the window with the new tokens, less the text of the window without
+    them. Decoding every token of the answer again at every step costs O(n) per token; this is O(1), and
+    the window keeps what the tokens before change (SentencePiece-style decoders drop a leading space at
+    the start of a text, which would glue words together if a token were decoded alone).
+    """
 
     def __init__(self, tokenizer, stop: list[str], context: list[int] = ()):
-        self.tokenizer, self.stop = tokenizer, stop
-        # The text is decoded after the prompt's last few tokens and then cut: SentencePiece-style
-        # decoders drop a leading space at the start of a text, which would glue words together.
-        self.ids: list[int] = list(context[-4:])
-        self.skip = len(tokenizer.decode(self.ids, skip_special_tokens=True))
+        self.decode, self.stop = decoder(tokenizer), stop
+        self.ids: list[int] = list(context[-4:])  # the window starts in the prompt's last few tokens
+        self.start, self.end = 0, len(self.ids)  # ids[start:end]: decoded already; ids[end:]: not yet
         self.text = ""
         self.sent = 0  # characters of `text` already handed out
         self.stopped = False
@@ -281,11 +297,15 @@ class TextStream:
     def add(self, token: int) -> str:
         """The new text that is safe to show; sets `stopped` when a stop string appears (it is cut off)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)[self.skip:]
-        self.incomplete = text.endswith("\ufffd")
+        window = self.ids[self.start:]
+        before = self.decode(window[:self.end - self.start])
+        after = self.decode(window)
+        self.incomplete = after.endswith("\ufffd")
         if self.incomplete:  # a character split across tokens: wait for the rest
             return ""
-        self.text = text
+        self.text += after[len(before):]
+        self.start, self.end = self.end, len(self.ids)
+        text = self.text
         hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
         if hits:
             end, self.stopped = min(hits), True
