@@ -29,6 +29,7 @@ from lorakit.serve.choices import Answer, Choice, Relay, TokenText, chunk_body, 
 from lorakit.serve.protocol import ApiError, GenerationParams, TextStream, parse_request
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
+INLINE_TOKENIZE_CHARS = 4096  # prompts up to this size are tokenized on the event loop (well under a millisecond)
 
 
 @dataclass
@@ -82,10 +83,7 @@ def create_app(engine: Engine, tokenizer, registry: Registry, config: ServeConfi
         app.add_exception_handler(kind, handler)
     loopback = is_loopback(config.host)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        refused = _refusal(request, config, loopback)
-        return refused if refused is not None else await call_next(request)
+    app.add_middleware(_Guard, config=config, loopback=loopback)
 
     app.get("/", response_class=HTMLResponse)(_playground)
     app.get("/favicon.ico", include_in_schema=False)(_favicon)
@@ -195,8 +193,12 @@ class Api:
         params = parse_request(await self.read_json(request), chat)
         mix = self.registry.mix(params)
         self.check_logit_bias(params)
-        # off the event loop: a prompt of a megabyte takes a while to tokenize, and /health must not wait
-        prompts = await asyncio.to_thread(self.prompt_ids, params, chat)
+        # off the event loop where long: a prompt of a megabyte takes a while to tokenize, and /health must not
+        # wait; a short one is quicker to tokenize than to hand to a thread
+        if _text_size(params) <= INLINE_TOKENIZE_CHARS:
+            prompts = self.prompt_ids(params, chat)
+        else:
+            prompts = await asyncio.to_thread(self.prompt_ids, params, chat)
         budgets = [self.budget(params, len(ids)) for ids in prompts]
         rows = len(prompts) * params.best_of
         if rows > self.engine.max_waiting:
@@ -353,6 +355,30 @@ class Api:
 
 
 # -- what runs before and around every route ------------------------------------------------------
+
+
+def _text_size(params: GenerationParams) -> int:
+    """About how much there is to tokenize: characters of the prompts or messages (token ids count one each)."""
+    if params.messages:
+        return sum(len(str(m.get("content") or "")) for m in params.messages)
+    return sum(len(p) for p in params.prompts)
+
+
+class _Guard:
+    """`_refusal` before every HTTP request, as a plain ASGI middleware: Starlette's `BaseHTTPMiddleware`
+    (what `@app.middleware("http")` makes) runs each request through a task group and memory streams and
+    wraps `receive`, which made every `Request.is_disconnected` poll costly too."""
+
+    def __init__(self, app, config: ServeConfig, loopback: bool):
+        self.app, self.config, self.loopback = app, config, loopback
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            refused = _refusal(Request(scope), self.config, self.loopback)
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _refusal(request: Request, config: ServeConfig, loopback: bool) -> JSONResponse | None:
