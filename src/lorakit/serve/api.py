@@ -234,7 +234,7 @@ class Api:
                 if count % 8 == 0 and await request.is_disconnected():
                     await events.aclose()  # nobody is reading: free the rows now
                     return PlainTextResponse("", status_code=499)
-            return answer.body(rid, model)
+            return JSONResponse(answer.body(rid, model))  # as it is: FastAPI would walk it (jsonable_encoder)
 
         async def stream():
             try:
