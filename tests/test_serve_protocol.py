@@ -54,39 +54,73 @@ def test_text_stream_keeps_a_leading_space_that_a_sentencepiece_decoder_would_dr
 
 @functools.cache
 def real_tokenizers() -> dict:
-    """The embedded base's byte-level BPE, and a SentencePiece-style one (Metaspace: a word's space is part of its
-    token, and decoding drops the text's leading space) trained here on a few lines."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """The embedded base's byte-level BPE; a Llama-2/Mistral-style SentencePiece BPE (a word's space is part of its
+    token, byte fallback, the text's leading space stripped, control tokens); a WordPiece one ('##' pieces
+    glued, spaces between words added); both trained here on a few lines."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from lorakit.base import load_base
 
     _, embedded = load_base(None)
-    sp = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    sp.pre_tokenizer = pre_tokenizers.Metaspace()
-    sp.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Metaspace()])
-    lines = ["The ship sailed across the sea.", "Über die Brücke, naïve café.", "A function that returns 42!"] * 20
-    special = ["<unk>", "<s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    sp.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, special_tokens=special))
+    lines = ["The ship sailed across the sea in 2023.", "Über die Brücke, naïve café. I'm sure it's fine.",
+             "def f(x):\n    return x * 2  # 日本語 😀"] * 20
+    sp = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    sp.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      initial_alphabet=["▁"]))
+    spec = json.loads(sp.to_str())  # the 256 byte tokens as ordinary ones, as Llama's vocabulary has them
+    for b in range(256):
+        spec["model"]["vocab"].setdefault(f"<0x{b:02X}>", len(spec["model"]["vocab"]))
+    sp = Tokenizer.from_str(json.dumps(spec))
+    sp.add_special_tokens(["[INST]", "[/INST]"])
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=False)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.decoder = decoders.WordPiece()
+    wp.train_from_iterator(lines, trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]", "[CLS]", "[SEP]"]))
     return {"byte-level BPE": embedded,
-            "metaspace": PreTrainedTokenizerFast(tokenizer_object=sp, clean_up_tokenization_spaces=False)}
+            "llama-style": PreTrainedTokenizerFast(tokenizer_object=sp, clean_up_tokenization_spaces=False,
+                                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
+            "wordpiece": PreTrainedTokenizerFast(tokenizer_object=wp, clean_up_tokenization_spaces=False,
+                                                 unk_token="[UNK]", sep_token="[SEP]", cls_token="[CLS]")}
 
 
-@pytest.mark.parametrize("kind", ["byte-level BPE", "metaspace"])
+@pytest.mark.parametrize("kind", ["byte-level BPE", "llama-style", "wordpiece"])
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
 def test_streamed_text_is_the_decoded_text(kind, data):
     """Token by token, the stream gives the text that decoding all the generated tokens after the prompt
-    gives (a character split over tokens comes out whole once complete), whatever the tokens."""
+    gives, whatever the tokens: special tokens (skipped) between words, characters split over tokens."""
     tokenizer = real_tokenizers()[kind]
-    context = tokenizer(data.draw(st.text(max_size=30), label="prompt")).input_ids
-    ids = data.draw(st.lists(st.integers(0, len(tokenizer) - 1), min_size=1, max_size=30), label="ids")
+    context = tokenizer(data.draw(st.text(max_size=30), label="prompt"), add_special_tokens=False).input_ids
+    specials = sorted(tokenizer.all_special_ids)
+    token = st.integers(0, len(tokenizer) - 1) | st.sampled_from(specials)
+    ids = data.draw(st.lists(token, min_size=1, max_size=30), label="ids")
     stream = TextStream(tokenizer, [], context=context)
     streamed = "".join(stream.add(t) for t in ids) + stream.flush()
     head = tokenizer.decode(context[-4:], skip_special_tokens=True)
     whole = tokenizer.decode(context[-4:] + ids, skip_special_tokens=True)
-    if not whole.endswith("\ufffd") and whole.startswith(head):  # else no prefix of it is settled text
+    # bytes that never make a character: how many U+FFFD they give depends on what is decoded with them
+    if "\ufffd" not in whole and whole.startswith(head):
         assert streamed == whole[len(head):]
+
+
+def test_a_word_after_a_skipped_special_token_keeps_its_space_and_stop_strings_see_it():
+    tokenizer = real_tokenizers()["llama-style"]
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ["▁sailed", "</s>", "▁across", "▁the"]]
+    context = tokenizer("The ship", add_special_tokens=False).input_ids
+    assert run_ids(TextStream(tokenizer, [], context=context), ids) == " sailed across the"
+    stream = TextStream(tokenizer, [" across"], context=context)
+    assert run_ids(stream, ids) == " sailed" and stream.stopped
+
+
+def run_ids(stream: TextStream, ids: list[int]) -> str:
+    return "".join(stream.add(t) for t in ids if not stream.stopped) + stream.flush()
 
 
 @pytest.mark.parametrize("body, param", [

@@ -29,7 +29,10 @@ from lorakit.serve.choices import Answer, Choice, Relay, TokenText, chunk_body, 
 from lorakit.serve.protocol import ApiError, GenerationParams, TextStream, parse_request
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
-INLINE_TOKENIZE_CHARS = 4096  # prompts up to this size are tokenized on the event loop (well under a millisecond)
+# Prompts up to this size (`_text_size`) are tokenized on the event loop: about a millisecond at most here,
+# where handing them to a thread costs more than tokenizing a few words; larger ones go to a thread.
+INLINE_TOKENIZE_CHARS = 1024
+PER_PIECE_CHARS = 64  # what `_text_size` counts for each prompt or message besides its text (template, call)
 
 
 @dataclass
@@ -358,10 +361,12 @@ class Api:
 
 
 def _text_size(params: GenerationParams) -> int:
-    """About how much there is to tokenize: characters of the prompts or messages (token ids count one each)."""
+    """About how much work tokenizing is: characters of the prompts or messages (token ids count one each),
+    and `PER_PIECE_CHARS` for each prompt or message (a chat template writes text around every message,
+    so 30,000 empty messages are a lot of work)."""
     if params.messages:
-        return sum(len(str(m.get("content") or "")) for m in params.messages)
-    return sum(len(p) for p in params.prompts)
+        return sum(len(str(m.get("content") or "")) + PER_PIECE_CHARS for m in params.messages)
+    return sum(len(p) + PER_PIECE_CHARS for p in params.prompts)
 
 
 class _Guard:

@@ -265,30 +265,35 @@ def _adapters(mix) -> dict[str, float]:
 
 
 def decoder(tokenizer):
-    """`ids -> text` as `tokenizer.decode(ids, skip_special_tokens=True)` gives it: the Rust tokenizer's own
-    decode where the wrapper would only call it (half the time of going through transformers' wrapper,
-    which the server pays for every token), else the wrapper."""
+    """(`ids -> text` as `tokenizer.decode(ids, skip_special_tokens=True)` gives it, whether a token's text
+    depends only on the tokens before it). The Rust tokenizer's own decode where transformers' wrapper would
+    only call it (half the time of the wrapper, which the server pays for every token); else the wrapper,
+    whose `clean_up_tokenization_spaces` may change text around a token (" ." -> "."): not incremental."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False \
             and callable(getattr(backend, "decode", None)):
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        return (lambda ids: backend.decode(ids, skip_special_tokens=True)), True
+    return (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)), False
 
 
 class TextStream:
     """Token ids in, text deltas out: holds back incomplete UTF-8 and anything that may begin a stop string.
 
-    Each token's text is decoded in a window of the few tokens before it (vLLM's incremental
-    detokenization): the text of the window with the new tokens, less the text of the window without
-    them. Decoding every token of the answer again at every step costs O(n) per token; this is O(1), and
-    the window keeps what the tokens before change (SentencePiece-style decoders drop a leading space at
-    the start of a text, which would glue words together if a token were decoded alone).
+    Each token's text is decoded in a window of the tokens before it (vLLM's incremental detokenization):
+    the text of the window with the new tokens, less the text of the window without them. The window
+    starts at the last tokens that showed text (the prompt's last few at first), so it always holds
+    some: SentencePiece-style decoders drop a leading space at the start of a text and WordPiece adds
+    none, which would glue words together if a token were decoded alone or after skipped special tokens.
+    Decoding every token of the answer again at every step costs O(n) per token; this is O(1). A tokenizer
+    that cleans up spaces (`decoder`) still decodes the whole answer at every token, as it is what the
+    answer's text is.
     """
 
     def __init__(self, tokenizer, stop: list[str], context: list[int] = ()):
-        self.decode, self.stop = decoder(tokenizer), stop
+        (self.decode, self.incremental), self.stop = decoder(tokenizer), stop
         self.ids: list[int] = list(context[-4:])  # the window starts in the prompt's last few tokens
         self.start, self.end = 0, len(self.ids)  # ids[start:end]: decoded already; ids[end:]: not yet
+        self.skip = 0 if self.incremental else len(self.decode(self.ids))  # not incremental: text = all after it
         self.text = ""
         self.sent = 0  # characters of `text` already handed out
         self.stopped = False
@@ -297,14 +302,26 @@ class TextStream:
     def add(self, token: int) -> str:
         """The new text that is safe to show; sets `stopped` when a stop string appears (it is cut off)."""
         self.ids.append(token)
-        window = self.ids[self.start:]
-        before = self.decode(window[:self.end - self.start])
-        after = self.decode(window)
-        self.incomplete = after.endswith("\ufffd")
-        if self.incomplete:  # a character split across tokens: wait for the rest
-            return ""
-        self.text += after[len(before):]
-        self.start, self.end = self.end, len(self.ids)
+        if not self.incremental:
+            text = self.decode(self.ids)[self.skip:]
+            self.incomplete = text.endswith("\ufffd")
+            if self.incomplete:  # a character split across tokens: wait for the rest
+                return ""
+            self.text = text
+        else:
+            window = self.ids[self.start:]
+            before = self.decode(window[:self.end - self.start])
+            after = self.decode(window)
+            self.incomplete = after.endswith("\ufffd")
+            if self.incomplete:
+                return ""
+            shown = after[len(before):]
+            self.text += shown
+            # The window moves on only past tokens that showed text: a token decoded after nothing but skipped
+            # special tokens would lose the leading space that Metaspace- and WordPiece-style decoders give it.
+            if shown:
+                self.start = self.end
+            self.end = len(self.ids)
         text = self.text
         hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
         if hits:
