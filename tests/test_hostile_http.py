@@ -335,6 +335,22 @@ def test_a_row_whose_sampling_fails_ends_alone_with_a_logged_500(server, expecte
     server[1].last_error = None
 
 
+@pytest.mark.parametrize("body, chat, inline", [
+    ({"prompt": "The ship"}, False, True),
+    ({"prompt": "x" * 2000}, False, False),
+    ({"prompt": ["ab"] * 20}, False, False),  # many short prompts: each is a call
+    ({"prompt": [[1, 2, 3]] * 20}, False, False),
+    ({"messages": [{"role": "user", "content": "hi"}]}, True, True),
+    ({"messages": [{"role": "user", "content": ""}] * 100}, True, False),  # a template writes around each one
+])
+def test_only_small_prompts_are_tokenized_on_the_event_loop(body, chat, inline):
+    from lorakit.serve import api
+    from lorakit.serve.protocol import parse_request
+
+    params = parse_request({"model": "m", **body}, chat)
+    assert (api._text_size(params) <= api.INLINE_TOKENIZE_CHARS) == inline
+
+
 def test_tokenizing_a_prompt_does_not_hold_up_the_event_loop(server, monkeypatch):
     """While a long prompt is being tokenized, /health still answers at once: tokenizing runs off the event loop
     (every prompt counts as long here; short ones are tokenized on the loop, quicker than handing them over)."""
