@@ -10,8 +10,14 @@ setup: $(STAMP)
 
 # llama-cpp-python (a test dependency: the GGUF tests load our files in llama.cpp) has no wheel on PyPI
 # and builds from source; these flags keep that build to the CPU library the tests use (no multimodal
-# library, no BLAS, no GPU backends).
-LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF
+# library, no BLAS, no GPU backends), and to the same x86-64 code on every host: AVX2, not -march=native.
+# A native build on a Sapphire Rapids host enables ggml's AMX backend, which crashes (SIGSEGV in
+# llama_decode) on our q8_0 files (ggml-org/llama.cpp#20824). --no-cache-dir: pip's wheel cache does
+# not key on CMAKE_ARGS, so a wheel built natively on another host could come back.
+LLAMA_CPP_PIN    := $(shell grep -o '"llama-cpp-python==[^"]*"' pyproject.toml | tr -d '"')
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF \
+	-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
 # torch is pinned and installed first: the pin takes the local CPU build; a looser
 # requirement would pull several GB of CUDA wheels.
@@ -19,7 +25,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet --no-cache-dir '$(LLAMA_CPP_PIN)'
+	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 # The playground's test drives Debian's chromium (Playwright with executable_path, no browser download).

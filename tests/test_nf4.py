@@ -15,7 +15,7 @@ import threading
 
 import pytest
 import torch
-from conftest import build, logits, randomize_adapters
+from conftest import build, logits, make_tiny_base, randomize_adapters
 from torch import nn
 
 import lorakit
@@ -135,16 +135,26 @@ def test_dequantize_equals_the_reference_and_stays_within_the_nf4_error_bound(sh
     assert ((q.dequantize().float() - w.float()).abs() <= _max_nf4_error(q, w)).all()
 
 
+# bitsandbytes 0.50's AVX-512 C++ kernel (`cdequantize_blockwise_cpu_nf4_*`, taken where torch reports the
+# AVX512 capability) finds a value's block by row and column, as if every row started a new block; the
+# format's blocks run over the flat tensor. Where a row's length is a multiple of the blocksize the two
+# agree; elsewhere (the (32, 32) and (64, 96) weights, blocksize 64) that kernel scales values by another
+# block's absmax: measured on a Sapphire Rapids host, its own quantize -> dequantize round trip of a
+# (32, 32) weight missed by 0.033 where NF4's bound and ours are ~0.007. Hosts without AVX-512 take
+# bitsandbytes' PyTorch code, which equals ours.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_bitsandbytes_dequantize_equals_the_reference_or_is_further_from_the_weights(bnb, dtype):
-    """Who is right where bitsandbytes' dequantize differs from ours (its AVX-512 C++ kernel, e.g. on
-    double-quantized bf16/fp16): our values are the reference's exactly (test above); where
-    bitsandbytes' differ, they are further from the original weights, and outside NF4's error bound."""
-    w = _weight((300, 129), dtype=dtype)
+@pytest.mark.parametrize("shape", [(300, 129), (32, 32), (64, 96), (128, 256), (96, 64)])
+def test_bitsandbytes_dequantize_equals_the_reference_or_is_further_from_the_weights(bnb, shape, dtype):
+    """Who is right where bitsandbytes' dequantize differs from ours: our values are the reference's
+    exactly (test above); where bitsandbytes' differ, they are further from the original weights, and
+    outside NF4's error bound."""
+    w = _weight(shape, dtype=dtype)
     packed, state = bnb.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-    theirs, ours = bnb.dequantize_4bit(packed, state), nf4.quantize(w).dequantize()
+    q = nf4.quantize(w)
+    theirs, ours = bnb.dequantize_4bit(packed, state), q.dequantize()
     if not torch.equal(theirs, ours):
         assert (theirs.float() - w.float()).abs().max() > (ours.float() - w.float()).abs().max()
+        assert ((theirs.float() - w.float()).abs() > _max_nf4_error(q, w)).any()
 
 
 def test_packing_puts_the_first_element_in_the_high_nibble():
@@ -437,14 +447,16 @@ def test_quantize_command_then_train_merge_and_reload(tiny_base, tmp_path, capsy
     assert torch.equal(logits(requant, ids), logits(model, ids))
 
 
-def test_transformers_with_bitsandbytes_loads_our_directory_with_the_same_bytes_and_logits(tiny_base, tmp_path,
-                                                                                          bnb, ids):
+def test_transformers_with_bitsandbytes_loads_our_directory_with_the_same_bytes_and_logits(tmp_path, bnb, ids):
     import shutil
 
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    model = nf4.quantize(load_base(str(tiny_base))[0])
+    # Rows a multiple of the blocksize (64 wide, not the tiny base's 32): there bitsandbytes' AVX-512 kernel
+    # is right too (see above), so the logits are equal on every host.
+    base = make_tiny_base(tmp_path / "base", hidden=64)
+    model = nf4.quantize(load_base(str(base))[0])
     nf4.save_quantized(model, tmp_path / "ours")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32, device_map="cpu")
     ids = ids % 200
