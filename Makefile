@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup browser test demo bench bench-preference bench-serve bench-scale clean
+.PHONY: setup browser test demo bench bench-preference bench-serve bench-scale bench-precision clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,10 @@ bench-serve: $(STAMP)
 # Real sizes (Qwen2-0.5B and Llama-2-7B shapes, random weights, ~14 GB of disk): hours on 2 cores.
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/scale.py
+
+# bf16 against fp32 on this CPU, path by path (training and decoding; the 0.5B shape when scale.py cached it).
+bench-precision: $(STAMP)
+	$(BIN)/python benchmarks/precision.py $(if $(wildcard $(HOME)/.cache/lorakit-bench/qwen2-0.5b/config.json),--base $(HOME)/.cache/lorakit-bench/qwen2-0.5b)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

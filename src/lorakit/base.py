@@ -67,11 +67,11 @@ def cpu_has_fast_bf16() -> bool:
             raise UserError(f"{CPU_BF16_ENV}={setting!r} is not 0 or 1; set it to 1 (bf16 under auto), "
                             "0 (fp32 under auto), or unset it (the CPU decides)")
         return setting == "1"
-    return _cpu_flags_have_fast_bf16()
+    return cpu_flags_have_fast_bf16()
 
 
 @functools.cache
-def _cpu_flags_have_fast_bf16() -> bool:
+def cpu_flags_have_fast_bf16() -> bool:
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):

@@ -23,8 +23,10 @@ FUSABLE_BASES = (nn.Linear, NF4Linear, Conv1D) if Conv1D else (nn.Linear, NF4Lin
 def fusable(base: nn.Module) -> bool:
     """Whether `base` can run inside `FusedLoraLinear`: exactly a Linear / Conv1D / NF4Linear (no subclass,
     whose forward might differ), frozen, and watched by no forward hook (nearly always)."""
+    if type(base) not in FUSABLE_BASES:  # a PackedLinear too: its own forward, for inference
+        return False
     frozen = type(base) is NF4Linear or not base.weight.requires_grad  # NF4: no weight parameter at all
-    return type(base) in FUSABLE_BASES and frozen and not base._forward_hooks and not base._forward_pre_hooks
+    return frozen and not base._forward_hooks and not base._forward_pre_hooks
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

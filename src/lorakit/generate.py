@@ -26,6 +26,7 @@ from lorakit.data import render_chat_prompt
 from lorakit.errors import UserError
 from lorakit.io import adapters_option, attach_adapters
 from lorakit.options import add_command, option
+from lorakit.packed import pack_for_inference
 
 
 # Below this temperature sampling is greedy (vLLM's threshold): dividing logits by 1e-45 overflows float32,
@@ -143,6 +144,7 @@ def generate(config: GenerateConfig, sampling: Sampling | None = None, out=None)
     model, tokenizer = load_base(config.base, dtype=resolve_dtype(config.dtype, device), device=device,
                                  quantize=quantize_spec(config.quantize))
     weights = attach_adapters(model, config.adapters) if config.adapters else {}
+    pack_for_inference(model)  # bf16 on AMX / AVX-512-BF16: weights packed once, not on every product
     if config.compare and not weights:
         raise UserError("--compare needs at least one --adapter to compare against the base")
     chat, prompt = config.chat, config.prompt

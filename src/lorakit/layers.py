@@ -29,6 +29,7 @@ from lorakit.errors import UserError
 from lorakit.fused import FusedLoraLinear, compute_dtype, fusable
 from lorakit.modules import Conv1D
 from lorakit.nf4 import NF4Linear, NF4Tensor
+from lorakit.packed import PackedLinear
 from lorakit.routing import RowRouting
 from lorakit.variants import dora
 from lorakit.variants import init as variant_init
@@ -36,7 +37,8 @@ from lorakit.variants import init as variant_init
 
 def base_kind(module: nn.Module) -> str | None:
     """'linear', 'conv1d' or 'embedding' for a base LoRA can wrap, else None."""
-    if isinstance(module, (nn.Linear, NF4Linear)):  # an NF4 base is a Linear whose weight is stored in 4 bits
+    # an NF4 base is a Linear whose weight is stored in 4 bits; a packed one, in oneDNN's layout (inference)
+    if isinstance(module, (nn.Linear, NF4Linear, PackedLinear)):
         return "linear"
     if Conv1D and isinstance(module, Conv1D):
         return "conv1d"
@@ -53,6 +55,9 @@ def layer_dims(base: nn.Module) -> tuple[int, int]:
     if kind == "conv1d":  # weight is (in, out)
         return tuple(base.weight.shape)
     return base.num_embeddings, base.embedding_dim
+
+
+FEW_ROWS = 64  # inputs of at most this many rows take the inference path of `LoraLayer.add_update`
 
 
 class LoraLayer(nn.Module):
@@ -144,7 +149,7 @@ class LoraLayer(nn.Module):
 
     def _base_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         """The base weight's dtype and device (an NF4 base's compute dtype; its weight is not dequantized)."""
-        if isinstance(self.base, NF4Linear):
+        if isinstance(self.base, (NF4Linear, PackedLinear)):
             return self.base.dtype, self.base.packed.device
         return self.base.weight.dtype, self.base.weight.device
 
@@ -254,6 +259,16 @@ class LoraLayer(nn.Module):
         trainable or hooked base, DoRA with others), and per-row routing's for DoRA and lora_bias adapters."""
         if name in self.lora_magnitude:
             return dora.add(self, x, result, name, weight)
+        A = self.lora_A[name]
+        if not torch.is_grad_enabled() and result.dtype != A.dtype and self.kind == "linear" \
+                and name not in self.lora_bias and not self.dropping(name) and x.numel() <= FEW_ROWS * A.shape[1]:
+            # Inference on a low-precision base with full-precision adapters, a few rows (a decode step):
+            # the rank-r products in the adapter's precision, autocast off (on a CPU a bf16 product costs
+            # ~20 us however small: at one row that made each update several times the fp32 one's cost),
+            # the update rounded into `result` once. Many rows (a prefill) stay in bf16, faster there.
+            with torch.autocast(x.device.type, enabled=False):
+                h = F.linear(x.to(A.dtype), A).mul_(self.scaling[name] * weight)  # (..., r)
+                return result.add_(F.linear(h, self.lora_B[name]))  # (..., out)
         h = self.project_down(x, name, weight).to(result.dtype)  # (..., r)
         B = self.lora_B[name].to(result.dtype)  # (out, r)
         if name in self.lora_bias:
@@ -375,6 +390,9 @@ class LoraLayer(nn.Module):
         """base.weight <- W (fp32, in base.weight's layout), rounded once to the base's dtype."""
         if isinstance(self.base, NF4Linear):  # dequantize, add, re-quantize: lossy, so unmerge is only close
             self.base.add_to_weight(W - self.base.weight.float())
+            return
+        if isinstance(self.base, PackedLinear):  # packed again, from W rounded once to its dtype
+            self.base.set_weight(W)
             return
         self.base.weight.copy_(W.to(self.base.weight.device))
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from lorakit.fused import stash_weight, unstash_weight
 from lorakit.nf4 import NF4Linear, NF4Tensor, nf4_grad_input, nf4_linear
+from lorakit.packed import PackedLinear
 
 
 class DoraLayer(Protocol):
@@ -81,6 +82,8 @@ def _key(*tensors: torch.Tensor) -> tuple:
 
 def _weight_key(layer: DoraLayer) -> tuple:
     base = layer.base
+    if isinstance(base, PackedLinear):  # an opaque tensor: its layer and how often it was set
+        return id(base), base.version
     return _key(base.packed, base.absmax) if isinstance(base, NF4Linear) else _key(base.weight)
 
 

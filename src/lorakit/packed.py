@@ -1,0 +1,154 @@
+"""bf16 inference on CPUs with AMX / AVX-512-BF16: frozen Linear weights that oneDNN holds pre-packed.
+
+Where `auto` picks bf16 (`lorakit.base.cpu_has_fast_bf16`), a bf16 product runs in oneDNN's AMX kernel,
+which reads its weight in a blocked (VNNI) layout. An `nn.Linear` weight is plain (out, in), so every call
+first repacks the whole weight: on a Sapphire Rapids guest with torch 2.13 that made a decode step's
+products (1 row) *slower* than fp32 (the Qwen2-0.5B layer shapes: 828 us in bf16 against 727 us in fp32;
+the embedded base's generate: 88 against 143 tokens/s), while many rows (training, prefill) were 2-5x
+faster. Packing each frozen weight once, when an inference command has loaded its model, takes that
+cost out of every call (the same 0.5B shapes: 515 us at 1 row, 483 us at 4; bit-identical results, same
+bytes).
+
+A weight small enough that oneDNN's fixed cost per call (~20 us here) outweighs its arithmetic (the
+embedded base's 256-wide layers) is faster in fp32 for a few rows. `pack_for_inference` times both on
+each such shape, and where fp32 is faster for few rows it keeps an fp32 copy (only of weights of at most
+`SMALL_WEIGHT` elements, so the copy costs at most a few MB per layer) and uses it up to the row count
+where it stopped being faster. Measured, not assumed, like `auto` itself.
+
+Only inference packs (generate, eval, serve): a packed weight has no gradient path of its own, so a
+forward that needs an input gradient takes the dense weight (`PackedLinear.weight`), and training never
+packs. A weight shared with another module (a tied output head) stays as it is: packing would copy it.
+`LORAKIT_PACKED_WEIGHTS=0` turns packing off (to compare; results are the same).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENV = "LORAKIT_PACKED_WEIGHTS"
+SMALL_WEIGHT = 1 << 20  # elements: weights up to this size may keep an fp32 copy for few-row products
+TIMED_ROWS = (1, 4, 16)  # row counts at which fp32 and the packed product are timed on a small weight
+
+
+def supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `pack_for_inference` packs here: bf16 on a CPU whose bf16 products oneDNN runs on AMX /
+    AVX-512-BF16 (the hardware check behind `auto`, not its override), unless LORAKIT_PACKED_WEIGHTS=0."""
+    from lorakit.base import cpu_flags_have_fast_bf16
+    from lorakit.errors import UserError
+
+    setting = os.environ.get(ENV, "").strip()
+    if setting not in ("", "0", "1"):
+        raise UserError(f"{ENV}={setting!r} is not 0 or 1; set it to 0 (no packed weights) or unset it")
+    if setting == "0" or device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    return cpu_flags_have_fast_bf16() and _onednn_bf16()
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class PackedLinear(nn.Module):
+    """A frozen bf16 Linear whose weight oneDNN holds in its blocked layout (an opaque tensor, same bytes).
+
+    `weight` unpacks a dense copy on each read (for what needs the plain tensor: merging, DoRA's norms,
+    an input gradient); the forward never does. `fp32` (optional) is an fp32 copy of a small weight, used
+    for inputs of at most `fp32_rows` rows, where it was measured faster."""
+
+    def __init__(self, linear: nn.Linear, fp32_rows: int = 0):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype = weight.dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.fp32 = weight.float() if fp32_rows else None
+        self.fp32_rows = fp32_rows
+        self.version = 0  # how often `set_weight` changed the weight (what caches of it key on)
+        self.register_parameter("bias", None if linear.bias is None else
+                                nn.Parameter(linear.bias.detach(), requires_grad=False))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (out, in) weight: a new tensor on every read, not a parameter."""
+        return self.packed.to_dense()
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """W <- weight (out, in), rounded once to this layer's dtype (a merge into it), packed again."""
+        weight = weight.to(self.dtype)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        if self.fp32 is not None:
+            self.fp32 = weight.float()
+        self.version += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # a gradient to x: the dense weight, by autograd ops
+            bias = None if self.bias is None else self.bias.to(self.dtype)
+            return F.linear(x.to(self.dtype), self.weight, bias)
+        rows = x.numel() // self.in_features
+        if rows <= self.fp32_rows:
+            bias = None if self.bias is None else self.bias.float()
+            with torch.autocast(x.device.type, enabled=False):  # fp32 is the point here, whatever autocast says
+                return F.linear(x.float(), self.fp32, bias).to(self.dtype)  # bf16 out, as the packed product
+        bias = None if self.bias is None else self.bias.to(self.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        fp32 = f", fp32 up to {self.fp32_rows} rows" if self.fp32_rows else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{fp32}"
+
+
+def pack_for_inference(model: nn.Module) -> int:
+    """Replace every frozen bf16 `nn.Linear` of `model` (a LoRA layer's base included) by a `PackedLinear`,
+    on hosts where `supported`; returns how many. Call it once the model is loaded, for inference only."""
+    weights = [p for p in model.parameters() if p.is_floating_point()]
+    if not weights or not supported(weights[0].device, weights[0].dtype):
+        return 0
+    shared: dict[int, int] = {}  # a weight held by several modules (a tied head) stays as it is
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            shared[id(p)] = shared.get(id(p), 0) + 1
+    targets = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu" \
+                    and shared[id(child.weight)] == 1 \
+                    and not child._forward_hooks and not child._forward_pre_hooks:
+                targets.append((module, child_name, child))
+    rows: dict[tuple[int, int], int] = {}
+    for parent, child_name, child in targets:
+        shape = tuple(child.weight.shape)
+        if shape not in rows:
+            rows[shape] = fp32_rows(child.weight) if child.weight.numel() <= SMALL_WEIGHT else 0
+        setattr(parent, child_name, PackedLinear(child, rows[shape]))
+    return len(targets)
+
+
+@torch.inference_mode()
+def fp32_rows(weight: torch.Tensor, trials: int = 5) -> int:
+    """The most rows (of `TIMED_ROWS`) up to which an fp32 product with `weight` was faster than the packed
+    bf16 one, both timed here (best of `trials`, alternating); 0 where it never was."""
+    g = torch.Generator().manual_seed(0)
+    packed, dense = torch.ops.mkldnn._reorder_linear_weight(weight, None), weight.float()
+    best = 0
+    for n in TIMED_ROWS:
+        x = torch.randn(n, weight.shape[1], generator=g).to(weight.dtype)
+        bf16 = fp32 = float("inf")
+        for _ in range(trials):
+            start = time.perf_counter()
+            torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            bf16 = min(bf16, time.perf_counter() - start)
+            start = time.perf_counter()
+            F.linear(x.float(), dense).to(weight.dtype)
+            fp32 = min(fp32, time.perf_counter() - start)
+        if fp32 >= bf16:
+            break
+        best = n
+    return best

@@ -1,0 +1,169 @@
+"""bf16 inference on AMX / AVX-512-BF16 CPUs: packed base weights (`lorakit.packed`), and the few-row
+inference path of `LoraLayer.add_update` (full-precision adapter products on a low-precision base).
+
+The packed tests need oneDNN's bf16 kernels (AVX-512 / AMX hosts) and skip elsewhere; the add_update
+tests run on every host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build, logits, randomize_adapters
+from torch import nn
+
+import lorakit
+from lorakit import packed
+from lorakit.base import autocast
+from lorakit.errors import UserError
+from lorakit.layers import LoraLayer
+from lorakit.packed import PackedLinear, pack_for_inference
+
+CPU = torch.device("cpu")
+needs_onednn_bf16 = pytest.mark.skipif(not packed.supported(CPU, torch.bfloat16),
+                                       reason="no AMX / AVX-512-BF16 (or oneDNN bf16) on this host")
+
+
+def _bf16_model(family: str = "qwen2", adapters: bool = True) -> nn.Module:
+    model = build(family).to(torch.bfloat16)
+    if adapters:
+        lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        randomize_adapters(model)
+    return model.eval()
+
+
+def _run(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), autocast(CPU, torch.bfloat16):
+        return logits(model, ids)
+
+
+@pytest.fixture
+def no_fp32_route(monkeypatch):
+    """Packed products only (the fp32 route for small weights is chosen by timing, which varies by host)."""
+    monkeypatch.setattr(packed, "fp32_rows", lambda weight, trials=5: 0)
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("family", ["qwen2", "llama", "mlp"])
+def test_packed_model_gives_the_same_logits_bit_for_bit(family, ids, no_fp32_route):
+    model = _bf16_model(family)
+    hooks = _hooked(model)  # the unpacked layers on the path the packed ones take (add_update)
+    before = _run(model, ids)
+    for hook in hooks:
+        hook.remove()
+    count = pack_for_inference(model)
+    assert count > 0 and any(isinstance(m, PackedLinear) for m in model.modules())
+    assert all(not isinstance(layer.base, nn.Linear) for _, layer in lorakit.lora_layers(model)
+               if layer.kind == "linear")
+    assert torch.equal(_run(model, ids), before)
+    with lorakit.disable_adapters(model):  # the base alone, through the packed weights
+        base = _run(model, ids)
+    assert not torch.equal(base, before)
+
+
+@needs_onednn_bf16
+def test_the_fp32_route_rounds_an_fp32_product_once(monkeypatch):
+    monkeypatch.setattr(packed, "fp32_rows", lambda weight, trials=5: 4)
+    linear = nn.Linear(32, 48).to(torch.bfloat16)
+    layer = PackedLinear(linear, fp32_rows=4)
+    for rows in (1, 4, 5):
+        x = torch.randn(rows, 32).to(torch.bfloat16)
+        with torch.no_grad(), autocast(CPU, torch.bfloat16):  # autocast must not turn the fp32 route into bf16
+            y = layer(x)
+        if rows <= 4:
+            expected = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+        else:
+            expected = torch.nn.functional.linear(x, linear.weight, linear.bias).float()
+        assert y.dtype == torch.bfloat16 and torch.equal(y, expected.to(torch.bfloat16)), rows
+
+
+@needs_onednn_bf16
+def test_tied_heads_stay_and_packing_can_be_turned_off(monkeypatch, no_fp32_route):
+    model = build("llama").to(torch.bfloat16).eval()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied: packing would copy it
+    pack_for_inference(model)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    assert isinstance(model.model.layers[0].self_attn.q_proj, PackedLinear)
+    monkeypatch.setenv(packed.ENV, "0")
+    assert pack_for_inference(build("llama").to(torch.bfloat16)) == 0
+    monkeypatch.setenv(packed.ENV, "yes")
+    with pytest.raises(UserError, match="LORAKIT_PACKED_WEIGHTS"):
+        pack_for_inference(build("llama").to(torch.bfloat16))
+
+
+def test_nothing_is_packed_in_fp32_or_off_the_hardware(monkeypatch):
+    assert pack_for_inference(build("llama")) == 0  # fp32: nothing to gain
+    monkeypatch.setattr("lorakit.base.cpu_flags_have_fast_bf16", lambda: False)
+    assert pack_for_inference(build("llama").to(torch.bfloat16)) == 0
+
+
+@needs_onednn_bf16
+def test_adapters_load_onto_packed_layers_merge_and_unmerge(ids, no_fp32_route):
+    plain, model = _bf16_model(adapters=False), _bf16_model(adapters=False)
+    pack_for_inference(model)
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    for m in (plain, model):  # as a server hot-loads an adapter after packing
+        lorakit.inject(m, config)
+        randomize_adapters(m)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoraLayer) and isinstance(layer.base, PackedLinear)
+    unmerged = _run(model, ids)
+    torch.testing.assert_close(unmerged, _run(plain, ids), atol=2e-2, rtol=2e-2)  # bf16 roundings differ
+    version = layer.base.version
+    lorakit.merge(model)
+    lorakit.merge(plain)
+    assert layer.base.version == version + 1
+    assert torch.equal(_run(model, ids), _run(plain, ids))  # the same rounded weights, packed or not
+    lorakit.unmerge(model)
+    torch.testing.assert_close(_run(model, ids), unmerged, atol=2e-2, rtol=2e-2)
+
+
+@needs_onednn_bf16
+def test_an_input_gradient_goes_through_the_dense_weight():
+    linear = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = PackedLinear(linear)
+    x = torch.randn(3, 16).to(torch.bfloat16).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    layer(x).sum().backward()
+    linear(x2).sum().backward()
+    assert torch.equal(x.grad, x2.grad) and torch.equal(layer.weight, linear.weight)
+
+
+# -- the few-row inference path of add_update (every host) -------------------------------------------------
+
+
+def _hooked(model: nn.Module) -> list:
+    """A forward hook on every base Linear: LoRA layers then take `add_update`, not the fused path."""
+    return [layer.base.register_forward_hook(lambda module, args, out: None) for _, layer in lorakit.lora_layers(model)]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_few_row_inference_adds_the_fp32_update_into_the_bf16_output_once(rows):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48)).to(torch.bfloat16)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    randomize_adapters(model)
+    _hooked(model)
+    layer = model[0]
+    x = torch.randn(rows, 32).to(torch.bfloat16)
+    with torch.no_grad(), autocast(CPU, torch.bfloat16):
+        y = model(x)
+        base = layer.base(x)
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    update = (x.float() @ A.t() * layer.scaling["default"]) @ B.t()
+    assert torch.equal(y, base.add_(update))
+    assert y.dtype == torch.bfloat16
+
+
+def test_with_gradients_or_many_rows_the_update_stays_on_the_autocast_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48)).to(torch.bfloat16)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    randomize_adapters(model)
+    _hooked(model)
+    x = torch.randn(80, 32).to(torch.bfloat16)  # more rows than FEW_ROWS: the bf16 products
+    with autocast(CPU, torch.bfloat16):
+        y = model(x)  # gradients on: the adapters train through the autocast path
+    y.float().sum().backward()
+    assert model[0].lora_A["default"].grad is not None
+    with torch.no_grad(), autocast(CPU, torch.bfloat16):
+        assert torch.equal(model(x), y.detach())
