@@ -167,3 +167,27 @@ def test_with_gradients_or_many_rows_the_update_stays_on_the_autocast_path():
     assert model[0].lora_A["default"].grad is not None
     with torch.no_grad(), autocast(CPU, torch.bfloat16):
         assert torch.equal(model(x), y.detach())
+
+
+def test_a_hook_that_keeps_the_base_output_does_not_see_the_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48)).to(torch.bfloat16)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    randomize_adapters(model)
+    kept = []
+    model[0].base.register_forward_hook(lambda module, args, out: kept.append(out))
+    x = torch.randn(2, 32).to(torch.bfloat16)
+    with torch.no_grad(), autocast(CPU, torch.bfloat16):
+        y = model(x)
+        assert torch.equal(kept[0], model[0].base(x)) and not torch.equal(y, kept[0])
+
+
+@needs_onednn_bf16
+def test_zero_rows_and_trainable_token_heads(ids, no_fp32_route):
+    layer = PackedLinear(nn.Linear(32, 48).to(torch.bfloat16))
+    assert layer(torch.zeros(0, 32, dtype=torch.bfloat16)).shape == (0, 48)
+    model = build("llama").to(torch.bfloat16).eval()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"lm_head": [3, 5]}))
+    pack_for_inference(model)
+    assert type(model.lm_head.base) is nn.Linear  # a trainable-token head writes its weight: it stays as it is
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base, PackedLinear)

@@ -58,6 +58,7 @@ def layer_dims(base: nn.Module) -> tuple[int, int]:
 
 
 FEW_ROWS = 64  # inputs of at most this many rows take the inference path of `LoraLayer.add_update`
+FRESH_OUTPUT = (nn.Linear, NF4Linear, PackedLinear)  # bases whose forward returns a new tensor every call
 
 
 class LoraLayer(nn.Module):
@@ -266,9 +267,11 @@ class LoraLayer(nn.Module):
             # the rank-r products in the adapter's precision, autocast off (on a CPU a bf16 product costs
             # ~20 us however small: at one row that made each update several times the fp32 one's cost),
             # the update rounded into `result` once. Many rows (a prefill) stay in bf16, faster there.
+            # In place only into a fresh output of a known base: a hook or a subclass may hold on to it.
+            fresh = type(self.base) in FRESH_OUTPUT and not self.base._forward_hooks
             with torch.autocast(x.device.type, enabled=False):
                 h = F.linear(x.to(A.dtype), A).mul_(self.scaling[name] * weight)  # (..., r)
-                return result.add_(F.linear(h, self.lora_B[name]))  # (..., out)
+                return (result if fresh else result.clone()).add_(F.linear(h, self.lora_B[name]))  # (..., out)
         h = self.project_down(x, name, weight).to(result.dtype)  # (..., r)
         B = self.lora_B[name].to(result.dtype)  # (out, r)
         if name in self.lora_bias:

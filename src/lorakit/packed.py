@@ -17,7 +17,9 @@ where it stopped being faster. Measured, not assumed, like `auto` itself.
 
 Only inference packs (generate, eval, serve): a packed weight has no gradient path of its own, so a
 forward that needs an input gradient takes the dense weight (`PackedLinear.weight`), and training never
-packs. A weight shared with another module (a tied output head) stays as it is: packing would copy it.
+packs. A packed model is for running: its `state_dict()` lacks the packed weights, and it cannot be
+deep-copied. A weight shared with another module (a tied output head) stays as it is: packing would copy
+it; so does a Linear inside lorakit's trainable-token and saved-module wrappers, which write or copy it.
 `LORAKIT_PACKED_WEIGHTS=0` turns packing off (to compare; results are the same).
 """
 
@@ -93,7 +95,7 @@ class PackedLinear(nn.Module):
             bias = None if self.bias is None else self.bias.to(self.dtype)
             return F.linear(x.to(self.dtype), self.weight, bias)
         rows = x.numel() // self.in_features
-        if rows <= self.fp32_rows:
+        if self.fp32 is not None and rows <= self.fp32_rows:
             bias = None if self.bias is None else self.bias.float()
             with torch.autocast(x.device.type, enabled=False):  # fp32 is the point here, whatever autocast says
                 return F.linear(x.float(), self.fp32, bias).to(self.dtype)  # bf16 out, as the packed product
@@ -117,6 +119,8 @@ def pack_for_inference(model: nn.Module) -> int:
             shared[id(p)] = shared.get(id(p), 0) + 1
     targets = []
     for name, module in model.named_modules():
+        if _wrapper(module):  # inside lorakit's other wrappers (trainable tokens, a saved module's copies): as is
+            continue
         for child_name, child in module.named_children():
             if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu" \
                     and shared[id(child.weight)] == 1 \
@@ -129,6 +133,14 @@ def pack_for_inference(model: nn.Module) -> int:
             rows[shape] = fp32_rows(child.weight) if child.weight.numel() <= SMALL_WEIGHT else 0
         setattr(parent, child_name, PackedLinear(child, rows[shape]))
     return len(targets)
+
+
+def _wrapper(module: nn.Module) -> bool:
+    """A lorakit module around a base other than a LoRA layer (`TokenLayer`, `SavedModule`): they write
+    their base's weight or copy the module, which a packed weight cannot take."""
+    from lorakit.layers import LoraLayer
+
+    return type(module).__module__.startswith("lorakit.") and not isinstance(module, LoraLayer)
 
 
 @torch.inference_mode()
