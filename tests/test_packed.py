@@ -187,7 +187,8 @@ def test_zero_rows_and_trainable_token_heads(ids, no_fp32_route):
     layer = PackedLinear(nn.Linear(32, 48).to(torch.bfloat16))
     assert layer(torch.zeros(0, 32, dtype=torch.bfloat16)).shape == (0, 48)
     model = build("llama").to(torch.bfloat16).eval()
-    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"lm_head": [3, 5]}))
+    config = lorakit.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"lm_head": [3, 5]})
+    lorakit.inject(model, config)
     pack_for_inference(model)
     assert type(model.lm_head.base) is nn.Linear  # a trainable-token head writes its weight: it stays as it is
     assert isinstance(model.model.layers[0].self_attn.q_proj.base, PackedLinear)
