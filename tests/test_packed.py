@@ -101,7 +101,7 @@ def test_adapters_load_onto_packed_layers_merge_and_unmerge(ids, no_fp32_route):
     plain, model = _bf16_model(adapters=False), _bf16_model(adapters=False)
     pack_for_inference(model)
     config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-    for m in (plain, model):  # as a server hot-loads an adapter after packing
+    for m in (plain, model):  # an adapter injected after packing wraps the packed layer
         lorakit.inject(m, config)
         randomize_adapters(m)
     layer = model.model.layers[0].self_attn.q_proj

@@ -50,7 +50,6 @@ def build(config: ServeConfig):
     """Load the base and the startup adapters; return (app, engine, registry)."""
     from lorakit.base import base_name, default_device, load_base, quantize_spec, resolve_dtype
     from lorakit.io import install_adapter, read_adapter
-    from lorakit.packed import pack_for_inference
 
     device = default_device()
     dtype = resolve_dtype(config.dtype, device)
@@ -61,7 +60,6 @@ def build(config: ServeConfig):
         servable(lora_config, path)
         key = install_adapter(model, lora_config, tensors, registry.new_key(name), source=path)
         registry.adapters[name] = ServedAdapter(name, key, Path(path).resolve().name, lora_config.r)
-    pack_for_inference(model)  # bf16 on AMX / AVX-512-BF16: weights packed once, not on every product
     engine = Engine(model, _end_ids(model, tokenizer), max_batch=config.max_batch, max_waiting=config.max_waiting,
                     dtype=dtype).start()
     return create_app(engine, tokenizer, registry, config), engine, registry
