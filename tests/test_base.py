@@ -42,3 +42,53 @@ def test_explicit_dtypes_ignore_the_policy(monkeypatch):
         base.resolve_dtype("fp8", CPU)
 
 
+
+
+# -- decoding commands: `auto` timed on the model's own shapes ------------------------------------------
+
+
+class _Timed(list):
+    faster = True
+
+
+@pytest.mark.parametrize("faster, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_a_decoding_command_takes_the_faster_precision_on_the_models_shapes(monkeypatch, faster, expected):
+    monkeypatch.delenv("LORAKIT_CPU_BF16", raising=False)
+    monkeypatch.setattr(base, "cpu_flags_have_fast_bf16", lambda: True)
+    timed = _Timed()
+    timed.faster = faster
+    monkeypatch.setattr(base, "_bf16_faster", lambda shapes, rows, packed: timed.append((shapes, rows, packed))
+                        or timed.faster)
+    assert base.resolve_decode_dtype("auto", CPU, None, rows=1, packed=True) == expected
+    assert timed == [([(256, 256), (704, 256), (256, 704)], 1, True)]  # the embedded base's config
+
+
+def test_what_is_not_timed(monkeypatch, tmp_path):
+    monkeypatch.delenv("LORAKIT_CPU_BF16", raising=False)
+    monkeypatch.setattr(base, "cpu_flags_have_fast_bf16", lambda: True)
+    monkeypatch.setattr(base, "_bf16_faster", lambda *a: pytest.fail("timed"))
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "config.json").write_text('{"hidden_size": 4096, "intermediate_size": 11008}')
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text('{"hidden_size": "wide"}')
+    assert base.resolve_decode_dtype("auto", CPU, big, 1, True) == torch.bfloat16  # bf16 wins at this size
+    assert base.resolve_decode_dtype("auto", CPU, odd, 1, True) == torch.bfloat16  # no sizes: the flags decide
+    assert base.resolve_decode_dtype("auto", CPU, None, 1, True, quantize="nf4") == torch.bfloat16
+    assert base.resolve_decode_dtype("fp32", CPU, None, 1, True) == torch.float32
+    assert base.resolve_decode_dtype("bf16", CPU, None, 1, True) == torch.bfloat16
+    monkeypatch.setenv("LORAKIT_CPU_BF16", "1")  # the variable decides outright
+    assert base.resolve_decode_dtype("auto", CPU, None, 1, True) == torch.bfloat16
+    monkeypatch.setattr(base, "cpu_flags_have_fast_bf16", lambda: False)
+    monkeypatch.delenv("LORAKIT_CPU_BF16")
+    assert base.resolve_decode_dtype("auto", CPU, None, 1, True) == torch.float32
+
+
+def test_gpt2_style_configs_give_their_shapes(tmp_path):
+    (tmp_path / "config.json").write_text('{"n_embd": 64}')
+    assert base._linear_shapes(tmp_path) == [(64, 64), (256, 64), (64, 256)]
+
+
+def test_the_timing_itself_runs():
+    assert isinstance(base._bf16_faster([(32, 16)], rows=2, packed=False, trials=1), bool)

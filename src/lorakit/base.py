@@ -94,6 +94,77 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+MEASURED_ELEMENTS = 8 << 20  # a model whose MLP weight is bigger than this is not timed: bf16 wins there
+
+
+def resolve_decode_dtype(name: str, device: torch.device, base: str | Path | None, rows: int, packed: bool,
+                         quantize: str | None = None) -> torch.dtype:
+    """`resolve_dtype` for a command that decodes (`generate`: 1 row a step; `serve`: a batch of rows).
+
+    Where `auto` picks bf16 by the CPU's flags (not by LORAKIT_CPU_BF16, which decides outright), the
+    model's own Linear shapes, read from its config.json, are timed at `rows` rows in fp32 and in bf16
+    (with packed weights if the command packs them, `lorakit.packed`), and the faster wins. A small
+    model's products are so small that bf16's fixed cost per product (~20 us with oneDNN on AMX) outweighs
+    its arithmetic: the embedded base's layer at one row took 67 us in bf16 packed against 25 us in fp32;
+    the Qwen2-0.5B shapes 515 against 727 (BENCHMARKS.md). Bigger models (an MLP weight over
+    `MEASURED_ELEMENTS`), hub ids, NF4 bases and GPUs keep `resolve_dtype`'s choice untimed.
+    """
+    dtype = resolve_dtype(name, device)
+    if name != "auto" or dtype != torch.bfloat16 or device.type != "cpu" or quantize is not None \
+            or os.environ.get(CPU_BF16_ENV, "").strip():
+        return dtype
+    shapes = _linear_shapes(base)
+    if not shapes or max(o * i for o, i in shapes) > MEASURED_ELEMENTS:
+        return dtype
+    return dtype if _bf16_faster(shapes, rows, packed) else torch.float32
+
+
+def _linear_shapes(base: str | Path | None) -> list[tuple[int, int]]:
+    """A decoder layer's distinct Linear shapes (out, in) from a local base's config.json; [] if unknown."""
+    source = base_source(base)
+    if not isinstance(source, Path):
+        return []
+    config = read_json(source / "config.json", "model config")
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    inner = config.get("intermediate_size") or config.get("n_inner") or (4 * hidden if isinstance(hidden, int) else 0)
+    if not isinstance(hidden, int) or not isinstance(inner, int) or hidden <= 0 or inner <= 0:
+        return []
+    return [(hidden, hidden), (inner, hidden), (hidden, inner)]
+
+
+@torch.inference_mode()
+def _bf16_faster(shapes: list[tuple[int, int]], rows: int, packed: bool, trials: int = 5) -> bool:
+    """Whether products of these shapes at `rows` rows were faster in bf16 than in fp32 here (random
+    weights; the best of `trials` alternating passes)."""
+    import time
+
+    import torch.nn.functional as F
+
+    from lorakit import packed as packing
+
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for out, inp in shapes:
+        w, x = torch.randn(out, inp, generator=g) * 0.02, torch.randn(rows, inp, generator=g)
+        wb, xb = w.to(torch.bfloat16), x.to(torch.bfloat16)
+        pk = torch.ops.mkldnn._reorder_linear_weight(wb, None) if packed and packing.onednn_bf16() else None
+        cases.append((x, w, xb, wb, pk))
+    fp32 = bf16 = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        for x, w, *_ in cases:
+            F.linear(x, w)
+        fp32 = min(fp32, time.perf_counter() - start)
+        start = time.perf_counter()
+        for _, _, xb, wb, pk in cases:
+            if pk is None:
+                F.linear(xb, wb)
+            else:
+                torch.ops.mkldnn._linear_pointwise(xb, pk, None, "none", [], "")
+        bf16 = min(bf16, time.perf_counter() - start)
+    return bf16 < fp32
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision for a low-precision compute dtype (fp32 adapter weights are cast per matmul)."""
     if dtype == torch.float32:

@@ -21,7 +21,7 @@ from torch import nn
 
 from lorakit.adapters import disable_adapters
 from lorakit.base import (autocast, base_option, default_device, dtype_option, load_base, quantize_option,
-                          quantize_spec, resolve_dtype)
+                          quantize_spec, resolve_decode_dtype)
 from lorakit.data import render_chat_prompt
 from lorakit.errors import UserError
 from lorakit.io import adapters_option, attach_adapters
@@ -141,7 +141,8 @@ def generate(config: GenerateConfig, sampling: Sampling | None = None, out=None)
     sampling = sampling or Sampling()
     out = out or sys.stdout
     device = default_device()
-    model, tokenizer = load_base(config.base, dtype=resolve_dtype(config.dtype, device), device=device,
+    dtype = resolve_decode_dtype(config.dtype, device, config.base, rows=1, packed=True, quantize=config.quantize)
+    model, tokenizer = load_base(config.base, dtype=dtype, device=device,
                                  quantize=quantize_spec(config.quantize))
     weights = attach_adapters(model, config.adapters) if config.adapters else {}
     pack_for_inference(model)  # bf16 on AMX / AVX-512-BF16: weights packed once, not on every product

@@ -1,6 +1,7 @@
 """bf16 inference on CPUs with AMX / AVX-512-BF16: frozen Linear weights that oneDNN holds pre-packed.
 
-Where `auto` picks bf16 (`lorakit.base.cpu_has_fast_bf16`), a bf16 product runs in oneDNN's AMX kernel,
+Where bf16 runs on such a CPU (`--dtype bf16`, or `auto` where the model's shapes were timed faster in
+bf16: `lorakit.base.resolve_decode_dtype`), a bf16 product runs in oneDNN's AMX kernel,
 which reads its weight in a blocked (VNNI) layout. An `nn.Linear` weight is plain (out, in), so every call
 first repacks the whole weight: on a Sapphire Rapids guest with torch 2.13 that made a decode step's
 products (1 row) *slower* than fp32 (the Qwen2-0.5B layer shapes: 828 us in bf16 against 727 us in fp32;
@@ -51,11 +52,12 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
         raise UserError(f"{ENV}={setting!r} is not 0 or 1; set it to 0 (no packed weights) or unset it")
     if setting == "0" or device.type != "cpu" or dtype != torch.bfloat16:
         return False
-    return cpu_flags_have_fast_bf16() and _onednn_bf16()
+    return cpu_flags_have_fast_bf16() and onednn_bf16()
 
 
 @functools.cache
-def _onednn_bf16() -> bool:
+def onednn_bf16() -> bool:
+    """Whether this torch's oneDNN runs bf16 products here (AVX-512 / AMX)."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

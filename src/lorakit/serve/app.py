@@ -48,11 +48,12 @@ def _end_ids(model, tokenizer) -> set[int]:
 
 def build(config: ServeConfig):
     """Load the base and the startup adapters; return (app, engine, registry)."""
-    from lorakit.base import base_name, default_device, load_base, quantize_spec, resolve_dtype
+    from lorakit.base import base_name, default_device, load_base, quantize_spec, resolve_decode_dtype
     from lorakit.io import install_adapter, read_adapter
 
     device = default_device()
-    dtype = resolve_dtype(config.dtype, device)
+    # timed at 8 rows, a decode step of a few clients: the embedded base serves faster in fp32 here
+    dtype = resolve_decode_dtype(config.dtype, device, config.base, rows=8, packed=False, quantize=config.quantize)
     model, tokenizer = load_base(config.base, dtype=dtype, device=device, quantize=quantize_spec(config.quantize))
     registry = Registry(config.served_model_name or base_name(config.base))
     for name, path in config.adapters.items():
