@@ -79,6 +79,12 @@ def cpu_flags_have_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether this torch's oneDNN runs bf16 products here (AVX-512 / AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' -> bf16 where bf16 matmuls are fast on this device, else fp32; or an explicit name.
 
@@ -140,14 +146,12 @@ def _bf16_faster(shapes: list[tuple[int, int]], rows: int, packed: bool, trials:
 
     import torch.nn.functional as F
 
-    from lorakit import packed as packing
-
     g = torch.Generator().manual_seed(0)
     cases = []
     for out, inp in shapes:
         w, x = torch.randn(out, inp, generator=g) * 0.02, torch.randn(rows, inp, generator=g)
         wb, xb = w.to(torch.bfloat16), x.to(torch.bfloat16)
-        pk = torch.ops.mkldnn._reorder_linear_weight(wb, None) if packed and packing.onednn_bf16() else None
+        pk = torch.ops.mkldnn._reorder_linear_weight(wb, None) if packed and onednn_bf16() else None
         cases.append((x, w, xb, wb, pk))
     fp32 = bf16 = float("inf")
     for _ in range(trials):

@@ -64,6 +64,8 @@ FRESH_OUTPUT = (nn.Linear, NF4Linear, PackedLinear)  # bases whose forward retur
 class LoraLayer(nn.Module):
     """A frozen base layer plus any number of named low-rank updates."""
 
+    packable_children = ("base",)  # `lorakit.packed` may pack the base for inference (it reads it, never copies)
+
     def __init__(self, base: nn.Module):
         super().__init__()
         kind = base_kind(base)

@@ -28,13 +28,15 @@ it; so does a Linear inside lorakit's trainable-token and saved-module wrappers,
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lorakit import base
+from lorakit.errors import UserError
 
 ENV = "LORAKIT_PACKED_WEIGHTS"
 SMALL_WEIGHT = 1 << 20  # elements: weights up to this size may keep an fp32 copy for few-row products
@@ -44,21 +46,12 @@ TIMED_ROWS = (1, 4, 16)  # row counts at which fp32 and the packed product are t
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `pack_for_inference` packs here: bf16 on a CPU whose bf16 products oneDNN runs on AMX /
     AVX-512-BF16 (the hardware check behind `auto`, not its override), unless LORAKIT_PACKED_WEIGHTS=0."""
-    from lorakit.base import cpu_flags_have_fast_bf16
-    from lorakit.errors import UserError
-
     setting = os.environ.get(ENV, "").strip()
     if setting not in ("", "0", "1"):
         raise UserError(f"{ENV}={setting!r} is not 0 or 1; set it to 0 (no packed weights) or unset it")
     if setting == "0" or device.type != "cpu" or dtype != torch.bfloat16:
         return False
-    return cpu_flags_have_fast_bf16() and onednn_bf16()
-
-
-@functools.cache
-def onednn_bf16() -> bool:
-    """Whether this torch's oneDNN runs bf16 products here (AVX-512 / AMX)."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return base.cpu_flags_have_fast_bf16() and base.onednn_bf16()
 
 
 class PackedLinear(nn.Module):
@@ -123,9 +116,12 @@ def pack_for_inference(model: nn.Module) -> int:
             shared[id(p)] = shared.get(id(p), 0) + 1
     targets = []
     for name, module in model.named_modules():
-        if _wrapper(module):  # inside lorakit's other wrappers (trainable tokens, a saved module's copies): as is
-            continue
+        # Inside lorakit's own modules only the children they declare (a LoRA layer's base): the others
+        # (trainable tokens, a saved module's copies) write their base's weight or copy the module.
+        lorakit_module = type(module).__module__.startswith("lorakit.")
         for child_name, child in module.named_children():
+            if lorakit_module and child_name not in getattr(module, "packable_children", ()):
+                continue
             if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu" \
                     and shared[id(child.weight)] == 1 \
                     and not child._forward_hooks and not child._forward_pre_hooks:
@@ -137,14 +133,6 @@ def pack_for_inference(model: nn.Module) -> int:
             rows[shape] = fp32_rows(child.weight) if child.weight.numel() <= SMALL_WEIGHT else 0
         setattr(parent, child_name, PackedLinear(child, rows[shape]))
     return len(targets)
-
-
-def _wrapper(module: nn.Module) -> bool:
-    """A lorakit module around a base other than a LoRA layer (`TokenLayer`, `SavedModule`): they write
-    their base's weight or copy the module, which a packed weight cannot take."""
-    from lorakit.layers import LoraLayer
-
-    return type(module).__module__.startswith("lorakit.") and not isinstance(module, LoraLayer)
 
 
 @torch.inference_mode()
