@@ -141,9 +141,7 @@ def _linear_shapes(base: str | Path | None) -> list[tuple[int, int]]:
 @torch.inference_mode()
 def _bf16_faster(shapes: list[tuple[int, int]], rows: int, packed: bool, trials: int = 5) -> bool:
     """Whether products of these shapes at `rows` rows were faster in bf16 than in fp32 here (random
-    weights; the best of `trials` alternating passes)."""
-    import time
-
+    weights; `time_fp32_and_bf16`)."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
@@ -153,20 +151,39 @@ def _bf16_faster(shapes: list[tuple[int, int]], rows: int, packed: bool, trials:
         wb, xb = w.to(torch.bfloat16), x.to(torch.bfloat16)
         pk = torch.ops.mkldnn._reorder_linear_weight(wb, None) if packed and onednn_bf16() else None
         cases.append((x, w, xb, wb, pk))
-    fp32 = bf16 = float("inf")
-    for _ in range(trials):
-        start = time.perf_counter()
+
+    def fp32():
         for x, w, *_ in cases:
             F.linear(x, w)
-        fp32 = min(fp32, time.perf_counter() - start)
-        start = time.perf_counter()
+
+    def bf16():
         for _, _, xb, wb, pk in cases:
             if pk is None:
                 F.linear(xb, wb)
             else:
-                torch.ops.mkldnn._linear_pointwise(xb, pk, None, "none", [], "")
-        bf16 = min(bf16, time.perf_counter() - start)
-    return bf16 < fp32
+                packed_linear(xb, pk)
+
+    fp32_seconds, bf16_seconds = time_fp32_and_bf16(fp32, bf16, trials)
+    return bf16_seconds < fp32_seconds
+
+
+def time_fp32_and_bf16(fp32, bf16, trials: int = 5) -> tuple[float, float]:
+    """Seconds of one call of each (no arguments), the best of `trials`, alternating so that a burst of
+    other load hits both alike."""
+    import time
+
+    best = [float("inf"), float("inf")]
+    for _ in range(trials):
+        for i, fn in enumerate((fp32, bf16)):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x·Wᵀ (+ bias) for a weight oneDNN holds packed (`torch.ops.mkldnn._reorder_linear_weight`)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -20,16 +20,16 @@ Only `generate` and `eval` pack. `serve` does not: its engine, measured on the e
 8 and 32 clients, ran 0.43x and 0.54x as fast with packed weights as with plain ones (cause not found;
 the products alone, timed apart at the engine's row counts, were faster packed). A packed weight has no
 gradient path of its own, so a forward that needs an input gradient takes the dense weight
-(`PackedLinear.weight`), and training never packs. A packed model is for running: its `state_dict()` lacks the packed weights, and it cannot be
-deep-copied. A weight shared with another module (a tied output head) stays as it is: packing would copy
-it; so does a Linear inside lorakit's trainable-token and saved-module wrappers, which write or copy it.
+(`PackedLinear.weight`), and training never packs. A packed model is for running: its `state_dict()`
+lacks the packed weights, and it cannot be deep-copied. A weight shared with another module (a tied output
+head) stays as it is: packing would copy it; so does a Linear inside lorakit's trainable-token and
+saved-module wrappers, which write or copy it.
 `LORAKIT_PACKED_WEIGHTS=0` turns packing off (to compare; results are the same).
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,7 @@ class PackedLinear(nn.Module):
             with torch.autocast(x.device.type, enabled=False):  # fp32 is the point here, whatever autocast says
                 return F.linear(x.float(), self.fp32, bias).to(self.dtype)  # bf16 out, as the packed product
         bias = None if self.bias is None else self.bias.to(self.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, bias, "none", [], "")
+        return base.packed_linear(x.to(self.dtype), self.packed, bias)
 
     def extra_repr(self) -> str:
         fp32 = f", fp32 up to {self.fp32_rows} rows" if self.fp32_rows else ""
@@ -122,8 +122,8 @@ def pack_for_inference(model: nn.Module) -> int:
         for child_name, child in module.named_children():
             if lorakit_module and child_name not in getattr(module, "packable_children", ()):
                 continue
-            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu" \
-                    and shared[id(child.weight)] == 1 \
+            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 \
+                    and child.weight.device.type == "cpu" and shared[id(child.weight)] == 1 \
                     and not child._forward_hooks and not child._forward_pre_hooks:
                 targets.append((module, child_name, child))
     rows: dict[tuple[int, int], int] = {}
@@ -138,20 +138,14 @@ def pack_for_inference(model: nn.Module) -> int:
 @torch.inference_mode()
 def fp32_rows(weight: torch.Tensor, trials: int = 5) -> int:
     """The most rows (of `TIMED_ROWS`) up to which an fp32 product with `weight` was faster than the packed
-    bf16 one, both timed here (best of `trials`, alternating); 0 where it never was."""
+    bf16 one, both timed here (`base.time_fp32_and_bf16`); 0 where it never was."""
     g = torch.Generator().manual_seed(0)
     packed, dense = torch.ops.mkldnn._reorder_linear_weight(weight, None), weight.float()
     best = 0
     for n in TIMED_ROWS:
         x = torch.randn(n, weight.shape[1], generator=g).to(weight.dtype)
-        bf16 = fp32 = float("inf")
-        for _ in range(trials):
-            start = time.perf_counter()
-            torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            bf16 = min(bf16, time.perf_counter() - start)
-            start = time.perf_counter()
-            F.linear(x.float(), dense).to(weight.dtype)
-            fp32 = min(fp32, time.perf_counter() - start)
+        fp32, bf16 = base.time_fp32_and_bf16(lambda: F.linear(x.float(), dense).to(weight.dtype),
+                                             lambda: base.packed_linear(x, packed), trials)
         if fp32 >= bf16:
             break
         best = n
