@@ -141,7 +141,7 @@ def _linear_shapes(base: str | Path | None) -> list[tuple[int, int]]:
 @torch.inference_mode()
 def _bf16_faster(shapes: list[tuple[int, int]], rows: int, packed: bool, trials: int = 5) -> bool:
     """Whether products of these shapes at `rows` rows were faster in bf16 than in fp32 here (random
-    weights; `time_fp32_and_bf16`)."""
+    weights; `time_both`)."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
@@ -163,18 +163,18 @@ def _bf16_faster(shapes: list[tuple[int, int]], rows: int, packed: bool, trials:
             else:
                 packed_linear(xb, pk)
 
-    fp32_seconds, bf16_seconds = time_fp32_and_bf16(fp32, bf16, trials)
+    fp32_seconds, bf16_seconds = time_both(fp32, bf16, trials)
     return bf16_seconds < fp32_seconds
 
 
-def time_fp32_and_bf16(fp32, bf16, trials: int = 5) -> tuple[float, float]:
+def time_both(first, second, trials: int = 5) -> tuple[float, float]:
     """Seconds of one call of each (no arguments), the best of `trials`, alternating so that a burst of
     other load hits both alike."""
     import time
 
     best = [float("inf"), float("inf")]
     for _ in range(trials):
-        for i, fn in enumerate((fp32, bf16)):
+        for i, fn in enumerate((first, second)):
             start = time.perf_counter()
             fn()
             best[i] = min(best[i], time.perf_counter() - start)

@@ -86,7 +86,8 @@ class _Checkpoint:
 @torch.no_grad()
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, settings: dict,
                     rank: int = 0) -> dict:
-    """Restore adapter, optimizer, scheduler and this rank's RNG in place; return {step, tokens, train_seconds}.
+    """Restore adapter, optimizer, scheduler and this rank's RNG in place; return {step, tokens, train_seconds}
+    and whatever else of the run's state the checkpoint records (`onednn_fp32`: how its products ran).
 
     Every file is read and checked before anything changes. If `directory` is missing (a crash mid-swap)
     or damaged, the previous checkpoint is used, and a damaged one is reported on stderr. Settings that
@@ -107,7 +108,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
             print(f"lorakit train: warning: {problems[0]}; resuming from the previous checkpoint instead "
                   f"(step {found.meta['step']})", file=sys.stderr, flush=True)
         _restore(found, model, optimizer, scheduler, rank)
-        return {k: found.meta[k] for k in ("step", "tokens", "train_seconds")}
+        return {k: found.meta[k] for k in ("step", "tokens", "train_seconds", "onednn_fp32") if k in found.meta}
     if not problems:
         raise UserError(f"no checkpoint in {directory}; start without --resume")
     raise UserError(f"cannot resume: {'; '.join(problems)}; start the run again with --overwrite")

@@ -11,9 +11,9 @@ and computes for the backward. `FusedLoraLinear` keeps and computes only what Lo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lorakit import products
 from lorakit.modules import Conv1D
 from lorakit.nf4 import NF4Linear, NF4Tensor, nf4_grad_input, nf4_linear
 
@@ -71,7 +71,8 @@ class FusedLoraLinear(torch.autograd.Function):
 
 def fused_forward(x, weight, bias, scales, drops, downs, weights) -> tuple[torch.Tensor, list, list]:
     """`FusedLoraLinear`'s forward: (y (N, out), each adapter's dropout mask or None, each (N, r) product)."""
-    y = F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else nf4_linear(x, weight, bias)  # (N, out)
+    y = (products.linear(x, weight, bias) if isinstance(weight, torch.Tensor)
+         else nf4_linear(x, weight, bias))  # (N, out)
     masks, hs = [], []
     for i, s in enumerate(scales):
         A, B = weights[2 * i], weights[2 * i + 1]
@@ -95,7 +96,7 @@ def fused_backward(g, x, weight, weights, masks, hs, scales, drops, need_x: bool
     """
     grad_x = None  # (N, in); no gradient for the frozen W
     if need_x:
-        grad_x = g @ weight if isinstance(weight, torch.Tensor) else nf4_grad_input(g, weight)
+        grad_x = products.grad_input(g, weight) if isinstance(weight, torch.Tensor) else nf4_grad_input(g, weight)
     grad_bias = g.sum(0) if need_bias else None  # (out,)
     grads = []
     for i, s in enumerate(scales):

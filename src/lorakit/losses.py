@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit import products
 from lorakit.layers import LoraLayer
 from lorakit.modules import output_head
 
@@ -101,7 +102,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             index = keep[start:start + rows]  # (n,)
             h = hidden.index_select(0, index)  # (n, d)
             t = targets.index_select(0, index)  # (n,)
-            logits = F.linear(h, weight, bias).to(acc)  # (n, V): the only vocabulary-sized tensors
+            logits = products.linear(h, weight, bias).to(acc)  # (n, V): the only vocabulary-sized tensors
             logp = torch.log_softmax(logits, dim=1)  # (n, V); one fused pass, no max/exp/sum temporaries
             del logits
             total -= logp.gather(1, t[:, None]).sum()
@@ -112,7 +113,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             p.scatter_add_(1, t[:, None], p.new_full((len(t), 1), -1.0))
             p = p.to(weight.dtype)
             if need_h:
-                grad_h.index_copy_(0, index, (p @ weight).to(grad_h.dtype))  # (n, d)
+                grad_h.index_copy_(0, index, products.grad_input(p, weight).to(grad_h.dtype))  # (n, d)
             if need_w:
                 grad_w.addmm_(p.t().to(acc), h.to(acc))  # (V, d)
             if need_b:
@@ -172,13 +173,16 @@ class LinearLogProbs(torch.autograd.Function):
         for start in range(0, keep.numel(), rows):
             index = keep[start:start + rows]  # (c,)
             t = targets.index_select(0, index)  # (c,)
-            logp = torch.log_softmax(F.linear(hidden.index_select(0, index), weight, bias).to(acc), dim=1)  # (c, V)
+            logits = products.linear(hidden.index_select(0, index), weight, bias)  # (c, V)
+            logp = torch.log_softmax(logits.to(acc), dim=1)  # (c, V)
+            del logits
             out.index_copy_(0, index, logp.gather(1, t[:, None]).squeeze(1))
             if need_h:
                 # d logp[t] / d logits = onehot(t) - softmax, formed in place in the log-probabilities' buffer.
                 p = logp.exp_().neg_()  # (c, V)
                 p.scatter_add_(1, t[:, None], p.new_ones((len(t), 1)))
-                grad_h[start:start + len(index)] = (p.to(weight.dtype) @ weight).to(hidden.dtype)  # (c, d)
+                grad = products.grad_input(p.to(weight.dtype), weight)  # (c, d)
+                grad_h[start:start + len(index)] = grad.to(hidden.dtype)
         ctx.rows, ctx.dtype = rows, hidden.dtype
         ctx.save_for_backward(keep, grad_h, targets, *((hidden, weight, bias) if need_w or need_b else ()))
         return out
@@ -200,7 +204,7 @@ class LinearLogProbs(torch.autograd.Function):
                 index = keep[start:start + ctx.rows]  # (c,)
                 h = hidden.index_select(0, index)  # (c, d)
                 t = targets.index_select(0, index)
-                p = torch.softmax(F.linear(h, weight, bias).float(), dim=1).neg_()  # (c, V)
+                p = torch.softmax(products.linear(h, weight, bias).float(), dim=1).neg_()  # (c, V)
                 p.scatter_add_(1, t[:, None], p.new_ones((len(t), 1)))
                 p *= g_keep[start:start + len(index), None].float()  # (c, V): d loss / d logits
                 if d_weight is not None:

@@ -138,13 +138,13 @@ def pack_for_inference(model: nn.Module) -> int:
 @torch.inference_mode()
 def fp32_rows(weight: torch.Tensor, trials: int = 5) -> int:
     """The most rows (of `TIMED_ROWS`) up to which an fp32 product with `weight` was faster than the packed
-    bf16 one, both timed here (`base.time_fp32_and_bf16`); 0 where it never was."""
+    bf16 one, both timed here (`base.time_both`); 0 where it never was."""
     g = torch.Generator().manual_seed(0)
     packed, dense = torch.ops.mkldnn._reorder_linear_weight(weight, None), weight.float()
     best = 0
     for n in TIMED_ROWS:
         x = torch.randn(n, weight.shape[1], generator=g).to(weight.dtype)
-        fp32, bf16 = base.time_fp32_and_bf16(lambda: F.linear(x.float(), dense).to(weight.dtype),
+        fp32, bf16 = base.time_both(lambda: F.linear(x.float(), dense).to(weight.dtype),
                                              lambda: base.packed_linear(x, packed), trials)
         if fp32 >= bf16:
             break

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit import distributed, heap
+from lorakit import distributed, heap, products
 from lorakit.adapters import ALL_LINEAR, ALL_LINEAR_HEAD, disable_adapters, inject, lora_layers, trainable_parameters
 from lorakit.base import autocast, base_name, load_base, quantize_option, quantize_spec, resolve_dtype
 from lorakit.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint
@@ -287,7 +287,7 @@ def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world
     history = _read_metrics(run.out / "metrics.jsonl", upto=run.state["step"]) if world.main else []
 
     stopped = False
-    with _progress(config, world, run) as bar:  # a non-finite loss raises in _train_step: the last checkpoint stays
+    with _progress(config, world, run) as bar, products.onednn_fp32(run.state["onednn_fp32"]):  # a non-finite loss raises in _train_step: the last checkpoint stays
         for step in range(run.state["step"], run.total_steps):
             record = _train_step(run, config, world, step)
             last = step + 1 == run.total_steps
@@ -333,7 +333,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
     counts: object
-    state: dict  # step, tokens, train_seconds: what a checkpoint restores
+    state: dict  # step, tokens, train_seconds, onednn_fp32: what a checkpoint restores
     settings: dict  # what a --resume must match (`_resume_view`)
     base_eval: float | None  # the base's held-out loss (rank 0, sft with --eval-data), to set the trained one's against
     shard_bytes: list[int] | None  # --fsdp: the base's bytes each rank holds after sharding, in rank order
@@ -352,6 +352,7 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     torch.manual_seed(config.seed)
     device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = resolve_dtype(config.dtype, device)
+    products.setting()  # a bad LORAKIT_ONEDNN_FP32 is refused before anything loads, whatever the precision
     # QLoRA: the base streams in and each chosen Linear is quantized as it arrives (never whole at full precision).
     # A full fine-tune keeps fp32 master weights (autocast computes in `dtype`): AdamW's small updates
     # would round away in bf16 weights. An adapter's own weights are fp32 whatever the base's dtype.
@@ -396,12 +397,23 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     settings = _resume_view(config, world)
     if config.resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler, settings, rank=world.rank)
+    # fp32 products through oneDNN or torch's BLAS: timed on a fresh run, as recorded on a resumed one (the
+    # two round differently, and a resumed run must give the adapter the uninterrupted one would)
+    if not isinstance(state.get("onednn_fp32"), bool):
+        state["onednn_fp32"] = _onednn_products(model, dtype, device, world)
     if world.main:
         _prepare_out(config)
     distributed.barrier(world)
     return _Run(out, device, dtype, model, tokenizer, memory, examples, stats, eval_examples, seq_len, params,
                 objective, step_loss, optimizer, scheduler, total_steps, counts,
                 state, settings, base_eval, shard_bytes)
+
+
+def _onednn_products(model: nn.Module, dtype: torch.dtype, device: torch.device, world: distributed.World) -> bool:
+    """Whether this run's fp32 products go through oneDNN (`lorakit.products.choose`); only where every rank
+    timed it faster, so that all ranks multiply alike."""
+    chosen = device.type == "cpu" and dtype == torch.float32 and products.choose(model)
+    return distributed.all_sum(world, int(chosen)) == world.size
 
 
 def _seq_len(config: TrainConfig, model: nn.Module) -> int:
@@ -529,7 +541,8 @@ def _describe(run: _Run, config: TrainConfig, world: distributed.World) -> str:
     # fp32 weights, gradients and AdamW's two moments; an adapter's few parameters need the same each
     full_note = (f"\nfull fine-tune: weights, gradients and AdamW moments take {16 * run.counts.trainable / 1e6:,.0f} MB "
                  "(16 bytes per parameter)" if config.full else "")
-    return (f"base {base_name(config.base)} ({dtype_name(run.dtype)} on {run.device.type}{nf4_note}); "
+    onednn = ", fp32 products through oneDNN" if run.state["onednn_fp32"] else ""
+    return (f"base {base_name(config.base)} ({dtype_name(run.dtype)} on {run.device.type}{nf4_note}{onednn}); "
             f"{objective}data: {run.stats.summary()}\n"
             f"{run.counts}; {run.total_steps} steps of {config.batch_size}x{config.grad_accum} rows{ranks}{full_note}")
 
@@ -613,7 +626,7 @@ def _train_step(run: _Run, config: TrainConfig, world: distributed.World, step: 
     seconds = time.perf_counter() - t0
     tokens = distributed.all_sum(world, tokens)
     state = run.state
-    run.state = {"step": step + 1, "tokens": state["tokens"] + tokens,
+    run.state = {**state, "step": step + 1, "tokens": state["tokens"] + tokens,
                  "train_seconds": state["train_seconds"] + seconds}
     return {"step": step + 1, "loss": loss_sum, "lr": run.scheduler.get_last_lr()[0], "tokens": run.state["tokens"],
             "tokens_per_s": tokens / seconds, **run.objective.figures(world)}

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit import products
 from lorakit.fused import stash_weight, unstash_weight
 from lorakit.nf4 import NF4Linear, NF4Tensor, nf4_grad_input, nf4_linear
 from lorakit.packed import PackedLinear
@@ -186,7 +187,7 @@ class FusedDoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, s, n, m, A, B):
-        y = F.linear(x, weight) if isinstance(weight, torch.Tensor) else nf4_linear(x, weight, None)  # (N, out)
+        y = products.linear(x, weight) if isinstance(weight, torch.Tensor) else nf4_linear(x, weight, None)  # (N, out)
         h = (x.to(A.dtype) @ A.t()).mul_(s).to(y.dtype)  # (N, r): s applied at rank r
         y.addmm_(h, B.t())  # (N, out): x·Wᵀ + s·x·Aᵀ·Bᵀ, in place
         f = m.detach() / n  # (out,) fp32
@@ -217,7 +218,7 @@ class FusedDoraLinear(torch.autograd.Function):
         if need_B:
             grad_B = gf.t() @ h  # (out, r); h carries s
         if need_x:
-            grad_x = gf @ weight if isinstance(weight, torch.Tensor) else nf4_grad_input(gf, weight)  # (N, in)
+            grad_x = products.grad_input(gf, weight) if isinstance(weight, torch.Tensor) else nf4_grad_input(gf, weight)
         if need_A or need_x:
             gh = (gf @ B).mul_(ctx.s).to(A.dtype)  # (N, r): the gradient at A's output
             if need_x and A.dtype == x.dtype:
