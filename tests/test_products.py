@@ -61,8 +61,7 @@ def test_outside_the_context_and_for_other_dtypes_the_products_are_torchs_own():
 def test_the_environment_variable_decides_outright(monkeypatch, value, expected):
     monkeypatch.setenv(products.ENV, value)
     assert products.setting() is expected
-    if expected is not None:
-        assert products.choose(build("llama")) is expected
+    assert products.choose() is (products.cpu_prefers_onednn() if expected is None else expected)
 
 
 @pytest.mark.parametrize("value", ["yes", "2", "true"])
@@ -72,16 +71,14 @@ def test_a_bad_environment_variable_is_refused_in_one_line(monkeypatch, value):
         products.setting()
 
 
-def test_choose_times_the_models_frozen_fp32_shapes(monkeypatch):
-    monkeypatch.delenv(products.ENV, raising=False)
-    model = build("llama")
-    model.requires_grad_(False)
-    shapes = products.frozen_shapes(model)
-    assert shapes and all(o * i >= o2 * i2 for (o, i), (o2, i2) in zip(shapes, shapes[1:]))  # largest first
-    assert isinstance(products.choose(model, trials=1), bool)
-    assert products.choose(model.to(torch.bfloat16)) is False  # nothing in fp32: nothing to time
-    model.float().requires_grad_(True)
-    assert products.frozen_shapes(model) == []  # trainable weights (a full fine-tune) are not routed
+@pytest.mark.parametrize("vendor, flags, expected", [
+    ("AuthenticAMD", "fpu sse2 avx2 fma avx512f avx512_bf16", True),  # Zen 4/5: MKL at half oneDNN's speed
+    ("AuthenticAMD", "fpu sse2 avx2 fma", False),  # AVX2 only: no gain measured
+    ("GenuineIntel", "fpu sse2 avx2 fma avx512f amx_bf16", False),  # MKL's own vendor
+    ("", "", False),
+])
+def test_the_cpu_decides_by_vendor_and_flags(vendor, flags, expected):
+    assert products.prefers_onednn(vendor, flags.split()) is expected
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

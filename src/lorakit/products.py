@@ -1,36 +1,33 @@
-"""fp32 products with a frozen weight through oneDNN, where it was timed faster than torch's BLAS.
+"""fp32 products with a frozen weight through oneDNN, on CPUs where torch's BLAS (MKL) is slower.
 
 torch runs an fp32 `F.linear` or `@` on a CPU through its BLAS (MKL in the PyPI wheels), and MKL picks
 its code by the CPU's vendor: on an AMD EPYC (Zen 5, AVX-512) guest with torch 2.13, MKL's fp32 products
 ran at about half the speed of oneDNN's (which torch also ships, and uses for bf16) on every training
 shape of the Qwen2-0.5B model: 2048x896 by 4864x896, forward 145 ms against 60, the input gradient 100
-against 47 (BENCHMARKS.md). Where MKL is the faster one (Intel CPUs), nothing changes.
+against 47 (BENCHMARKS.md). Elsewhere nothing changes.
 
 The products that carry a LoRA training step (a LoRA layer's frozen base forward and its input
-gradient, `lorakit.layers.FusedLoraLinear`; the output head in the chunked loss, `lorakit.losses`)
-call `linear` and `grad_input` here. They take oneDNN only inside `onednn_fp32(True)`, for fp32 CPU
-tensors outside autocast; anything else is the plain torch op. `lorakit train` decides at startup
-(`choose`: the model's own Linear shapes timed both ways, or `LORAKIT_ONEDNN_FP32=0|1`) and keeps the
-choice in its checkpoint, so a resumed run multiplies as the interrupted one did. The two differ by
+gradient, `lorakit.fused.FusedLoraLinear` and DoRA's fused path; the output head in the chunked loss,
+`lorakit.losses`) call `linear` and `grad_input` here. They take oneDNN only inside `onednn_fp32(True)`,
+for fp32 CPU tensors outside autocast; anything else is the plain torch op. `lorakit train` decides at startup
+(`choose`: by the CPU's vendor and flags, or `LORAKIT_ONEDNN_FP32=0|1`) and keeps the choice in its
+checkpoint, so a run resumed on another machine multiplies as the interrupted one did. The two differ by
 fp32 rounding only (summation order: ~1e-6 relative).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from lorakit.base import time_both
 from lorakit.errors import UserError
 
 ENV = "LORAKIT_ONEDNN_FP32"
-TIMED_ROWS = 256  # rows of the timed products (a training step's are thousands: the ratio holds there)
-TIMED_OUT = 4096  # a weight is timed on at most this many of its output rows (a 151,936-word head: a slice)
 
 _onednn = False  # inside `onednn_fp32(True)`
 
@@ -71,48 +68,43 @@ def grad_input(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def setting() -> bool | None:
-    """`LORAKIT_ONEDNN_FP32` as True / False, or None where it is unset (the timing decides)."""
+    """`LORAKIT_ONEDNN_FP32` as True / False, or None where it is unset (the CPU decides)."""
     value = os.environ.get(ENV, "").strip()
     if value not in ("", "0", "1"):
         raise UserError(f"{ENV}={value!r} is not 0 or 1; set it to 1 (fp32 products through oneDNN), 0 (through "
-                        "torch's BLAS), or unset it (timed at startup)")
+                        "torch's BLAS), or unset it (the CPU decides)")
     return None if not value else value == "1"
 
 
-def frozen_shapes(model: nn.Module) -> list[tuple[int, int]]:
-    """The distinct (out, in) shapes of `model`'s frozen fp32 CPU 2-D Linear weights, largest first."""
-    shapes = {tuple(m.weight.shape) for m in model.modules()
-              if isinstance(m, nn.Linear) and isinstance(m.weight, torch.Tensor) and m.weight.dim() == 2
-              and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" and not m.weight.requires_grad}
-    return sorted(shapes, key=lambda s: -s[0] * s[1])
-
-
-@torch.no_grad()
-def choose(model: nn.Module, trials: int = 3) -> bool:
-    """Whether `model`'s fp32 training products should run through oneDNN here: `setting()` if given;
-    else both ways timed (forward and input gradient, `TIMED_ROWS` rows, each of the model's frozen
-    Linear shapes up to `TIMED_OUT` outputs; best of `trials`, alternating), the faster wins. False
-    where there is nothing to time, or no oneDNN."""
-    forced = setting()
-    if forced is not None:
-        return forced and available()
-    shapes = frozen_shapes(model)
-    if not shapes or not available():
+@functools.cache
+def cpu_prefers_onednn() -> bool:
+    """Whether this CPU runs fp32 products faster through oneDNN than through MKL: `prefers_onednn` of
+    /proc/cpuinfo's vendor and flags (False where it cannot be read)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():  # the end of the first processor's block
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
         return False
-    g = torch.Generator().manual_seed(0)
-    cases = []
-    for out, inp in shapes:
-        out = min(out, TIMED_OUT)
-        cases.append((torch.randn(TIMED_ROWS, inp, generator=g), torch.randn(out, inp, generator=g) * 0.02,
-                      torch.randn(TIMED_ROWS, out, generator=g)))
+    return prefers_onednn(fields.get("vendor_id", ""), fields.get("flags", "").split())
 
-    def run(onednn: bool):
-        def products():
-            with onednn_fp32(onednn):
-                for x, w, gy in cases:
-                    linear(x, w)
-                    grad_input(gy, w)
-        return products
 
-    blas, onednn = time_both(run(False), run(True), trials)
-    return onednn < blas
+def prefers_onednn(vendor: str, flags: list[str]) -> bool:
+    """AMD with AVX-512: MKL ran every 0.5B training product at about half oneDNN's speed on a Zen 5
+    (BENCHMARKS.md). AMD with AVX2 only: both alike when capped at AVX2 (no gain measured, none taken).
+    Intel: MKL is Intel's own (not measured against oneDNN): kept."""
+    return vendor == "AuthenticAMD" and "avx512f" in flags
+
+
+def choose() -> bool:
+    """Whether fp32 training products run through oneDNN here: `setting()` if given, else
+    `cpu_prefers_onednn()`; False without oneDNN. Decided by the CPU, not timed: timing flips between
+    runs where the two are close, and the same command on the same machine must train the same adapter."""
+    forced = setting()
+    if not available():
+        return False
+    return forced if forced is not None else cpu_prefers_onednn()

@@ -287,7 +287,8 @@ def _train(config: TrainConfig, should_stop: Callable[[int], bool] | None, world
     history = _read_metrics(run.out / "metrics.jsonl", upto=run.state["step"]) if world.main else []
 
     stopped = False
-    with _progress(config, world, run) as bar, products.onednn_fp32(run.state["onednn_fp32"]):  # a non-finite loss raises in _train_step: the last checkpoint stays
+    # a non-finite loss raises in _train_step: the last checkpoint stays
+    with _progress(config, world, run) as bar, products.onednn_fp32(run.state["onednn_fp32"]):
         for step in range(run.state["step"], run.total_steps):
             record = _train_step(run, config, world, step)
             last = step + 1 == run.total_steps
@@ -397,10 +398,10 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     settings = _resume_view(config, world)
     if config.resume:
         state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler, settings, rank=world.rank)
-    # fp32 products through oneDNN or torch's BLAS: timed on a fresh run, as recorded on a resumed one (the
+    # fp32 products through oneDNN or torch's BLAS: chosen on a fresh run, as recorded on a resumed one (the
     # two round differently, and a resumed run must give the adapter the uninterrupted one would)
     if not isinstance(state.get("onednn_fp32"), bool):
-        state["onednn_fp32"] = _onednn_products(model, dtype, device, world)
+        state["onednn_fp32"] = _onednn_products(dtype, device, world)
     if world.main:
         _prepare_out(config)
     distributed.barrier(world)
@@ -409,10 +410,10 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
                 state, settings, base_eval, shard_bytes)
 
 
-def _onednn_products(model: nn.Module, dtype: torch.dtype, device: torch.device, world: distributed.World) -> bool:
+def _onednn_products(dtype: torch.dtype, device: torch.device, world: distributed.World) -> bool:
     """Whether this run's fp32 products go through oneDNN (`lorakit.products.choose`); only where every rank
-    timed it faster, so that all ranks multiply alike."""
-    chosen = device.type == "cpu" and dtype == torch.float32 and products.choose(model)
+    would, so that all ranks multiply alike."""
+    chosen = device.type == "cpu" and dtype == torch.float32 and products.choose()
     return distributed.all_sum(world, int(chosen)) == world.size
 
 
