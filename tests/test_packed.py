@@ -38,8 +38,8 @@ def _run(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def no_fp32_route(monkeypatch):
-    """Packed products only (the fp32 route for small weights is chosen by timing, which varies by host)."""
-    monkeypatch.setattr(packed, "fp32_rows", lambda weight, trials=5: 0)
+    """Packed products only (the fp32 route for small weights is tested on its own)."""
+    monkeypatch.setattr(packed, "fp32_rows", lambda weight: 0)
 
 
 @needs_onednn_bf16
@@ -62,7 +62,7 @@ def test_packed_model_gives_the_same_logits_bit_for_bit(family, ids, no_fp32_rou
 
 @needs_onednn_bf16
 def test_the_fp32_route_rounds_an_fp32_product_once(monkeypatch):
-    monkeypatch.setattr(packed, "fp32_rows", lambda weight, trials=5: 4)
+    monkeypatch.setattr(packed, "fp32_rows", lambda weight: 4)
     linear = nn.Linear(32, 48).to(torch.bfloat16)
     layer = PackedLinear(linear, fp32_rows=4)
     for rows in (1, 4, 5):
@@ -192,3 +192,10 @@ def test_zero_rows_and_trainable_token_heads(ids, no_fp32_route):
     pack_for_inference(model)
     assert type(model.lm_head.base) is nn.Linear  # a trainable-token head writes its weight: it stays as it is
     assert isinstance(model.model.layers[0].self_attn.q_proj.base, PackedLinear)
+
+
+def test_small_weights_take_fp32_for_one_row_by_size_not_by_timing():
+    assert packed.fp32_rows(torch.empty(704, 256)) == packed.FP32_ROWS == 1  # the embedded base's MLP
+    assert packed.fp32_rows(torch.empty(128, 896)) == 1  # a 0.5B model's key / value projection
+    assert packed.fp32_rows(torch.empty(896, 896)) == 0  # bigger: always packed
+    assert packed.fp32_rows(torch.empty(packed.SMALL_WEIGHT + 1, 1)) == 0

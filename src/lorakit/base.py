@@ -100,29 +100,30 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-MEASURED_ELEMENTS = 8 << 20  # a model whose MLP weight is bigger than this is not timed: bf16 wins there
+DECODE_BF16_ELEMENTS = 1 << 20  # an MLP weight at least this big decodes faster in bf16 on such CPUs
 
 
-def resolve_decode_dtype(name: str, device: torch.device, base: str | Path | None, rows: int, packed: bool,
+def resolve_decode_dtype(name: str, device: torch.device, base: str | Path | None,
                          quantize: str | None = None) -> torch.dtype:
-    """`resolve_dtype` for a command that decodes (`generate`: 1 row a step; `serve`: a batch of rows).
+    """`resolve_dtype` for a command that decodes a few rows a step (`generate`, `serve`).
 
-    Where `auto` picks bf16 by the CPU's flags (not by LORAKIT_CPU_BF16, which decides outright), the
-    model's own Linear shapes, read from its config.json, are timed at `rows` rows in fp32 and in bf16
-    (with packed weights if the command packs them, `lorakit.packed`), and the faster wins. A small
-    model's products are so small that bf16's fixed cost per product (~20 us with oneDNN on AMX) outweighs
-    its arithmetic: the embedded base's layer at one row took 67 us in bf16 packed against 25 us in fp32;
-    the Qwen2-0.5B shapes 515 against 727 (BENCHMARKS.md). Bigger models (an MLP weight over
-    `MEASURED_ELEMENTS`), hub ids, NF4 bases and GPUs keep `resolve_dtype`'s choice untimed.
+    Where `auto` picks bf16 by the CPU's flags (not by LORAKIT_CPU_BF16, which decides outright), a model
+    whose MLP weight (from its config.json) has fewer than `DECODE_BF16_ELEMENTS` elements decodes in fp32:
+    its products are so small that bf16's fixed cost per product (~20 us with oneDNN) outweighs its
+    arithmetic. Measured on an AMX and a Zen 5 host (BENCHMARKS.md): the embedded base (256x704, 180K
+    elements) decoded 0.79x and 0.89x as fast in bf16 and served 0.89x at 8 clients; the Qwen2-0.5B shape
+    (896x4864, 4.4M) decoded 1.22x and served 1.95x. Decided by size, not timed at startup: a timing
+    flipped between runs where the two were close, and the same command must give the same text. Hub
+    ids, NF4 bases and GPUs keep `resolve_dtype`'s choice.
     """
     dtype = resolve_dtype(name, device)
     if name != "auto" or dtype != torch.bfloat16 or device.type != "cpu" or quantize is not None \
             or os.environ.get(CPU_BF16_ENV, "").strip():
         return dtype
     shapes = _linear_shapes(base)
-    if not shapes or max(o * i for o, i in shapes) > MEASURED_ELEMENTS:
-        return dtype
-    return dtype if _bf16_faster(shapes, rows, packed) else torch.float32
+    if shapes and max(o * i for o, i in shapes) < DECODE_BF16_ELEMENTS:
+        return torch.float32
+    return dtype
 
 
 def _linear_shapes(base: str | Path | None) -> list[tuple[int, int]]:
@@ -136,49 +137,6 @@ def _linear_shapes(base: str | Path | None) -> list[tuple[int, int]]:
     if not isinstance(hidden, int) or not isinstance(inner, int) or hidden <= 0 or inner <= 0:
         return []
     return [(hidden, hidden), (inner, hidden), (hidden, inner)]
-
-
-@torch.inference_mode()
-def _bf16_faster(shapes: list[tuple[int, int]], rows: int, packed: bool, trials: int = 5) -> bool:
-    """Whether products of these shapes at `rows` rows were faster in bf16 than in fp32 here (random
-    weights; `time_both`)."""
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(0)
-    cases = []
-    for out, inp in shapes:
-        w, x = torch.randn(out, inp, generator=g) * 0.02, torch.randn(rows, inp, generator=g)
-        wb, xb = w.to(torch.bfloat16), x.to(torch.bfloat16)
-        pk = torch.ops.mkldnn._reorder_linear_weight(wb, None) if packed and onednn_bf16() else None
-        cases.append((x, w, xb, wb, pk))
-
-    def fp32():
-        for x, w, *_ in cases:
-            F.linear(x, w)
-
-    def bf16():
-        for _, _, xb, wb, pk in cases:
-            if pk is None:
-                F.linear(xb, wb)
-            else:
-                packed_linear(xb, pk)
-
-    fp32_seconds, bf16_seconds = time_both(fp32, bf16, trials)
-    return bf16_seconds < fp32_seconds
-
-
-def time_both(first, second, trials: int = 5) -> tuple[float, float]:
-    """Seconds of one call of each (no arguments), the best of `trials`, alternating so that a burst of
-    other load hits both alike."""
-    import time
-
-    best = [float("inf"), float("inf")]
-    for _ in range(trials):
-        for i, fn in enumerate((first, second)):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0], best[1]
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

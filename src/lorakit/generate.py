@@ -141,7 +141,7 @@ def generate(config: GenerateConfig, sampling: Sampling | None = None, out=None)
     sampling = sampling or Sampling()
     out = out or sys.stdout
     device = default_device()
-    dtype = resolve_decode_dtype(config.dtype, device, config.base, rows=1, packed=True, quantize=config.quantize)
+    dtype = resolve_decode_dtype(config.dtype, device, config.base, quantize=config.quantize)
     model, tokenizer = load_base(config.base, dtype=dtype, device=device,
                                  quantize=quantize_spec(config.quantize))
     weights = attach_adapters(model, config.adapters) if config.adapters else {}

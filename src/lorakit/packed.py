@@ -1,6 +1,6 @@
 """bf16 inference on CPUs with AMX / AVX-512-BF16: frozen Linear weights that oneDNN holds pre-packed.
 
-Where bf16 runs on such a CPU (`--dtype bf16`, or `auto` where the model's shapes were timed faster in
+Where bf16 runs on such a CPU (`--dtype bf16`, or `auto` for a model big enough to decode faster in
 bf16: `lorakit.base.resolve_decode_dtype`), a bf16 product runs in oneDNN's AMX kernel,
 which reads its weight in a blocked (VNNI) layout. An `nn.Linear` weight is plain (out, in), so every call
 first repacks the whole weight: on a Sapphire Rapids guest with torch 2.13 that made a decode step's
@@ -11,10 +11,11 @@ cost out of every call (the same 0.5B shapes: 515 us at 1 row, 483 us at 4; bit-
 bytes).
 
 A weight small enough that oneDNN's fixed cost per call (~20 us here) outweighs its arithmetic (the
-embedded base's 256-wide layers) is faster in fp32 for a few rows. `pack_for_inference` times both on
-each such shape, and where fp32 is faster for few rows it keeps an fp32 copy (only of weights of at most
-`SMALL_WEIGHT` elements, so the copy costs at most a few MB per layer) and uses it up to the row count
-where it stopped being faster. Measured, not assumed, like `auto` itself.
+embedded base's 256-wide layers, a 0.5B model's 128x896 key and value projections) is as fast or faster
+in fp32 for one row. A weight of at most `SMALL_WEIGHT` elements therefore keeps an fp32 copy (at most
+1 MB) and uses it for inputs of one row: a decode step of `generate`. Decided by size, not timed at
+load: a timing per shape flipped between runs where the two were close (the embedded base's shapes at
+one row on a Zen 5 host), and the same command must give the same text.
 
 Only `generate` and `eval` pack. `serve` does not: its engine, measured on the embedded base in bf16 at
 8 and 32 clients, ran 0.43x and 0.54x as fast with packed weights as with plain ones (cause not found;
@@ -39,8 +40,8 @@ from lorakit import base
 from lorakit.errors import UserError
 
 ENV = "LORAKIT_PACKED_WEIGHTS"
-SMALL_WEIGHT = 1 << 20  # elements: weights up to this size may keep an fp32 copy for few-row products
-TIMED_ROWS = (1, 4, 16)  # row counts at which fp32 and the packed product are timed on a small weight
+SMALL_WEIGHT = 1 << 18  # elements: weights up to this size keep an fp32 copy for one-row products
+FP32_ROWS = 1  # rows up to which such a weight's product runs in fp32
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -59,7 +60,7 @@ class PackedLinear(nn.Module):
 
     `weight` unpacks a dense copy on each read (for what needs the plain tensor: merging, DoRA's norms,
     an input gradient); the forward never does. `fp32` (optional) is an fp32 copy of a small weight, used
-    for inputs of at most `fp32_rows` rows, where it was measured faster."""
+    for inputs of at most `fp32_rows` rows (`fp32_rows()`)."""
 
     def __init__(self, linear: nn.Linear, fp32_rows: int = 0):
         super().__init__()
@@ -126,27 +127,12 @@ def pack_for_inference(model: nn.Module) -> int:
                     and child.weight.device.type == "cpu" and shared[id(child.weight)] == 1 \
                     and not child._forward_hooks and not child._forward_pre_hooks:
                 targets.append((module, child_name, child))
-    rows: dict[tuple[int, int], int] = {}
     for parent, child_name, child in targets:
-        shape = tuple(child.weight.shape)
-        if shape not in rows:
-            rows[shape] = fp32_rows(child.weight) if child.weight.numel() <= SMALL_WEIGHT else 0
-        setattr(parent, child_name, PackedLinear(child, rows[shape]))
+        setattr(parent, child_name, PackedLinear(child, fp32_rows(child.weight)))
     return len(targets)
 
 
-@torch.inference_mode()
-def fp32_rows(weight: torch.Tensor, trials: int = 5) -> int:
-    """The most rows (of `TIMED_ROWS`) up to which an fp32 product with `weight` was faster than the packed
-    bf16 one, both timed here (`base.time_both`); 0 where it never was."""
-    g = torch.Generator().manual_seed(0)
-    packed, dense = torch.ops.mkldnn._reorder_linear_weight(weight, None), weight.float()
-    best = 0
-    for n in TIMED_ROWS:
-        x = torch.randn(n, weight.shape[1], generator=g).to(weight.dtype)
-        fp32, bf16 = base.time_both(lambda: F.linear(x.float(), dense).to(weight.dtype),
-                                             lambda: base.packed_linear(x, packed), trials)
-        if fp32 >= bf16:
-            break
-        best = n
-    return best
+def fp32_rows(weight: torch.Tensor) -> int:
+    """Up to how many rows a product with `weight` takes the fp32 copy: `FP32_ROWS` for a weight of at most
+    `SMALL_WEIGHT` elements, else 0 (always packed)."""
+    return FP32_ROWS if weight.numel() <= SMALL_WEIGHT else 0

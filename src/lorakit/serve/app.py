@@ -52,8 +52,8 @@ def build(config: ServeConfig):
     from lorakit.io import install_adapter, read_adapter
 
     device = default_device()
-    # timed at 8 rows, a decode step of a few clients: the embedded base serves faster in fp32 here
-    dtype = resolve_decode_dtype(config.dtype, device, config.base, rows=8, packed=False, quantize=config.quantize)
+    # a small model (the embedded base) serves faster in fp32 on a bf16 CPU: see resolve_decode_dtype
+    dtype = resolve_decode_dtype(config.dtype, device, config.base, quantize=config.quantize)
     model, tokenizer = load_base(config.base, dtype=dtype, device=device, quantize=quantize_spec(config.quantize))
     registry = Registry(config.served_model_name or base_name(config.base))
     for name, path in config.adapters.items():
