@@ -70,13 +70,26 @@ def cpu_has_fast_bf16() -> bool:
     return cpu_flags_have_fast_bf16()
 
 
-@functools.cache
 def cpu_flags_have_fast_bf16() -> bool:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
+    flags = cpu_info()[1]
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@functools.cache
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """This CPU's vendor ("AuthenticAMD", "GenuineIntel") and flags, from /proc/cpuinfo's first processor;
+    ("", {}) where it cannot be read."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():  # the end of the first processor's block
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields.get("vendor_id", ""), frozenset(fields.get("flags", "").split())
 
 
 @functools.cache

@@ -18,13 +18,13 @@ fp32 rounding only (summation order: ~1e-6 relative).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from lorakit.base import cpu_info
 from lorakit.errors import UserError
 
 ENV = "LORAKIT_ONEDNN_FP32"
@@ -76,24 +76,12 @@ def setting() -> bool | None:
     return None if not value else value == "1"
 
 
-@functools.cache
 def cpu_prefers_onednn() -> bool:
-    """Whether this CPU runs fp32 products faster through oneDNN than through MKL: `prefers_onednn` of
-    /proc/cpuinfo's vendor and flags (False where it cannot be read)."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():  # the end of the first processor's block
-                    break
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        return False
-    return prefers_onednn(fields.get("vendor_id", ""), fields.get("flags", "").split())
+    """Whether this CPU runs fp32 products faster through oneDNN than through MKL (`prefers_onednn`)."""
+    return prefers_onednn(*cpu_info())
 
 
-def prefers_onednn(vendor: str, flags: list[str]) -> bool:
+def prefers_onednn(vendor: str, flags: Collection[str]) -> bool:
     """AMD with AVX-512: MKL ran every 0.5B training product at about half oneDNN's speed on a Zen 5
     (BENCHMARKS.md). AMD with AVX2 only: both alike when capped at AVX2 (no gain measured, none taken).
     Intel: MKL is Intel's own (not measured against oneDNN): kept."""

@@ -34,22 +34,21 @@ that forward: the same logits to 1e-4, the same greedy tokens.
 The exception: a decode step multiplies a few rows by every weight of the model, and how fast a BLAS
 does a few-row product depends on the layout it is asked for. On an AVX2 EPYC with MKL, x·Wᵀ (what
 `nn.Linear` asks for) at 8 rows is 1.3-3x slower than (W·xᵀ)ᵀ, the same product with W streamed row
-by row (a decode step at batch 8 on the embedded base: 1.4x faster). Other hosts and libraries may
-differ, so the engine measures both on the model's own weights before the first step (`measure`)
-and takes the transposed form for plain `nn.Linear` weights, on inputs of at most `FEW_ROWS` rows,
-only where it is faster.
+by row (a decode step at batch 8 on the embedded base: 1.4x faster); on a Zen 5 with AVX-512 it is not
+faster. So the engine takes the transposed form for plain `nn.Linear` weights, on inputs of at most
+`FEW_ROWS` rows, in fp32 on CPUs without AVX-512 (`transposed_faster`).
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.base import cpu_info
 from lorakit.layers import LoraLayer
 from lorakit.mlp import is_gated_mlp, lean_forward
 from lorakit.routing import RowRouting
@@ -62,9 +61,7 @@ LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"
 TRANSFORMERS_MODELS = tuple(f"transformers.models.{name}." for name in ARCHITECTURES)
 ATTENTION_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
 MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "act_fn"}
-FEW_ROWS = 64  # the transposed product is timed at 8 rows and measured faster from 4 to 64; longer inputs
-# (prompts) take the plain one
-SAMPLE_BYTES = 64 << 20  # weights timed by `measure`: more than a CPU's last-level cache, as in a real step
+FEW_ROWS = 64  # the transposed product was measured faster from 4 to 64 rows; prompts take the plain one
 
 
 @dataclass
@@ -99,7 +96,7 @@ class Decoder:
         self.inner = model.model
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.transposed = transposed  # plain Linear products as (W·xᵀ)ᵀ; None: `measure` decides on first use
+        self.transposed = transposed  # plain Linear products as (W·xᵀ)ᵀ; None: `transposed_faster` decides on first use
 
     @classmethod
     def of(cls, model: nn.Module) -> Decoder | None:
@@ -131,36 +128,6 @@ class Decoder:
         if any(m._forward_hooks or m._forward_pre_hooks or _replaced_forward(m) for m in bypassed):
             return None
         return cls(model)
-
-    def measure(self, dtype: torch.dtype, rows: int = 8, trials: int = 5) -> bool:
-        """Whether (W·xᵀ)ᵀ is faster than x·Wᵀ here: both timed (best of `trials`) for `rows` rows in
-        `dtype` over the model's plain Linear weights (the first ones up to `SAMPLE_BYTES`, and the
-        output head's). CPU only: a GPU's BLAS picks its kernels well for both."""
-        bases = [m.base if isinstance(m, LoraLayer) else m for m in _projections(self.model)]
-        weights = [m.weight for m in bases if type(m) is nn.Linear]
-        if not weights or weights[0].device.type != "cpu":
-            return False
-        sample, size = [], 0
-        for W in weights[:-1]:  # the last (the head's, when it is a plain Linear) is always in the sample
-            if size >= SAMPLE_BYTES:
-                break
-            sample.append(W)
-            size += W.numel() * W.element_size()
-        sample.append(weights[-1])
-        g = torch.Generator().manual_seed(0)  # not the global one: sampling without a seed draws from that
-        inputs = {W.shape[1]: torch.randn(rows, W.shape[1], generator=g).to(dtype) for W in sample}
-        plain = transposed = float("inf")
-        with torch.inference_mode():
-            for _ in range(trials):  # alternating, so that a burst of other load hits both alike
-                start = time.perf_counter()
-                for W in sample:
-                    F.linear(inputs[W.shape[1]], W.to(dtype))
-                plain = min(plain, time.perf_counter() - start)
-                start = time.perf_counter()
-                for W in sample:
-                    _transposed_linear(inputs[W.shape[1]], W.to(dtype), None)
-                transposed = min(transposed, time.perf_counter() - start)
-        return transposed < 0.95 * plain  # a clear win only: the plain product is the model's own
 
     def project(self, module: nn.Module, x: torch.Tensor, parts: list[Part]) -> torch.Tensor:
         """`module(x)` for x (N, in), the rows of `parts` one after the other: one product with the base
@@ -207,8 +174,8 @@ class Decoder:
         are each group's own. Returns each group's logits and cache."""
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         if self.transposed is None:
-            self.transposed = self.measure(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
-                                           else self.inner.norm.weight.dtype)
+            self.transposed = transposed_faster(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                                                else self.inner.norm.weight.dtype, self.inner.norm.weight.device)
         parts = [Part(g.ids.shape[0], g.ids.numel(), g.routing) for g in groups]
         spans = list(zip(groups, itertools.accumulate([p.tokens for p in parts], initial=0)))  # (group, first row)
         N = sum(p.tokens for p in parts)
@@ -287,6 +254,16 @@ def _replaced_forward(module: nn.Module) -> bool:
     MLP forward, which computes what the class's does."""
     forward = module.__dict__.get("forward")
     return forward is not None and getattr(forward, "func", None) is not lean_forward
+
+
+def transposed_faster(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether few-row products with plain Linear weights run as (W·xᵀ)ᵀ: in fp32 on a CPU without AVX-512.
+    On an AVX2-only EPYC, MKL's x·Wᵀ at 4-64 rows ran 1.3-2.0x slower than (W·xᵀ)ᵀ on every layer shape of
+    the embedded base (1.5-3.3x on its head); on a Zen 5 with AVX-512 the plain product was as fast or
+    faster (BENCHMARKS.md); bf16 goes to oneDNN, plain. Decided by the CPU, not timed at startup: the two
+    round differently (up to 4e-5 on the embedded base's products), and a timing that flips between server
+    starts would change the answers."""
+    return device.type == "cpu" and dtype == torch.float32 and "avx512f" not in cpu_info()[1]
 
 
 def _projections(model: nn.Module) -> list[nn.Module]:
