@@ -154,3 +154,27 @@ def test_a_bad_setting_stops_lorakit_train_in_one_line_before_anything_is_writte
     err = capsys.readouterr().err
     assert code == 2 and f"{products.ENV}='on' is not 0 or 1" in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_from_before_the_choice_resumes_through_torchs_blas(tiny_base, tmp_path, monkeypatch):
+    monkeypatch.setenv(products.ENV, "0")
+    train(_config(tiny_base, tmp_path, "straight"))
+    train(_config(tiny_base, tmp_path, "resumed"), should_stop=lambda step: step == 3)
+    state_file = tmp_path / "resumed" / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["onednn_fp32"]  # what an older lorakit wrote: it always multiplied through torch's BLAS
+    state_file.write_text(json.dumps(state))
+    monkeypatch.setenv(products.ENV, "1")
+    train(_config(tiny_base, tmp_path, "resumed", resume=True))
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_with_a_bad_choice_is_damaged(tiny_base, tmp_path, monkeypatch):
+    monkeypatch.setenv(products.ENV, "0")
+    train(_config(tiny_base, tmp_path, "run", checkpoint_every=10), should_stop=lambda step: step == 3)
+    state_file = tmp_path / "run" / "checkpoint" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "onednn_fp32": "yes"}))
+    with pytest.raises(UserError, match="'onednn_fp32' is not true or false"):
+        train(_config(tiny_base, tmp_path, "run", checkpoint_every=10, resume=True))

@@ -146,6 +146,8 @@ def _meta_problem(meta) -> str | None:
             return f"{key!r} is missing or not a {getattr(kind, '__name__', 'number')}"
     if meta["step"] < 0 or meta["tokens"] < 0 or not math.isfinite(meta["train_seconds"]):
         return "negative or non-finite counters"
+    if not isinstance(meta.get("onednn_fp32", False), bool):
+        return "'onednn_fp32' is not true or false"
     return None
 
 

@@ -394,14 +394,14 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     total_steps = config.steps or max(1, math.ceil(config.epochs * len(examples) / global_rows))
     warmup = int(config.warmup * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps))
-    state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
+    # fp32 products through oneDNN or torch's BLAS: chosen on a fresh run, as recorded on a resumed one (the
+    # two round differently, and a resumed run must give the adapter the uninterrupted one would); a
+    # checkpoint that records nothing was written before lorakit routed any product: torch's BLAS
+    state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "onednn_fp32": _onednn_products(dtype, device, world)}
     settings = _resume_view(config, world)
     if config.resume:
-        state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler, settings, rank=world.rank)
-    # fp32 products through oneDNN or torch's BLAS: chosen on a fresh run, as recorded on a resumed one (the
-    # two round differently, and a resumed run must give the adapter the uninterrupted one would)
-    if not isinstance(state.get("onednn_fp32"), bool):
-        state["onednn_fp32"] = _onednn_products(dtype, device, world)
+        state = {"onednn_fp32": False,
+                 **load_checkpoint(out / "checkpoint", model, optimizer, scheduler, settings, rank=world.rank)}
     if world.main:
         _prepare_out(config)
     distributed.barrier(world)
