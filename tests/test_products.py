@@ -108,14 +108,20 @@ def _config(tiny_base, tmp_path, out, **kw) -> TrainConfig:
     return TrainConfig(**{**values, **kw})
 
 
-def test_training_through_onednn_gives_the_adapter_torch_does(tiny_base, tmp_path, monkeypatch):
-    adapters = []
+def test_training_through_onednn_gives_the_losses_and_adapter_torch_does(tiny_base, tmp_path, monkeypatch):
+    adapters, losses = [], []
     for value in ("0", "1"):
         monkeypatch.setenv(products.ENV, value)
         train(_config(tiny_base, tmp_path, f"run{value}"))
         adapters.append(load_file(tmp_path / f"run{value}" / "adapter_model.safetensors"))
+        metrics = (tmp_path / f"run{value}" / "metrics.jsonl").read_text().splitlines()
+        losses.append(torch.tensor([json.loads(line)["loss"] for line in metrics]))
+    assert len(losses[0]) == 6 and torch.allclose(losses[1], losses[0], rtol=1e-4)  # every step's loss
+    # AdamW's first steps move each weight by about lr whatever its gradient's size, so a gradient within
+    # rounding of zero may move either way: the adapters agree as a whole, not element by element
     assert adapters[0].keys() == adapters[1].keys()
-    assert all(_close(adapters[1][k], adapters[0][k]) for k in adapters[0])
+    for k in adapters[0]:
+        assert (adapters[1][k] - adapters[0][k]).norm() <= 1e-2 * adapters[0][k].norm() + 1e-6, k
 
 
 @pytest.mark.parametrize("first, then", [("1", "0"), ("0", "1")])
