@@ -44,7 +44,7 @@ def test_explicit_dtypes_ignore_the_policy(monkeypatch):
 
 
 
-# -- decoding commands: `auto` timed on the model's own shapes ------------------------------------------
+# -- decoding commands: `auto` by the model's size, from its config.json ------------------------------------
 
 
 def _config(tmp_path, name: str, text: str):

@@ -353,7 +353,7 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     torch.manual_seed(config.seed)
     device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = resolve_dtype(config.dtype, device)
-    products.setting()  # a bad LORAKIT_ONEDNN_FP32 is refused before anything loads, whatever the precision
+    onednn = _onednn_products(dtype, device, world)  # before anything loads: a bad LORAKIT_ONEDNN_FP32 is refused
     # QLoRA: the base streams in and each chosen Linear is quantized as it arrives (never whole at full precision).
     # A full fine-tune keeps fp32 master weights (autocast computes in `dtype`): AdamW's small updates
     # would round away in bf16 weights. An adapter's own weights are fp32 whatever the base's dtype.
@@ -397,7 +397,7 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
     # fp32 products through oneDNN or torch's BLAS: chosen on a fresh run, as recorded on a resumed one (the
     # two round differently, and a resumed run must give the adapter the uninterrupted one would); a
     # checkpoint that records nothing was written before lorakit routed any product: torch's BLAS
-    state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "onednn_fp32": _onednn_products(dtype, device, world)}
+    state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "onednn_fp32": onednn}
     settings = _resume_view(config, world)
     if config.resume:
         state = {"onednn_fp32": False,
@@ -411,9 +411,9 @@ def _setup(config: TrainConfig, world: distributed.World) -> _Run:
 
 
 def _onednn_products(dtype: torch.dtype, device: torch.device, world: distributed.World) -> bool:
-    """Whether this run's fp32 products go through oneDNN (`lorakit.products.choose`); only where every rank
-    would, so that all ranks multiply alike."""
-    chosen = device.type == "cpu" and dtype == torch.float32 and products.choose()
+    """Whether this run's fp32 products go through oneDNN (`lorakit.products.choose`, which reads and checks
+    LORAKIT_ONEDNN_FP32 whatever the precision); only where every rank would, so that all ranks multiply alike."""
+    chosen = products.choose() and device.type == "cpu" and dtype == torch.float32
     return distributed.all_sum(world, int(chosen)) == world.size
 
 
