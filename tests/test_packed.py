@@ -1,8 +1,10 @@
-"""bf16 inference on AMX / AVX-512-BF16 CPUs: packed base weights (`lorakit.packed`), and the few-row
-inference path of `LoraLayer.add_update` (full-precision adapter products on a low-precision base).
+"""Inference with packed base weights (`lorakit.packed`): bf16 on AMX / AVX-512-BF16 CPUs, fp32 where fp32
+products go to oneDNN; and the few-row inference path of `LoraLayer.add_update` (full-precision adapter
+products on a low-precision base).
 
-The packed tests need oneDNN's bf16 kernels (AVX-512 / AMX hosts) and skip elsewhere; the add_update
-tests run on every host."""
+The bf16 packed tests need oneDNN's bf16 kernels (AVX-512 / AMX hosts) and skip elsewhere; the fp32 ones
+force packing with LORAKIT_ONEDNN_FP32=1 and run wherever torch has oneDNN; the add_update tests run on
+every host."""
 
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ from conftest import build, logits, randomize_adapters
 from torch import nn
 
 import lorakit
-from lorakit import packed
+from lorakit import packed, products
 from lorakit.base import autocast
 from lorakit.errors import UserError
+from lorakit.generate import Sampling, stream_tokens
 from lorakit.layers import LoraLayer
-from lorakit.packed import PackedLinear, pack_for_inference
+from lorakit.packed import PackedCopyLinear, PackedLinear, pack_for_inference
 
 CPU = torch.device("cpu")
 needs_onednn_bf16 = pytest.mark.skipif(not packed.supported(CPU, torch.bfloat16),
@@ -90,10 +93,111 @@ def test_tied_heads_stay_and_packing_can_be_turned_off(monkeypatch, no_fp32_rout
         pack_for_inference(build("llama").to(torch.bfloat16))
 
 
-def test_nothing_is_packed_in_fp32_or_off_the_hardware(monkeypatch):
-    assert pack_for_inference(build("llama")) == 0  # fp32: nothing to gain
+@pytest.mark.parametrize("vendor, flags, expected", [("AuthenticAMD", {"avx2", "avx512f"}, True),
+                                                     ("AuthenticAMD", {"avx2"}, False),
+                                                     ("GenuineIntel", {"avx512f", "amx_bf16"}, False)])
+def test_fp32_is_packed_where_fp32_products_go_to_onednn(monkeypatch, vendor, flags, expected):
+    monkeypatch.delenv(products.ENV, raising=False)
+    monkeypatch.setattr(products, "cpu_info", lambda: (vendor, frozenset(flags)))
+    assert (pack_for_inference(build("llama")) > 0) == (expected and products.available())
+    monkeypatch.setenv(products.ENV, "0")  # LORAKIT_ONEDNN_FP32 decides outright, as for training
+    assert pack_for_inference(build("llama")) == 0
+    monkeypatch.setenv(products.ENV, "1")
+    assert pack_for_inference(build("llama")) > 0
+    monkeypatch.setenv(packed.ENV, "0")  # and LORAKIT_PACKED_WEIGHTS=0 turns all packing off
+    assert pack_for_inference(build("llama")) == 0
+
+
+def test_bf16_is_not_packed_off_the_hardware(monkeypatch):
     monkeypatch.setattr("lorakit.base.cpu_flags_have_fast_bf16", lambda: False)
     assert pack_for_inference(build("llama").to(torch.bfloat16)) == 0
+
+
+# -- fp32 (every host: LORAKIT_ONEDNN_FP32=1 packs wherever torch has oneDNN) -------------------------------
+
+needs_onednn = pytest.mark.skipif(not products.available(), reason="this torch has no oneDNN")
+
+
+@pytest.fixture
+def fp32_packing(monkeypatch):
+    monkeypatch.setenv(products.ENV, "1")
+    monkeypatch.delenv(packed.ENV, raising=False)
+
+
+def _tied(family: str = "llama") -> nn.Module:
+    model = build(family)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+@needs_onednn
+@pytest.mark.parametrize("family", ["qwen2", "llama", "mlp"])
+def test_fp32_packed_model_gives_the_logits_to_rounding_and_the_same_greedy_text(family, ids, fp32_packing):
+    plain, model = build(family), build(family)
+    for m in (plain, model):
+        lorakit.inject(m, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        randomize_adapters(m)
+    assert pack_for_inference(model) > 0
+    layers = [layer for _, layer in lorakit.lora_layers(model) if layer.kind == "linear"]
+    assert layers and all(isinstance(layer.base, PackedLinear) and layer.base.fp32 is None for layer in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, ids), logits(plain, ids), rtol=0, atol=1e-5)
+        with lorakit.disable_adapters(model), lorakit.disable_adapters(plain):
+            torch.testing.assert_close(logits(model, ids), logits(plain, ids), rtol=0, atol=1e-5)
+    if family != "mlp":
+        sampling = Sampling(max_new_tokens=12, greedy=True)
+        prompt = ids[0].tolist()
+        assert list(stream_tokens(model, prompt, sampling, None)) == list(stream_tokens(plain, prompt, sampling, None))
+
+
+@needs_onednn
+def test_a_tied_fp32_head_multiplies_by_a_packed_copy_and_stays_tied(ids, fp32_packing):
+    plain, model = _tied(), _tied()
+    pack_for_inference(model)
+    head = model.lm_head
+    assert isinstance(head, PackedCopyLinear) and head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, ids), logits(plain, ids), rtol=0, atol=1e-5)
+        for m in (plain, model):  # written in place (through the embedding): the copy is packed again
+            m.model.embed_tokens.weight.mul_(2)
+        torch.testing.assert_close(logits(model, ids), logits(plain, ids), rtol=0, atol=1e-5)
+        new = nn.Parameter(torch.randn_like(head.weight))
+        plain.lm_head.weight = model.lm_head.weight = new  # replaced: so is the copy
+        torch.testing.assert_close(logits(model, ids), logits(plain, ids), rtol=0, atol=1e-5)
+
+
+@needs_onednn
+def test_an_adapter_on_a_tied_packed_head_merges_untied_and_unmerges_tied_back(ids, fp32_packing):
+    plain, model = _tied(), _tied()
+    pack_for_inference(model)
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    for m in (plain, model):
+        lorakit.inject(m, config)
+        randomize_adapters(m)
+    assert isinstance(model.lm_head.base, PackedCopyLinear)
+    embedding = model.model.embed_tokens.weight.clone()
+    with torch.no_grad():
+        unmerged = logits(model, ids)
+        lorakit.merge(model)
+        lorakit.merge(plain)
+        torch.testing.assert_close(logits(model, ids), logits(plain, ids), rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits(model, ids), unmerged, rtol=0, atol=1e-4)
+        assert torch.equal(model.model.embed_tokens.weight, embedding)  # the merge went to the head's own copy
+        lorakit.unmerge(model)
+        assert model.lm_head.base.weight is model.model.embed_tokens.weight  # tied again, exactly as it was
+        torch.testing.assert_close(logits(model, ids), unmerged, rtol=0, atol=1e-5)
+
+
+@needs_onednn
+def test_a_packed_copy_takes_the_plain_product_where_a_gradient_or_autocast_needs_it(fp32_packing):
+    linear = nn.Linear(16, 8)
+    layer = PackedCopyLinear(linear)
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert linear.weight.grad is not None and x.grad is not None and layer._packed is None
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=1e-6)
+    assert layer._packed is not None
 
 
 @needs_onednn_bf16
@@ -195,7 +299,9 @@ def test_zero_rows_and_trainable_token_heads(ids, no_fp32_route):
 
 
 def test_small_weights_take_fp32_for_one_row_by_size_not_by_timing():
-    assert packed.fp32_rows(torch.empty(704, 256)) == packed.FP32_ROWS == 1  # the embedded base's MLP
-    assert packed.fp32_rows(torch.empty(128, 896)) == 1  # a 0.5B model's key / value projection
-    assert packed.fp32_rows(torch.empty(896, 896)) == 0  # bigger: always packed
-    assert packed.fp32_rows(torch.empty(packed.SMALL_WEIGHT + 1, 1)) == 0
+    bf16 = torch.bfloat16
+    assert packed.fp32_rows(torch.empty(704, 256, dtype=bf16)) == packed.FP32_ROWS == 1  # the embedded base's MLP
+    assert packed.fp32_rows(torch.empty(128, 896, dtype=bf16)) == 1  # a 0.5B model's key / value projection
+    assert packed.fp32_rows(torch.empty(896, 896, dtype=bf16)) == 0  # bigger: always packed
+    assert packed.fp32_rows(torch.empty(packed.SMALL_WEIGHT + 1, 1, dtype=bf16)) == 0
+    assert packed.fp32_rows(torch.empty(704, 256)) == 0  # an fp32 weight: always packed, no copy

@@ -7,6 +7,8 @@ import torch
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 import lorakit
+from lorakit import products
+from lorakit.packed import PackedLinear, pack_for_inference
 from lorakit.routing import RowRouting
 from lorakit.serve import batch_cache
 from lorakit.serve import decoder as decoder_module
@@ -33,17 +35,23 @@ def model_of(family: str):
     return model
 
 
-@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("transposed", [False, True, "packed"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_decode_steps_equal_the_models_forward_on_a_left_padded_mixed_batch(family, transposed, monkeypatch):
-    """Logits and cache of 6 steps, with either form of the Linear products, to 1e-4 in fp32 (the bound
-    the server promises for log-probabilities): rows of different lengths (so padded), each with its own
-    adapter mix, the cache growing on every step (no spare columns)."""
+    """Logits and cache of 6 steps, with either form of the Linear products or with the weights packed for
+    oneDNN (`lorakit.packed`, against the unpacked model), to 1e-4 in fp32 (the bound the server promises
+    for log-probabilities): rows of different lengths (so padded), each with its own adapter mix, the cache
+    growing on every step (no spare columns)."""
     monkeypatch.setattr(batch_cache, "SPARE", 0)
-    model = model_of(family)
+    model = reference = model_of(family)
+    if transposed == "packed":
+        monkeypatch.setenv(products.ENV, "1")  # fp32 packing on any CPU
+        model = model_of(family)
+        assert pack_for_inference(model) > 0
+        assert isinstance(model.model.layers[0].self_attn.q_proj.base, PackedLinear)
     decoder = Decoder.of(model)
     assert decoder is not None
-    decoder.transposed = transposed
+    decoder.transposed = transposed is True
     g = torch.Generator().manual_seed(1)
     lengths = [5, 2, 7, 3]
     width = max(lengths)
@@ -51,15 +59,17 @@ def test_decode_steps_equal_the_models_forward_on_a_left_padded_mixed_batch(fami
                        for n in lengths])  # (4, 7), left-padded
     mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()  # (4, 7)
     routing = RowRouting(MIXES)
-    with torch.inference_mode(), lorakit.per_row_adapters(model, routing):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                    cache=DynamicCache(), use_cache=True)
+    with torch.inference_mode(), lorakit.per_row_adapters(model, routing), \
+            lorakit.per_row_adapters(reference, routing):
+        out = reference(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                        cache=DynamicCache(), use_cache=True)
         ours, theirs = BatchCache.of(out.cache), out.cache
         last = out.logits[:, -1].argmax(-1, keepdim=True)  # (4, 1)
         positions = torch.tensor(lengths)[:, None]  # (4, 1)
         for _ in range(6):
             mask = torch.cat([mask, mask.new_ones(4, 1)], dim=1)
-            expected = model(input_ids=last, attention_mask=mask, position_ids=positions, cache=theirs, use_cache=True)
+            expected = reference(input_ids=last, attention_mask=mask, position_ids=positions, cache=theirs,
+                                 use_cache=True)
             got = decoder.forward(last, positions, mask, ours)[0][:, -1]  # (4, V)
             torch.testing.assert_close(got, expected.logits[:, -1], rtol=0, atol=1e-4)
             theirs = expected.cache

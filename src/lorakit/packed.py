@@ -1,31 +1,43 @@
-"""bf16 inference on CPUs with AMX / AVX-512-BF16: frozen Linear weights that oneDNN holds pre-packed.
+"""Inference on CPUs where oneDNN beats torch's default product: frozen Linear weights it holds pre-packed.
 
-Where bf16 runs on such a CPU (`--dtype bf16`, or `auto` for a model big enough to decode faster in
-bf16: `lorakit.base.resolve_decode_dtype`), a bf16 product runs in oneDNN's AMX kernel,
-which reads its weight in a blocked (VNNI) layout. An `nn.Linear` weight is plain (out, in), so every call
-first repacks the whole weight: on a Sapphire Rapids guest with torch 2.13 that made a decode step's
-products (1 row) *slower* than fp32 (the Qwen2-0.5B layer shapes: 828 us in bf16 against 727 us in fp32;
-the embedded base's generate: 88 against 143 tokens/s), while many rows (training, prefill) were 2-5x
-faster. Packing each frozen weight once, when `generate` or `eval` has loaded its model, takes that
-cost out of every call (the same 0.5B shapes: 515 us at 1 row, 483 us at 4; bit-identical results, same
-bytes).
+bf16, on CPUs with AMX / AVX-512-BF16. Where bf16 runs on such a CPU (`--dtype bf16`, or `auto` for a model
+big enough to decode faster in bf16: `lorakit.base.resolve_decode_dtype`), a bf16 product runs in oneDNN's
+AMX kernel, which reads its weight in a blocked (VNNI) layout. An `nn.Linear` weight is plain (out, in), so
+every call first repacks the whole weight: on a Sapphire Rapids guest with torch 2.13 that made a decode
+step's products (1 row) *slower* than fp32 (the Qwen2-0.5B layer shapes: 828 us in bf16 against 727 us in
+fp32; the embedded base's generate: 88 against 143 tokens/s), while many rows (training, prefill) were
+2-5x faster. Packing each frozen weight once, when `generate`, `eval` or `serve` has loaded its model, takes
+that cost out of every call (the same 0.5B shapes: 515 us at 1 row, 483 us at 4; bit-identical results,
+same bytes).
 
-A weight small enough that oneDNN's fixed cost per call (~20 us here) outweighs its arithmetic (the
+A bf16 weight small enough that oneDNN's fixed cost per call (~20 us here) outweighs its arithmetic (the
 embedded base's 256-wide layers, a 0.5B model's 128x896 key and value projections) is as fast or faster
 in fp32 for one row. A weight of at most `SMALL_WEIGHT` elements therefore keeps an fp32 copy (at most
 1 MB) and uses it for inputs of one row: a decode step of `generate`. Decided by size, not timed at
 load: a timing per shape flipped between runs where the two were close (the embedded base's shapes at
 one row on a Zen 5 host), and the same command must give the same text.
 
-Only `generate` and `eval` pack. `serve` does not: its engine, measured on the embedded base in bf16 at
-8 and 32 clients, ran 0.43x and 0.54x as fast with packed weights as with plain ones (cause not found;
-the products alone, timed apart at the engine's row counts, were faster packed). A packed weight has no
-gradient path of its own, so a forward that needs an input gradient takes the dense weight
-(`PackedLinear.weight`), and training never packs. A packed model is for running: its `state_dict()`
-lacks the packed weights, and it cannot be deep-copied. A weight shared with another module (a tied output
-head) stays as it is: packing would copy it; so does a Linear inside lorakit's trainable-token and
-saved-module wrappers, which write or copy it.
-`LORAKIT_PACKED_WEIGHTS=0` turns packing off (to compare; results are the same).
+fp32, on CPUs where `lorakit.products` sends fp32 products to oneDNN (AMD with AVX-512, or
+`LORAKIT_ONEDNN_FP32=1`). There torch's BLAS (MKL) was slow at a decode step's few rows too: on a Zen 5
+guest, x·Wᵀ at 8 rows took 1527 us in MKL and 417 us with a packed weight for 896 -> 4864, 560 against 129
+for the embedded base's 8192 x 256 output head; a whole decode step of the embedded base at 8 rows ran
+1.4-1.7x faster with every weight packed (BENCHMARKS.md). An fp32 weight is always packed (no fp32 copy:
+it was no faster at one row, measured in whole steps).
+
+A packed weight is the only copy (`weight` unpacks a dense one on each read), except where another module
+shares the weight (an output head tied to the input embedding): that Linear becomes a `PackedCopyLinear`,
+which keeps the shared weight as its parameter and multiplies by a packed copy (vocab x d more memory),
+packed again whenever the weight is replaced or written. Only fp32 heads are packed so; bf16 tied heads
+stay as they are (not measured where bf16 is packed for speed).
+
+`serve` packs like `generate` and `eval`, and runs its engine on the process's main thread: from any other
+thread, each oneDNN product paid for waking OpenMP's sleeping workers (8-row products 3-5x slower, packed
+weights slower than plain ones; `lorakit.serve.app`). A packed weight has no gradient path of its own, so
+a forward that needs an input gradient takes the dense weight (`PackedLinear.weight`), and training never
+packs. A packed model is for running: its `state_dict()` lacks the packed weights, and it cannot be
+deep-copied. A Linear inside lorakit's trainable-token and saved-module wrappers stays as it is (they write
+or copy it). `LORAKIT_PACKED_WEIGHTS=0` turns packing off (to compare; bf16 results are the same, fp32 ones
+differ by rounding only).
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit import base
+from lorakit import base, products
 from lorakit.errors import UserError
 
 ENV = "LORAKIT_PACKED_WEIGHTS"
@@ -45,18 +57,21 @@ FP32_ROWS = 1  # rows up to which such a weight's product runs in fp32
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `pack_for_inference` packs here: bf16 on a CPU whose bf16 products oneDNN runs on AMX /
-    AVX-512-BF16 (the hardware check behind `auto`, not its override), unless LORAKIT_PACKED_WEIGHTS=0."""
+    """Whether `pack_for_inference` packs here, unless LORAKIT_PACKED_WEIGHTS=0: bf16 on a CPU whose bf16
+    products oneDNN runs on AMX / AVX-512-BF16 (the hardware check behind `auto`, not its override); fp32
+    where fp32 products go to oneDNN (`lorakit.products.choose`: the CPU, or LORAKIT_ONEDNN_FP32)."""
     setting = os.environ.get(ENV, "").strip()
     if setting not in ("", "0", "1"):
         raise UserError(f"{ENV}={setting!r} is not 0 or 1; set it to 0 (no packed weights) or unset it")
-    if setting == "0" or device.type != "cpu" or dtype != torch.bfloat16:
+    if setting == "0" or device.type != "cpu":
         return False
-    return base.cpu_flags_have_fast_bf16() and base.onednn_bf16()
+    if dtype == torch.float32:
+        return products.choose()
+    return dtype == torch.bfloat16 and base.cpu_flags_have_fast_bf16() and base.onednn_bf16()
 
 
 class PackedLinear(nn.Module):
-    """A frozen bf16 Linear whose weight oneDNN holds in its blocked layout (an opaque tensor, same bytes).
+    """A frozen bf16 or fp32 Linear whose weight oneDNN holds in its blocked layout (an opaque tensor, same bytes).
 
     `weight` unpacks a dense copy on each read (for what needs the plain tensor: merging, DoRA's norms,
     an input gradient); the forward never does. `fp32` (optional) is an fp32 copy of a small weight, used
@@ -105,13 +120,45 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{fp32}"
 
 
+class PackedCopyLinear(nn.Linear):
+    """An `nn.Linear` (frozen, fp32) whose weight another module shares, multiplied by a packed copy of it.
+
+    The weight stays this module's parameter, the shared one, so whatever works on a tied `nn.Linear`
+    works here (a merge unties it, an unmerge ties it back); the copy is packed again before a product
+    whenever the weight is another tensor or was written in place (its version counter). A forward that
+    needs a gradient takes the plain product."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta",
+                         dtype=linear.weight.dtype)
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._packed: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (weight, its version, packed copy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) \
+                or x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, weight, self.bias)
+        key = self._packed
+        if key is None or key[0] is not weight or key[1] != weight._version:
+            self._packed = None  # the old copy goes before the new one is made
+            copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            key = self._packed = (weight, weight._version, copy)
+        return base.packed_linear(x, key[2], self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", packed copy"
+
+
 def pack_for_inference(model: nn.Module) -> int:
-    """Replace every frozen bf16 `nn.Linear` of `model` (a LoRA layer's base included) by a `PackedLinear`,
-    on hosts where `supported`; returns how many. Call it once the model is loaded, for inference only."""
+    """Replace every frozen bf16 or fp32 `nn.Linear` of `model` (a LoRA layer's base included) by a
+    `PackedLinear` (an fp32 one whose weight another module shares by a `PackedCopyLinear`), on hosts where
+    `supported`; returns how many. Call it once the model is loaded, for inference only."""
     weights = [p for p in model.parameters() if p.is_floating_point()]
     if not weights or not supported(weights[0].device, weights[0].dtype):
         return 0
-    shared: dict[int, int] = {}  # a weight held by several modules (a tied head) stays as it is
+    shared: dict[int, int] = {}  # a weight held by several modules (a tied head): a packed copy in fp32
     for module in model.modules():
         for p in module.parameters(recurse=False):
             shared[id(p)] = shared.get(id(p), 0) + 1
@@ -123,16 +170,18 @@ def pack_for_inference(model: nn.Module) -> int:
         for child_name, child in module.named_children():
             if lorakit_module and child_name not in getattr(module, "packable_children", ()):
                 continue
-            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 \
-                    and child.weight.device.type == "cpu" and shared[id(child.weight)] == 1 \
+            if type(child) is nn.Linear and child.weight.dtype == weights[0].dtype \
+                    and child.weight.device.type == "cpu" \
+                    and (shared[id(child.weight)] == 1 or child.weight.dtype == torch.float32) \
                     and not child._forward_hooks and not child._forward_pre_hooks:
                 targets.append((module, child_name, child))
     for parent, child_name, child in targets:
-        setattr(parent, child_name, PackedLinear(child, fp32_rows(child.weight)))
+        setattr(parent, child_name, PackedLinear(child, fp32_rows(child.weight)) if shared[id(child.weight)] == 1
+                else PackedCopyLinear(child))
     return len(targets)
 
 
 def fp32_rows(weight: torch.Tensor) -> int:
-    """Up to how many rows a product with `weight` takes the fp32 copy: `FP32_ROWS` for a weight of at most
-    `SMALL_WEIGHT` elements, else 0 (always packed)."""
-    return FP32_ROWS if weight.numel() <= SMALL_WEIGHT else 0
+    """Up to how many rows a product with `weight` takes the fp32 copy: `FP32_ROWS` for a bf16 weight of at
+    most `SMALL_WEIGHT` elements, else 0 (always packed; an fp32 weight always)."""
+    return FP32_ROWS if weight.dtype != torch.float32 and weight.numel() <= SMALL_WEIGHT else 0
