@@ -46,10 +46,12 @@ def _end_ids(model, tokenizer) -> set[int]:
 # -- building and running a server ----------------------------------------------------------------
 
 
-def build(config: ServeConfig):
-    """Load the base and the startup adapters; return (app, engine, registry)."""
+def build(config: ServeConfig, start: bool = True):
+    """Load the base and the startup adapters; return (app, engine, registry), the engine running on a
+    thread of its own if `start`."""
     from lorakit.base import base_name, default_device, load_base, quantize_spec, resolve_decode_dtype
     from lorakit.io import install_adapter, read_adapter
+    from lorakit.packed import pack_for_inference
 
     device = default_device()
     # a small model (the embedded base) serves faster in fp32 on a bf16 CPU: see resolve_decode_dtype
@@ -61,27 +63,63 @@ def build(config: ServeConfig):
         servable(lora_config, path)
         key = install_adapter(model, lora_config, tensors, registry.new_key(name), source=path)
         registry.adapters[name] = ServedAdapter(name, key, Path(path).resolve().name, lora_config.r)
+    pack_for_inference(model)  # where oneDNN's products are the faster ones: weights packed once (lorakit.packed)
     engine = Engine(model, _end_ids(model, tokenizer), max_batch=config.max_batch, max_waiting=config.max_waiting,
-                    dtype=dtype).start()
+                    dtype=dtype)
+    if start:
+        engine.start()
     return create_app(engine, tokenizer, registry, config), engine, registry
 
 
-def serve(config: ServeConfig) -> None:
-    """Run the server until Ctrl-C."""
+def serve(config: ServeConfig) -> int:
+    """Run the server until Ctrl-C or SIGTERM (which finish the requests in flight first; a second one
+    stops at once): the engine on this (the main) thread, where its products run fastest (`Engine.run`),
+    and the HTTP server on another. Returns the exit status: 1 if the engine stopped on an internal error
+    (its traceback is printed), else 0."""
+    import signal
+    import threading
+
     import uvicorn
 
     _check_port_free(config.host, config.port)  # before the minutes of loading: fail fast, in one line
     if not is_loopback(config.host) and not config.api_key:
         print(f"lorakit serve: warning: listening on {config.host} with no --api-key; anyone who can reach it "
               "can use it", file=sys.stderr)
-    app, engine, registry = build(config)
+    app, engine, registry = build(config, start=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
+
+    def http() -> None:
+        try:
+            server.run()  # off the main thread it leaves the signals to us
+        finally:  # it ended (it could not listen, or was told to): so does the engine
+            engine.stop(wait=False)
+
+    signals = []
+
+    def stop_serving(signum, frame):  # on the main thread, between two steps' Python lines
+        signals.append(signum)
+        if len(signals) > 1:
+            raise KeyboardInterrupt  # a second one: now (the requests in flight end with an error)
+        server.should_exit = True  # stop listening and finish the requests in flight; then the engine stops
+
     names = ", ".join([registry.base_name, *registry.adapters])
     print(f"lorakit serve: http://{config.host}:{config.port}/ (playground), OpenAI API at /v1; models: {names}",
           flush=True)
+    thread = threading.Thread(target=http, name="lorakit-http", daemon=True)
+    previous = {sig: signal.signal(sig, stop_serving) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+        engine.run(started=thread.start)
+        if engine.last_error is not None:
+            return 1
+        if not server.started:
+            raise UserError(f"cannot listen on {config.host}:{config.port}; pass another --port or --host")
     finally:
-        engine.stop()
+        server.should_exit = True
+        if thread.is_alive():
+            thread.join(timeout=30)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -131,7 +169,6 @@ def register(subparsers) -> None:
             if name in adapters:
                 raise UserError(f"--adapter name {name!r} is given twice; give each adapter its own name")
             adapters[name] = path
-        serve(ServeConfig(adapters=adapters, api_key=args.api_key, **options(args, ServeConfig, skip=SPECIAL)))
-        return 0
+        return serve(ServeConfig(adapters=adapters, api_key=args.api_key, **options(args, ServeConfig, skip=SPECIAL)))
 
     p.set_defaults(func=run)
