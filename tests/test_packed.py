@@ -298,8 +298,11 @@ def test_zero_rows_and_trainable_token_heads(ids, no_fp32_route):
     assert isinstance(model.model.layers[0].self_attn.q_proj.base, PackedLinear)
 
 
-def test_small_weights_take_fp32_for_one_row_by_size_not_by_timing():
+def test_small_weights_take_fp32_for_one_row_by_size_not_by_timing(monkeypatch):
     bf16 = torch.bfloat16
+    monkeypatch.setenv(products.ENV, "1")  # where fp32 products go to oneDNN: no copies, their BLAS is slow
+    assert packed.fp32_rows(torch.empty(704, 256, dtype=bf16)) == 0
+    monkeypatch.setenv(products.ENV, "0")
     assert packed.fp32_rows(torch.empty(704, 256, dtype=bf16)) == packed.FP32_ROWS == 1  # the embedded base's MLP
     assert packed.fp32_rows(torch.empty(128, 896, dtype=bf16)) == 1  # a 0.5B model's key / value projection
     assert packed.fp32_rows(torch.empty(896, 896, dtype=bf16)) == 0  # bigger: always packed

@@ -15,7 +15,9 @@ embedded base's 256-wide layers, a 0.5B model's 128x896 key and value projection
 in fp32 for one row. A weight of at most `SMALL_WEIGHT` elements therefore keeps an fp32 copy (at most
 1 MB) and uses it for inputs of one row: a decode step of `generate`. Decided by size, not timed at
 load: a timing per shape flipped between runs where the two were close (the embedded base's shapes at
-one row on a Zen 5 host), and the same command must give the same text.
+one row on a Zen 5 host), and the same command must give the same text. Not where fp32 products go to
+oneDNN (below): there the copy's product ran in the slow BLAS, and the embedded base's bf16 `generate`
+ran at 240 tokens/s with the copies, 310 without (fp32: 315).
 
 fp32, on CPUs where `lorakit.products` sends fp32 products to oneDNN (AMD with AVX-512, or
 `LORAKIT_ONEDNN_FP32=1`). There torch's BLAS (MKL) was slow at a decode step's few rows too: on a Zen 5
@@ -183,5 +185,8 @@ def pack_for_inference(model: nn.Module) -> int:
 
 def fp32_rows(weight: torch.Tensor) -> int:
     """Up to how many rows a product with `weight` takes the fp32 copy: `FP32_ROWS` for a bf16 weight of at
-    most `SMALL_WEIGHT` elements, else 0 (always packed; an fp32 weight always)."""
-    return FP32_ROWS if weight.dtype != torch.float32 and weight.numel() <= SMALL_WEIGHT else 0
+    most `SMALL_WEIGHT` elements where fp32 products run through torch's BLAS, else 0: always packed (an
+    fp32 weight, a bigger one, or where that BLAS is the slow one, `lorakit.products.choose`)."""
+    if weight.dtype == torch.float32 or weight.numel() > SMALL_WEIGHT or products.choose():
+        return 0
+    return FP32_ROWS
