@@ -4,9 +4,10 @@
    training path: LoRA, DoRA, QLoRA (NF4 base), activation checkpointing, full fine-tune, dropout.
    Tokens/s is the median over the steps after the first two (from metrics.jsonl).
 2. Greedy decoding, one row with a KV cache (what `lorakit generate` runs), and a 4x128 no-grad
-   prefill: fp32, bf16 with plain weights, and bf16 as the inference commands load it (weights packed
-   by `lorakit.packed` where oneDNN runs bf16 on AMX / AVX-512-BF16), base alone and with an r=16
-   all-linear adapter. `--base PATH` adds a real-shaped base (e.g. the Qwen2-0.5B shape that
+   prefill: fp32 and bf16, each with plain weights and as the inference commands load it (weights packed
+   by `lorakit.packed`: bf16 where oneDNN runs it on AMX / AVX-512-BF16, fp32 where fp32 products go to
+   oneDNN), base alone and with an r=16 all-linear adapter; the ratio is bf16 as loaded over fp32 as
+   loaded (what `--dtype` gives a user). `--base PATH` adds a real-shaped base (e.g. the Qwen2-0.5B shape that
    `benchmarks/scale.py --only train --build` caches).
 
 Usage: python benchmarks/precision.py [--only train,decode] [--rounds 2] [--base PATH ...]
@@ -69,8 +70,8 @@ def _models(base: str | None, adapter: bool):
     from lorakit.packed import pack_for_inference
 
     models = {}
-    for name, dtype, pack in (("fp32", torch.float32, False), ("bf16 plain", torch.bfloat16, False),
-                              ("bf16 (as loaded)", torch.bfloat16, True)):
+    for name, dtype, pack in (("fp32 plain", torch.float32, False), ("fp32 (as loaded)", torch.float32, True),
+                              ("bf16 plain", torch.bfloat16, False), ("bf16 (as loaded)", torch.bfloat16, True)):
         model, tokenizer = load_base(base, dtype=dtype)
         if adapter:
             lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
@@ -88,8 +89,9 @@ def bench_decode(bases: list[str | None], rounds: int, tokens: int) -> None:
     from lorakit.generate import Sampling, stream_tokens
 
     print(f"\n2. decoding: greedy, 1 row, {tokens} new tokens (tokens/s); prefill 4x128 no-grad (tokens/s)")
-    print("| base | adapter | fp32 decode | bf16 plain | bf16 as loaded | as loaded / fp32 | fp32 prefill | "
-          "bf16 plain | bf16 as loaded |\n|---|---|---|---|---|---|---|---|---|")
+    print("| base | adapter | fp32 plain decode | fp32 as loaded | bf16 plain | bf16 as loaded | bf16 / fp32 "
+          "(as loaded) | fp32 prefill | fp32 as loaded | bf16 plain | bf16 as loaded |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for base in bases:
         for adapter in (False, True):
             models, tokenizer = _models(base, adapter)
@@ -112,9 +114,10 @@ def bench_decode(bases: list[str | None], rounds: int, tokens: int) -> None:
             d = {k: statistics.median(v[1:]) for k, v in decode.items()}
             p = {k: statistics.median(v[1:]) for k, v in prefill.items()}
             label = base or "embedded"
-            print(f"| {label} | {'r=16 all-linear' if adapter else 'none'} | {d['fp32']:,.1f} | {d['bf16 plain']:,.1f} "
-                  f"| {d['bf16 (as loaded)']:,.1f} | {d['bf16 (as loaded)'] / d['fp32']:.2f}x | {p['fp32']:,.0f} "
-                  f"| {p['bf16 plain']:,.0f} | {p['bf16 (as loaded)']:,.0f} |", flush=True)
+            fp32, bf16 = d["fp32 (as loaded)"], d["bf16 (as loaded)"]
+            print(f"| {label} | {'r=16 all-linear' if adapter else 'none'} | {d['fp32 plain']:,.1f} | {fp32:,.1f} "
+                  f"| {d['bf16 plain']:,.1f} | {bf16:,.1f} | {bf16 / fp32:.2f}x | {p['fp32 plain']:,.0f} "
+                  f"| {p['fp32 (as loaded)']:,.0f} | {p['bf16 plain']:,.0f} | {p['bf16 (as loaded)']:,.0f} |", flush=True)
             del models
 
 

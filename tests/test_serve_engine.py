@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import lorakit
+from lorakit import products
 from lorakit.generate import Sampling, stream_tokens
+from lorakit.packed import pack_for_inference
 from lorakit.serve.engine import Engine, GenerationRequest, Overloaded, Stopped
 from lorakit.serve.sampling import SamplingParams
 from tests.conftest import VOCAB, build, randomize_adapters
@@ -65,9 +67,12 @@ def reference(model, ids, mix, max_tokens=12) -> list[int]:
     return list(stream_tokens(model, ids, sampling, eos_id=None))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_mixed_batch_equals_alone_and_the_plain_path(family):
+@pytest.mark.parametrize("family, packed", [("llama", False), ("qwen2", False), ("gpt2", False), ("llama", True)])
+def test_mixed_batch_equals_alone_and_the_plain_path(family, packed, monkeypatch):
     model = adapted(family)
+    if packed:  # fp32 weights packed for oneDNN, as `lorakit serve` loads them on AMD CPUs with AVX-512
+        monkeypatch.setenv(products.ENV, "1")
+        assert pack_for_inference(model) > 0
     batch = list(zip(prompts(len(MIXES)), MIXES))
     expected = [reference(model, ids, mix) for ids, mix in batch]
     engine = Engine(model, eos_id=None, max_batch=8).start()
