@@ -33,7 +33,7 @@ packed again whenever the weight is replaced or written. Only fp32 heads are pac
 stay as they are (not measured where bf16 is packed for speed).
 
 `serve` packs like `generate` and `eval`, and runs its engine on the process's main thread: from any other
-thread, each oneDNN product paid for waking OpenMP's sleeping workers (8-row products 3-5x slower, packed
+thread, each oneDNN product paid for waking OpenMP's sleeping workers (8-row products 2-5x slower, packed
 weights slower than plain ones; `lorakit.serve.app`). A packed weight has no gradient path of its own, so
 a forward that needs an input gradient takes the dense weight (`PackedLinear.weight`), and training never
 packs. A packed model is for running: its `state_dict()` lacks the packed weights, and it cannot be

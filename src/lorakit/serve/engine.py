@@ -182,7 +182,7 @@ class Engine:
         `lorakit serve` runs it on the process's main thread: OpenMP's workers, through which torch
         parallelizes a product, wait spinning between a main thread's products, but asleep between
         another thread's, and waking them cost each oneDNN product of a decode step more than the
-        product itself (an 8 x 256 by 704 x 256 product: 25-47 us on the main thread, 92-215 us on
+        product itself (an 8 x 256 by 704 x 256 product: 22-55 us on the main thread, 82-215 us on
         another, on a 2-core Zen 5 guest)."""
         self._running = True
         self._thread = threading.current_thread()
