@@ -98,12 +98,13 @@ def test_tied_heads_stay_and_packing_can_be_turned_off(monkeypatch, no_fp32_rout
                                                      ("GenuineIntel", {"avx512f", "amx_bf16"}, False)])
 def test_fp32_is_packed_where_fp32_products_go_to_onednn(monkeypatch, vendor, flags, expected):
     monkeypatch.delenv(products.ENV, raising=False)
+    monkeypatch.delenv(packed.ENV, raising=False)
     monkeypatch.setattr(products, "cpu_info", lambda: (vendor, frozenset(flags)))
     assert (pack_for_inference(build("llama")) > 0) == (expected and products.available())
     monkeypatch.setenv(products.ENV, "0")  # LORAKIT_ONEDNN_FP32 decides outright, as for training
     assert pack_for_inference(build("llama")) == 0
     monkeypatch.setenv(products.ENV, "1")
-    assert pack_for_inference(build("llama")) > 0
+    assert pack_for_inference(build("llama")) == (build("llama") is not None and products.available()) * 15
     monkeypatch.setenv(packed.ENV, "0")  # and LORAKIT_PACKED_WEIGHTS=0 turns all packing off
     assert pack_for_inference(build("llama")) == 0
 
@@ -186,6 +187,42 @@ def test_an_adapter_on_a_tied_packed_head_merges_untied_and_unmerges_tied_back(i
         lorakit.unmerge(model)
         assert model.lm_head.base.weight is model.model.embed_tokens.weight  # tied again, exactly as it was
         torch.testing.assert_close(logits(model, ids), unmerged, rtol=0, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_adapter_wrapped_around_a_packed_layer_later_keeps_the_models_mode(ids, dtype, monkeypatch):
+    """A server packs at startup and loads adapters later: their dropout must be off in an eval model."""
+    monkeypatch.setenv(products.ENV, "1")
+    monkeypatch.delenv(packed.ENV, raising=False)
+    model = build("llama").to(dtype).eval()
+    if not pack_for_inference(model):
+        pytest.skip("no packing of this precision here")
+    assert not any(m.training for m in model.modules())
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules="all-linear"))
+    randomize_adapters(model)
+    with torch.no_grad():
+        assert torch.equal(logits(model, ids), logits(model, ids))
+
+
+@needs_onednn
+def test_a_packed_copy_follows_a_merge_in_inference_mode_and_a_new_storage(ids, fp32_packing):
+    plain, model = _tied(), _tied()
+    pack_for_inference(model)
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"])
+    for m in (plain, model):
+        lorakit.inject(m, config)
+        randomize_adapters(m)
+    with torch.inference_mode():
+        lorakit.merge(model)
+        lorakit.merge(plain)
+        torch.testing.assert_close(logits(model, ids), logits(plain, ids), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        lorakit.unmerge(model)
+        lorakit.unmerge(plain)
+        for m in (plain, model):  # the same Parameter, another storage: no version bump
+            m.model.embed_tokens.weight.data = m.model.embed_tokens.weight.data * 3
+        torch.testing.assert_close(logits(model, ids), logits(plain, ids), rtol=0, atol=1e-5)
 
 
 @needs_onednn

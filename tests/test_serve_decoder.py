@@ -45,7 +45,10 @@ def test_decode_steps_equal_the_models_forward_on_a_left_padded_mixed_batch(fami
     monkeypatch.setattr(batch_cache, "SPARE", 0)
     model = reference = model_of(family)
     if transposed == "packed":
+        if not products.available():
+            pytest.skip("this torch has no oneDNN")
         monkeypatch.setenv(products.ENV, "1")  # fp32 packing on any CPU
+        monkeypatch.delenv("LORAKIT_PACKED_WEIGHTS", raising=False)
         model = model_of(family)
         assert pack_for_inference(model) > 0
         assert isinstance(model.model.layers[0].self_attn.q_proj.base, PackedLinear)

@@ -87,13 +87,20 @@ def test_a_second_signal_stops_at_once(server):
     eos = AutoTokenizer.from_pretrained(base_source(None)).eos_token_id
     body = {"model": BASE, "prompt": "The ship", "max_tokens": 400, "stream": True, "temperature": 0,
             "logit_bias": {str(eos): -100}}  # 400 tokens: seconds, far longer than the two signals take
+    chunks = []
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data: "))
         process.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        time.sleep(0.1)
         process.send_signal(signal.SIGINT)
         code, err = _finished(process)
+        try:
+            chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        except httpx.HTTPError:
+            pass  # the connection went with the server
     assert code == 130 and "lorakit serve: interrupted" in err, err
     assert "Traceback" not in err
+    assert len(chunks) < 399 and not any(c.get("choices") and c["choices"][0]["finish_reason"] == "length"
+                                         for c in chunks)  # cut short

@@ -90,6 +90,7 @@ class PackedLinear(nn.Module):
         self.version = 0  # how often `set_weight` changed the weight (what caches of it key on)
         self.register_parameter("bias", None if linear.bias is None else
                                 nn.Parameter(linear.bias.detach(), requires_grad=False))
+        self.train(linear.training)  # a LoRA layer wrapped around it later takes its mode (its dropout)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -135,19 +136,20 @@ class PackedCopyLinear(nn.Linear):
                          dtype=linear.weight.dtype)
         self.weight = linear.weight
         self.bias = linear.bias
-        self._packed: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (weight, its version, packed copy)
+        self.train(linear.training)
+        self._packed: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # (weight, its state, packed copy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) \
-                or x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):
-            return F.linear(x, weight, self.bias)
-        key = self._packed
-        if key is None or key[0] is not weight or key[1] != weight._version:
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) or weight.is_inference() \
+                or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.device.type != "cpu" \
+                or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return F.linear(x, weight, self.bias)  # (an inference tensor keeps no version counter)
+        state = (weight.data_ptr(), weight._version)  # another storage (`.data = ...`) or written in place
+        if self._packed is None or self._packed[0] is not weight or self._packed[1] != state:
             self._packed = None  # the old copy goes before the new one is made
-            copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-            key = self._packed = (weight, weight._version, copy)
-        return base.packed_linear(x, key[2], self.bias)
+            self._packed = (weight, state, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        return base.packed_linear(x, self._packed[2], self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", packed copy"
@@ -157,9 +159,11 @@ def pack_for_inference(model: nn.Module) -> int:
     """Replace every frozen bf16 or fp32 `nn.Linear` of `model` (a LoRA layer's base included) by a
     `PackedLinear` (an fp32 one whose weight another module shares by a `PackedCopyLinear`), on hosts where
     `supported`; returns how many. Call it once the model is loaded, for inference only."""
-    weights = [p for p in model.parameters() if p.is_floating_point()]
-    if not weights or not supported(weights[0].device, weights[0].dtype):
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if first is None or not supported(first.device, first.dtype):
         return 0
+    dtype = first.dtype
+    del first
     shared: dict[int, int] = {}  # a weight held by several modules (a tied head): a packed copy in fp32
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -172,15 +176,19 @@ def pack_for_inference(model: nn.Module) -> int:
         for child_name, child in module.named_children():
             if lorakit_module and child_name not in getattr(module, "packable_children", ()):
                 continue
-            if type(child) is nn.Linear and child.weight.dtype == weights[0].dtype \
+            if type(child) is nn.Linear and child.weight.dtype == dtype \
                     and child.weight.device.type == "cpu" \
                     and (shared[id(child.weight)] == 1 or child.weight.dtype == torch.float32) \
                     and not child._forward_hooks and not child._forward_pre_hooks:
                 targets.append((module, child_name, child))
-    for parent, child_name, child in targets:
-        setattr(parent, child_name, PackedLinear(child, fp32_rows(child.weight)) if shared[id(child.weight)] == 1
-                else PackedCopyLinear(child))
-    return len(targets)
+    count = len(targets)
+    while targets:  # each original Linear (its dense weight) goes as soon as its packed one is in place
+        parent, child_name, child = targets.pop()
+        packed = PackedLinear(child, fp32_rows(child.weight)) if shared[id(child.weight)] == 1 \
+            else PackedCopyLinear(child)
+        setattr(parent, child_name, packed)
+        del parent, child, packed
+    return count
 
 
 def fp32_rows(weight: torch.Tensor) -> int:

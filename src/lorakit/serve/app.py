@@ -73,9 +73,9 @@ def build(config: ServeConfig, start: bool = True):
 
 def serve(config: ServeConfig) -> int:
     """Run the server until Ctrl-C or SIGTERM (which finish the requests in flight first; a second one
-    stops at once): the engine on this (the main) thread, where its products run fastest (`Engine.run`),
-    and the HTTP server on another. Returns the exit status: 1 if the engine stopped on an internal error
-    (its traceback is printed), else 0."""
+    ends them at once, a third leaves without waiting for their clients): the engine on this (the main)
+    thread, where its products run fastest (`Engine.run`), and the HTTP server on another. Returns the
+    exit status: 1 if the engine stopped on an internal error (its traceback is printed), else 0."""
     import signal
     import threading
 
@@ -96,11 +96,13 @@ def serve(config: ServeConfig) -> int:
 
     signals = []
 
-    def stop_serving(signum, frame):  # on the main thread, between two steps' Python lines
+    def stop_serving(signum, frame):  # on the main thread, between two Python lines of the engine's loop
         signals.append(signum)
-        if len(signals) > 1:
-            raise KeyboardInterrupt  # a second one: now (the requests in flight end with an error)
         server.should_exit = True  # stop listening and finish the requests in flight; then the engine stops
+        if len(signals) == 2:  # a second one: now. The engine ends at the step's end, failing what still runs
+            engine.stop(wait=False)  # (so their answers end, and the HTTP server with them)
+        elif len(signals) > 2:  # a client that does not read its answer's end holds the HTTP server up
+            server.force_exit = True
 
     names = ", ".join([registry.base_name, *registry.adapters])
     print(f"lorakit serve: http://{config.host}:{config.port}/ (playground), OpenAI API at /v1; models: {names}",
@@ -109,16 +111,18 @@ def serve(config: ServeConfig) -> int:
     previous = {sig: signal.signal(sig, stop_serving) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         engine.run(started=thread.start)
-        if engine.last_error is not None:
-            return 1
-        if not server.started:
-            raise UserError(f"cannot listen on {config.host}:{config.port}; pass another --port or --host")
     finally:
         server.should_exit = True
         if thread.is_alive():
             thread.join(timeout=30)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if engine.died is not None:
+        return 1
+    if len(signals) > 1:
+        raise KeyboardInterrupt  # stopped at once: "interrupted", as the CLI says for every command
+    if not server.started:
+        raise UserError(f"cannot listen on {config.host}:{config.port}; pass another --port or --host")
     return 0
 
 

@@ -142,7 +142,9 @@ class Engine:
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
         self._decoder: Decoder | None = None
         self._decoder = self._check_decoder()  # forwards without the model's own, where its wiring allows
-        self.last_error: BaseException | None = None
+        self.last_error: BaseException | None = None  # the last failure of a step (the engine went on) or of the engine
+        self.died: BaseException | None = None  # what stopped the engine itself (a bug), if anything did
+        self._ended = threading.Event()  # set when the loop has ended
         self._check_cache_kind()
 
     def _check_decoder(self) -> Decoder | None:
@@ -171,6 +173,7 @@ class Engine:
     def start(self) -> Engine:
         """Run the engine on a thread of its own (see `run` for why `lorakit serve` does not)."""
         self._running = True
+        self._ended.clear()
         self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
         self._thread.start()
         return self
@@ -185,8 +188,13 @@ class Engine:
         product itself (an 8 x 256 by 704 x 256 product: 22-55 us on the main thread, 82-215 us on
         another, on a 2-core Zen 5 guest)."""
         self._running = True
+        self._ended.clear()
         self._thread = threading.current_thread()
-        started()
+        try:
+            started()
+        except BaseException:
+            self._ended.set()
+            raise
         self._loop()
 
     def stop(self, wait: bool = True) -> None:
@@ -196,7 +204,7 @@ class Engine:
             self._running = False
             self._lock.notify_all()
         if wait and self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._ended.wait()
 
     def submit(self, *requests: GenerationRequest) -> None:
         """Queue requests, all or none (the rows of one HTTP request); raises Overloaded when they would
@@ -249,12 +257,15 @@ class Engine:
         except Exception as err:  # a bug: say so in the server's log, then end every request below
             import traceback
 
-            self.last_error = err
+            self.last_error = self.died = err
             print("lorakit serve: the inference engine stopped on an internal error:", file=sys.stderr)
             traceback.print_exception(err)
         finally:  # normal stop, or a bug: either way nobody may wait forever
             self._running = False
-            self._fail_all("the server is shutting down")
+            try:
+                self._fail_all("the server is shutting down")
+            finally:
+                self._ended.set()
 
     def _serve(self) -> None:
         while True:
