@@ -128,8 +128,9 @@ class PackedCopyLinear(nn.Linear):
 
     The weight stays this module's parameter, the shared one, so whatever works on a tied `nn.Linear`
     works here (a merge unties it, an unmerge ties it back); the copy is packed again before a product
-    whenever the weight is another tensor or was written in place (its version counter). A forward that
-    needs a gradient takes the plain product."""
+    whenever the weight is another tensor, has another storage, or was written in place (its version
+    counter). A forward that needs a gradient, or on an inference tensor (no version counter), takes the
+    plain product."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear.in_features, linear.out_features, bias=False, device="meta",

@@ -193,6 +193,7 @@ class Engine:
         try:
             started()
         except BaseException:
+            self._running = False
             self._ended.set()
             raise
         self._loop()
