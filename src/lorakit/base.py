@@ -152,9 +152,10 @@ def _linear_shapes(base: str | Path | None) -> list[tuple[int, int]]:
     return [(hidden, hidden), (inner, hidden), (hidden, inner)]
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x·Wᵀ (+ bias) for a weight oneDNN holds packed (`torch.ops.mkldnn._reorder_linear_weight`)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x·Wᵀ (+ bias) through oneDNN, for a weight (out, in) as it is or packed by oneDNN
+    (`torch.ops.mkldnn._reorder_linear_weight`)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

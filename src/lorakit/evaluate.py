@@ -88,7 +88,7 @@ def evaluate(config: EvalConfig) -> dict:
                                  quantize=quantize_spec(config.quantize))
     examples = load_examples(config.data, tokenizer, seq_len=min(config.seq_len, _max_len(model)), labels="all")[0]
     weights = attach_adapters(model, config.adapters) if config.adapters else {}
-    pack_for_inference(model)  # bf16 on AMX / AVX-512-BF16: weights packed once, not on every product
+    pack_for_inference(model)  # where oneDNN's products are the faster ones: weights packed once (lorakit.packed)
     pad, size, most = tokenizer.pad_token_id, config.batch_size, config.max_batches
     with disable_adapters(model):
         base_nll, tokens = mean_nll(model, examples, pad, size, most)

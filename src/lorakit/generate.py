@@ -145,7 +145,7 @@ def generate(config: GenerateConfig, sampling: Sampling | None = None, out=None)
     model, tokenizer = load_base(config.base, dtype=dtype, device=device,
                                  quantize=quantize_spec(config.quantize))
     weights = attach_adapters(model, config.adapters) if config.adapters else {}
-    pack_for_inference(model)  # bf16 on AMX / AVX-512-BF16: weights packed once, not on every product
+    pack_for_inference(model)  # where oneDNN's products are the faster ones: weights packed once (lorakit.packed)
     if config.compare and not weights:
         raise UserError("--compare needs at least one --adapter to compare against the base")
     chat, prompt = config.chat, config.prompt

@@ -116,7 +116,7 @@ class PackedLinear(nn.Module):
             with torch.autocast(x.device.type, enabled=False):  # fp32 is the point here, whatever autocast says
                 return F.linear(x.float(), self.fp32, bias).to(self.dtype)  # bf16 out, as the packed product
         bias = None if self.bias is None else self.bias.to(self.dtype)
-        return base.packed_linear(x.to(self.dtype), self.packed, bias)
+        return base.onednn_linear(x.to(self.dtype), self.packed, bias)
 
     def extra_repr(self) -> str:
         fp32 = f", fp32 up to {self.fp32_rows} rows" if self.fp32_rows else ""
@@ -150,7 +150,7 @@ class PackedCopyLinear(nn.Linear):
         if self._packed is None or self._packed[0] is not weight or self._packed[1] != state:
             self._packed = None  # the old copy goes before the new one is made
             self._packed = (weight, state, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
-        return base.packed_linear(x, self._packed[2], self.bias)
+        return base.onednn_linear(x, self._packed[2], self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", packed copy"

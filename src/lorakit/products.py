@@ -24,7 +24,7 @@ from collections.abc import Collection, Iterator
 import torch
 import torch.nn.functional as F
 
-from lorakit.base import cpu_info
+from lorakit.base import cpu_info, onednn_linear
 from lorakit.errors import UserError
 
 ENV = "LORAKIT_ONEDNN_FP32"
@@ -56,14 +56,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x·Wᵀ (+ bias), x (N, in), W (out, in): `F.linear`, or oneDNN's fp32 product inside `onednn_fp32`.
     No autograd: for the forward of an autograd Function (or no-grad code)."""
     if _routed(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def grad_input(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """g·W, g (N, out), W (out, in): the input gradient of a product with the frozen W (N, in)."""
     if _routed(g, weight):
-        return torch.ops.mkldnn._linear_pointwise(g, weight.t(), None, "none", [], "")
+        return onednn_linear(g, weight.t())
     return g @ weight
 
 
