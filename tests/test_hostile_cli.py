@@ -151,6 +151,7 @@ NUMBERS = [
     Case("train-fsdp-full", train("--fsdp", "--full"), "--full"),
     Case("train-resume-and-overwrite", train("--resume", "--overwrite"), "--resume"),
     # eval
+    Case("eval-onednn-env-bad", ev(), "LORAKIT_ONEDNN_FP32", env={"LORAKIT_ONEDNN_FP32": "on"}),
     Case("eval-batch-size-zero", ev("--batch-size", "0"), "--batch-size"),
     Case("eval-batch-size-negative", ev("--batch-size", "-2"), "--batch-size"),
     Case("eval-seq-len-zero", ev("--seq-len", "0"), "--seq-len"),
@@ -164,6 +165,8 @@ NUMBERS = [
     Case("eval-quantize-unknown", ev("--quantize", "int8"), "--quantize nf4"),
     Case("eval-adapter-scale-nan", ev("--adapter", "{adapter}:nan"), "scale"),
     # generate
+    Case("generate-onednn-env-bad", gen(), "LORAKIT_ONEDNN_FP32", env={"LORAKIT_ONEDNN_FP32": "yes"}),
+    Case("generate-packed-env-bad", gen(), "LORAKIT_PACKED_WEIGHTS", env={"LORAKIT_PACKED_WEIGHTS": "2"}),
     Case("generate-temperature-nan", gen("--temperature", "nan"), "--temperature"),
     Case("generate-temperature-inf", gen("--temperature", "inf"), "--temperature"),
     Case("generate-temperature-negative", gen("--temperature", "-1"), "--temperature"),
@@ -214,6 +217,7 @@ NUMBERS = [
     Case("serve-api-key-empty", ["serve", "--api-key", ""], "--api-key"),
     Case("serve-api-key-env-empty", ["serve"], "LORAKIT_API_KEY", env={"LORAKIT_API_KEY": ""}),
     Case("serve-max-tokens-zero", ["serve", "--max-tokens", "0"], "--max-tokens"),
+    Case("serve-onednn-env-bad", ["serve", "--port", "47931"], "LORAKIT_ONEDNN_FP32", env={"LORAKIT_ONEDNN_FP32": "x"}),
     Case("serve-max-waiting-zero", ["serve", "--max-waiting", "0"], "--max-waiting"),
     Case("serve-max-adapters-zero", ["serve", "--max-adapters", "0"], "--max-adapters"),
     Case("serve-dtype-unknown", ["serve", "--dtype", "fp8"], "dtype"),

@@ -26,7 +26,7 @@ from lorakit.errors import UserError
 from lorakit.io import adapters_option, attach_adapters
 from lorakit.losses import IGNORE
 from lorakit.options import add_command, option
-from lorakit.packed import pack_for_inference
+from lorakit.packed import check_settings, pack_for_inference
 
 
 @torch.no_grad()
@@ -84,6 +84,7 @@ def evaluate(config: EvalConfig) -> dict:
             raise UserError(f"{flag} must be at least {low}, got {value}")
     device = default_device()
     scales = _parse_scales(config.scales)
+    check_settings()  # LORAKIT_PACKED_WEIGHTS / LORAKIT_ONEDNN_FP32, before the model loads
     model, tokenizer = load_base(config.base, dtype=resolve_dtype(config.dtype, device), device=device,
                                  quantize=quantize_spec(config.quantize))
     examples = load_examples(config.data, tokenizer, seq_len=min(config.seq_len, _max_len(model)), labels="all")[0]

@@ -26,7 +26,7 @@ from lorakit.data import render_chat_prompt
 from lorakit.errors import UserError
 from lorakit.io import adapters_option, attach_adapters
 from lorakit.options import add_command, option
-from lorakit.packed import pack_for_inference
+from lorakit.packed import check_settings, pack_for_inference
 
 
 # Below this temperature sampling is greedy (vLLM's threshold): dividing logits by 1e-45 overflows float32,
@@ -141,6 +141,7 @@ def generate(config: GenerateConfig, sampling: Sampling | None = None, out=None)
     sampling = sampling or Sampling()
     out = out or sys.stdout
     device = default_device()
+    check_settings()  # LORAKIT_PACKED_WEIGHTS / LORAKIT_ONEDNN_FP32, before the model loads
     dtype = resolve_decode_dtype(config.dtype, device, config.base, quantize=config.quantize)
     model, tokenizer = load_base(config.base, dtype=dtype, device=device,
                                  quantize=quantize_spec(config.quantize))

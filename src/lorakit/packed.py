@@ -58,14 +58,21 @@ SMALL_WEIGHT = 1 << 18  # elements: weights up to this size keep an fp32 copy fo
 FP32_ROWS = 1  # rows up to which such a weight's product runs in fp32
 
 
+def check_settings() -> str:
+    """LORAKIT_PACKED_WEIGHTS ("", "0" or "1"; returned) and LORAKIT_ONEDNN_FP32, checked: a bad value is
+    refused in one line. The inference commands call it before they load a model."""
+    setting = os.environ.get(ENV, "").strip()
+    if setting not in ("", "0", "1"):
+        raise UserError(f"{ENV}={setting!r} is not 0 or 1; set it to 0 (no packed weights) or unset it")
+    products.setting()
+    return setting
+
+
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `pack_for_inference` packs here, unless LORAKIT_PACKED_WEIGHTS=0: bf16 on a CPU whose bf16
     products oneDNN runs on AMX / AVX-512-BF16 (the hardware check behind `auto`, not its override); fp32
     where fp32 products go to oneDNN (`lorakit.products.choose`: the CPU, or LORAKIT_ONEDNN_FP32)."""
-    setting = os.environ.get(ENV, "").strip()
-    if setting not in ("", "0", "1"):
-        raise UserError(f"{ENV}={setting!r} is not 0 or 1; set it to 0 (no packed weights) or unset it")
-    if setting == "0" or device.type != "cpu":
+    if check_settings() == "0" or device.type != "cpu":
         return False
     if dtype == torch.float32:
         return products.choose()

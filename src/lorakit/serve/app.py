@@ -51,8 +51,9 @@ def build(config: ServeConfig, start: bool = True):
     thread of its own if `start`."""
     from lorakit.base import base_name, default_device, load_base, quantize_spec, resolve_decode_dtype
     from lorakit.io import install_adapter, read_adapter
-    from lorakit.packed import pack_for_inference
+    from lorakit.packed import check_settings, pack_for_inference
 
+    check_settings()  # LORAKIT_PACKED_WEIGHTS / LORAKIT_ONEDNN_FP32, before the model loads
     device = default_device()
     # a small model (the embedded base) serves faster in fp32 on a bf16 CPU: see resolve_decode_dtype
     dtype = resolve_decode_dtype(config.dtype, device, config.base, quantize=config.quantize)
