@@ -414,11 +414,13 @@ def _slot(name: str) -> str:
     """The attribute an adapter named `name` is stored under. torch refuses '.' in parameter and module names
     (they are path separators in state_dict keys), while adapter names come from folder names such as
     'llama-3.1-lora': so '.' is escaped, reversibly ('%' first, so every name has its own slot)."""
+    if "%" not in name and "." not in name:  # most names: no copy (this runs per layer per forward when routing)
+        return name
     return name.replace("%", "%25").replace(".", "%2E")
 
 
 def _unslot(slot: str) -> str:
-    return slot.replace("%2E", ".").replace("%25", "%")
+    return slot if "%" not in slot else slot.replace("%2E", ".").replace("%25", "%")
 
 
 class AdapterParameters(nn.ParameterDict):

@@ -27,6 +27,9 @@ instead runs every adapter the batch uses on every row and zeroes what a row doe
     y   += ((x · A_uᵀ) ⊙ W) · Bt_u                       two plain matmuls, nothing copied per row
 
 `_dense_is_cheaper` picks between the two by their arithmetic (R per token against k·r per row).
+Where every row that applies adapters applies the same mix (a server's clients all asking for one blend),
+its weights are folded into Bt_u once, kept with the stacked weights, and W only masks the base-only rows
+(none: W is skipped): the mix then costs a step what one adapter of rank R costs.
 
 An Embedding base, or an adapter with dropout in training mode, takes the plain loop over adapters
 (`_add_one_by_one`) instead. A layer where some row applies a DoRA or lora_bias adapter groups the rows
@@ -65,9 +68,8 @@ class RoutedLayer(Protocol):
     lora_A: nn.ParameterDict  # name -> (r, in); `by_name()` gives it as a plain dict (layers.AdapterParameters)
     lora_B: nn.ParameterDict  # name -> (out, r)
     scaling: dict[str, float]
+    dropout: nn.ModuleDict  # name -> its nn.Dropout, for the adapters with p > 0
     revision: int  # moves whenever an adapter is added or deleted
-
-    def dropping(self, name: str) -> bool: ...
 
     def plain(self, name: str) -> bool: ...
 
@@ -89,8 +91,18 @@ class AdapterStack:
     Bt: torch.Tensor  # (1+n, r, out)
 
 
+@dataclass(frozen=True)
+class LayerAdapters:
+    """What routing reads of one layer's adapters that only adding or deleting one changes (its `revision`)."""
+
+    revision: int
+    ranks: dict[str, int]  # in the layer's order
+    plain: dict[str, bool]  # plain LoRA (no DoRA magnitude, no lora_bias)
+    dropouts: dict[str, nn.Module]  # the nn.Dropout of each adapter with p > 0
+
+
 class AdapterStacks:
-    """Each layer's `AdapterStack`, built on first use.
+    """Each layer's `AdapterStack` and `LayerAdapters`, built on first use.
 
     Inference reuses a stack until an adapter of its layer is added or removed or its weights are
     changed in place by ordinary ops (a server swapping adapters rebuilds it once per swap, not once per
@@ -101,7 +113,18 @@ class AdapterStacks:
     def __init__(self) -> None:
         self._stacks: dict[nn.Module, AdapterStack] = {}  # not buffers: never saved, moved or counted
         # per layer: the stack key they were made from, and {names: (A_u, Bt_u)} (see `concatenated`)
-        self._concatenated: dict[nn.Module, tuple[tuple, dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self._concatenated: dict[nn.Module, tuple[tuple, dict[tuple, tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self._adapters: dict[nn.Module, LayerAdapters] = {}
+
+    def adapters(self, layer: RoutedLayer) -> LayerAdapters:
+        """The layer's `LayerAdapters`, read again only once its revision moves: a server's new batch
+        (a new routing) then costs each layer a few dict lookups, not a walk over its adapter tables."""
+        known = self._adapters.get(layer)
+        if known is None or known.revision != layer.revision:
+            ranks = {n: A.shape[0] for n, A in layer.lora_A.by_name().items()}
+            known = self._adapters[layer] = LayerAdapters(layer.revision, ranks, {n: layer.plain(n) for n in ranks},
+                                                          dict(layer.dropout.items()))
+        return known
 
     def get(self, layer: RoutedLayer) -> AdapterStack:
         A, B = layer.lora_A.by_name(), layer.lora_B.by_name()  # plain dicts by adapter name: no module lookups
@@ -116,29 +139,33 @@ class AdapterStacks:
         return cached
 
 
-    def concatenated(self, layer: RoutedLayer, stack: AdapterStack,
-                     names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def concatenated(self, layer: RoutedLayer, stack: AdapterStack, names: tuple[str, ...],
+                     weights: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_uᵀ, Bt_u): the adapters `names` of `layer` at their own ranks, (in, Σr) and (Σr, out), each
-        adapter's scaling s folded into its rows of Bt_u. Kept, like `stack` (the layer's current one, from
-        `get`), until the layer's adapters change."""
+        adapter's scaling s (times its weight w, where `weights` gives one per name) folded into its rows
+        of Bt_u. Kept, like `stack` (the layer's current one, from `get`), until the layer's adapters change."""
         if torch.is_grad_enabled():
-            return _concatenate(layer, names)
+            return _concatenate(layer, names, weights)
         key = stack.key
         known = self._concatenated.get(layer)
         if known is None or known[0] != key:
             known = self._concatenated[layer] = (key, {})
-        found = known[1].get(names)
+        found = known[1].get((names, weights))
         if found is None:
             if len(known[1]) >= 64:  # a server cycling through many adapter sets: keep the memory bounded
                 known[1].clear()
-            found = known[1][names] = _concatenate(layer, names)
+            found = known[1][names, weights] = _concatenate(layer, names, weights)
         return found
 
 
-def _concatenate(layer: RoutedLayer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _concatenate(layer: RoutedLayer, names: tuple[str, ...],
+                 weights: tuple[float, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A_uᵀ (in, Σr), Bt_u (Σr, out)), both contiguous for the two matmuls."""
     At = torch.cat([layer.lora_A[n] for n in names]).t().contiguous()  # (in, Σr)
-    Bt = torch.cat([layer.lora_B[n].t() * layer.scaling[n] for n in names])  # (Σr, out)
+    factors = [layer.scaling[n] for n in names]
+    if weights is not None:
+        factors = [s * w for s, w in zip(factors, weights)]
+    Bt = torch.cat([layer.lora_B[n].t() * f for n, f in zip(names, factors)])  # (Σr, out)
     return At, Bt
 
 
@@ -163,21 +190,39 @@ def _stack(layer: RoutedLayer, key: tuple) -> AdapterStack:
 # -- the routing --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Mixes:
+    """A routing's mixes restricted to the adapters some layers hold (the same for all those layers)."""
+
+    mixes: list[dict[str, float]]  # per row
+    names: tuple[str, ...]  # every adapter some row applies, in order of first use
+    k: int  # the most adapters one row applies
+    folded: tuple[float, ...] | None  # the weights per name of the one mix every adapted row applies, if so
+    masks: list[dict[str, float]]  # per row, the weights left to apply: all 1 where `folded` holds them
+
+
 @dataclass
 class _LayerRoute:
     """A routing as one layer sees it: only the adapters the layer holds."""
 
     revision: int  # the layer's `revision` when this was made: its adapters then
-    mixes: list[dict[str, float]]  # per row
-    names: list[str]  # every adapter some row applies, in order of first use
-    plain: bool  # every adapter of `names` plain LoRA (no DoRA magnitude, no lora_bias)
+    shared: _Mixes  # the mixes as this layer applies them (shared by the layers holding the same adapters)
+    plain: bool  # every adapter of `shared.names` plain LoRA (no DoRA magnitude, no lora_bias)
+    dropouts: list[nn.Module]  # the nn.Dropout of each adapter of `names` that has one
+    ranks: tuple[int, ...]  # of `names`
     stack: AdapterStack | None = None  # what `index` points into
     index: torch.Tensor | None = None  # (batch, k) slots
     scale: torch.Tensor | None = None  # (batch, k) w · s per slot
     weights: torch.Tensor | None = None  # (batch, Σr) each row's weight per column of the concatenated adapters
     all_ones: bool = False  # every row applies every adapter of `names` at weight 1: no weights to apply
-    used_rank: int = 0  # Σr over `names`
-    k: int = 0  # the most adapters one row applies
+
+    @property
+    def mixes(self) -> list[dict[str, float]]:
+        return self.shared.mixes
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.shared.names
 
 
 class RowRouting:
@@ -196,7 +241,7 @@ class RowRouting:
         self._named = list(dict.fromkeys(n for spec in rows for n in ([spec] if isinstance(spec, str) else spec or ())))
         self.stacks = stacks if stacks is not None else AdapterStacks()
         self._layers: dict[nn.Module, _LayerRoute] = {}
-        self._held: dict[tuple[str, ...], tuple] = {}  # a layer's adapter names -> what `_route` derives from them
+        self._held: dict[tuple[str, ...], _Mixes] = {}  # a layer's adapter names -> its `_Mixes`
         self._weights: dict[tuple, tuple[torch.Tensor, bool]] = {}  # see `_column_weights`
 
     def __len__(self) -> int:
@@ -215,17 +260,16 @@ class RowRouting:
             return result
         if not route.plain:
             return _add_by_mix(layer, x, result, route)
-        if layer.kind == "embedding" or any(layer.dropping(n) for n in route.names):
+        if layer.kind == "embedding" or any(d.training for d in route.dropouts):
             return _add_one_by_one(layer, x, result, route)
         stack = self.stacks.get(layer)
-        if route.stack is not stack:  # the layer's adapters changed: new slots, maybe new ranks
+        if route.stack is not stack:  # the layer's adapters changed: new slots
             route.stack, route.index, route.scale, route.weights = stack, None, None, None
-            route.used_rank = sum(layer.lora_A[n].shape[0] for n in route.names)
-        if _dense_is_cheaper(x.numel() // layer.in_features, len(self.mixes), route.k, stack.A.shape[1],
-                             route.used_rank):
-            At, Bt = self.stacks.concatenated(layer, stack, tuple(route.names))
+        if _dense_is_cheaper(x.numel() // layer.in_features, len(self.mixes), route.shared.k, stack.A.shape[1],
+                             sum(route.ranks)):
+            At, Bt = self.stacks.concatenated(layer, stack, route.names, route.shared.folded)
             if route.weights is None or route.weights.device != x.device or route.weights.dtype != At.dtype:
-                route.weights, route.all_ones = self._column_weights(route, layer, At.dtype, x.device)
+                route.weights, route.all_ones = self._column_weights(route, At.dtype, x.device)
             return _add_dense(x, result, At, Bt, None if route.all_ones else route.weights)
         if route.index is None or route.index.device != x.device:
             route.index, route.scale = _gather_index(route.mixes, stack, layer.scaling, x.device)
@@ -234,27 +278,40 @@ class RowRouting:
     def _route(self, layer: RoutedLayer) -> _LayerRoute:
         route = self._layers.get(layer)
         if route is None or route.revision != layer.revision:
-            held = tuple(layer.lora_A.keys())
+            adapters = self.stacks.adapters(layer)
+            held = tuple(adapters.ranks)
             shared = self._held.get(held)
             if shared is None:  # the same for every layer holding these adapters: made once per routing
-                have = set(held)
-                mixes = [{n: w for n, w in mix.items() if n in have} for mix in self.mixes]
-                names = list(dict.fromkeys(n for m in mixes for n in m))
-                shared = self._held[held] = (mixes, names, max((len(m) for m in mixes), default=0))
-            mixes, names, k = shared
-            route = self._layers[layer] = _LayerRoute(layer.revision, mixes, names, all(layer.plain(n) for n in names),
-                                                      k=k)
+                shared = self._held[held] = _restrict(self.mixes, set(held))
+            names = shared.names
+            route = self._layers[layer] = _LayerRoute(
+                adapters.revision, shared, all(adapters.plain[n] for n in names),
+                [adapters.dropouts[n] for n in names if n in adapters.dropouts],
+                tuple(adapters.ranks[n] for n in names))
         return route
 
-    def _column_weights(self, route: _LayerRoute, layer: RoutedLayer, dtype: torch.dtype,
+    def _column_weights(self, route: _LayerRoute, dtype: torch.dtype,
                         device: torch.device) -> tuple[torch.Tensor, bool]:
-        """`_column_weights`, shared by the layers whose adapters have the same names and ranks."""
-        ranks = tuple(layer.lora_A[n].shape[0] for n in route.names)
-        key = (id(route.mixes), ranks, dtype, device)  # mixes (and names): one list per adapter set, see `_held`
+        """`_column_weights` of the rows' part of their mixes that `Bt_u` does not hold (`_Mixes.masks`),
+        shared by the layers whose adapters have the same names and ranks."""
+        key = (id(route.shared), route.ranks, dtype, device)  # one `_Mixes` per adapter set, see `_held`
         found = self._weights.get(key)
         if found is None:
-            found = self._weights[key] = _column_weights(route.mixes, route.names, ranks, dtype, device)
+            found = self._weights[key] = _column_weights(route.shared.masks, route.names, route.ranks, dtype, device)
         return found
+
+
+def _restrict(mixes: list[dict[str, float]], held: set[str]) -> _Mixes:
+    """The rows' mixes as a layer holding the adapters `held` applies them."""
+    mixes = [{n: w for n, w in mix.items() if n in held} for mix in mixes]
+    names = tuple(dict.fromkeys(n for m in mixes for n in m))
+    k = max((len(m) for m in mixes), default=0)
+    distinct = {frozenset(m.items()) for m in mixes if m}
+    if len(distinct) != 1:
+        return _Mixes(mixes, names, k, None, mixes)
+    common = dict(distinct.pop())  # the only mix there is: its names are `names`
+    folded = None if all(w == 1 for w in common.values()) else tuple(common[n] for n in names)
+    return _Mixes(mixes, names, k, folded, [dict.fromkeys(m, 1.0) for m in mixes])
 
 
 def _mix(row: int, spec: RowSpec) -> dict[str, float]:
@@ -282,7 +339,7 @@ def _dense_is_cheaper(tokens: int, rows: int, k: int, padded_rank: int, used_ran
     return tokens * used_rank <= rows * k * padded_rank * (tokens / rows + 3)
 
 
-def _column_weights(mixes: list[dict[str, float]], names: list[str], ranks: tuple[int, ...], dtype: torch.dtype,
+def _column_weights(mixes: list[dict[str, float]], names: tuple[str, ...], ranks: tuple[int, ...], dtype: torch.dtype,
                     device: torch.device) -> tuple[torch.Tensor, bool]:
     """(batch, 1, Σr): row b's weight for each column of the adapters `names` concatenated (ranks `ranks`;
     0: not used); and whether all of them are 1."""
