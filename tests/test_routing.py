@@ -159,6 +159,26 @@ def test_one_mix_on_every_adapted_row_is_folded_and_base_rows_stay_the_base(ids)
     assert torch.allclose(got[[0, 2]], expected[[0, 2]], atol=1e-5)
 
 
+def test_a_new_mix_per_request_keeps_the_folded_weights_bounded(ids, path):
+    """Clients may send a new blend with every request: each is right, and a layer keeps at most 4 folded B."""
+    model = build("llama")
+    for name in "ab":
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter=name)
+    randomize_adapters(model)
+    stacks = AdapterStacks()
+    layer = next(layer for _, layer in lorakit.lora_layers(model))
+    with torch.no_grad():
+        for i in range(1, 11):
+            mix = {"a": 0.1 * i, "b": 1.0 - 0.05 * i}
+            with lorakit.per_row_adapters(model, RowRouting([mix] * ids.shape[0], stacks=stacks)):
+                got = logits(model, ids)
+            lorakit.set_adapters(model, mix)
+            assert torch.allclose(got, logits(model, ids), atol=1e-5), mix
+    if path == "dense":
+        (_, folded), = stacks._concatenated[layer][1].values()
+        assert 1 <= len(folded) <= 4
+
+
 @pytest.mark.parametrize("rows, folded", [
     (["a", "a"], None),  # one adapter at weight 1: nothing to fold, no weights to apply
     ([{"a": 2.0}, None], (2.0,)),

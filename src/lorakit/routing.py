@@ -112,8 +112,8 @@ class AdapterStacks:
 
     def __init__(self) -> None:
         self._stacks: dict[nn.Module, AdapterStack] = {}  # not buffers: never saved, moved or counted
-        # per layer: the stack key they were made from, and {names: (A_u, Bt_u)} (see `concatenated`)
-        self._concatenated: dict[nn.Module, tuple[tuple, dict[tuple, tuple[torch.Tensor, torch.Tensor]]]] = {}
+        # per layer: the stack key they were made from, and {names: (A_uᵀ, {weights: Bt_u})} (see `concatenated`)
+        self._concatenated: dict[nn.Module, tuple[tuple, dict[tuple, tuple[torch.Tensor, dict]]]] = {}
         self._adapters: dict[nn.Module, LayerAdapters] = {}
 
     def adapters(self, layer: RoutedLayer) -> LayerAdapters:
@@ -143,30 +143,40 @@ class AdapterStacks:
                      weights: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_uᵀ, Bt_u): the adapters `names` of `layer` at their own ranks, (in, Σr) and (Σr, out), each
         adapter's scaling s (times its weight w, where `weights` gives one per name) folded into its rows
-        of Bt_u. Kept, like `stack` (the layer's current one, from `get`), until the layer's adapters change."""
+        of Bt_u. Kept, like `stack` (the layer's current one, from `get`), until the layer's adapters change:
+        at most 64 sets of names per layer, and 4 sets of weights per set of names (a client may send a
+        new mix with every request; the memory must not grow with them)."""
         if torch.is_grad_enabled():
-            return _concatenate(layer, names, weights)
+            return _concatenate_A(layer, names), _concatenate_B(layer, names, weights)
         key = stack.key
         known = self._concatenated.get(layer)
         if known is None or known[0] != key:
             known = self._concatenated[layer] = (key, {})
-        found = known[1].get((names, weights))
+        found = known[1].get(names)
         if found is None:
             if len(known[1]) >= 64:  # a server cycling through many adapter sets: keep the memory bounded
                 known[1].clear()
-            found = known[1][names, weights] = _concatenate(layer, names, weights)
-        return found
+            found = known[1][names] = (_concatenate_A(layer, names), {})
+        At, Bts = found
+        Bt = Bts.get(weights)
+        if Bt is None:
+            if len(Bts) >= 4:
+                Bts.clear()
+            Bt = Bts[weights] = _concatenate_B(layer, names, weights)
+        return At, Bt
 
 
-def _concatenate(layer: RoutedLayer, names: tuple[str, ...],
-                 weights: tuple[float, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_uᵀ (in, Σr), Bt_u (Σr, out)), both contiguous for the two matmuls."""
-    At = torch.cat([layer.lora_A[n] for n in names]).t().contiguous()  # (in, Σr)
+def _concatenate_A(layer: RoutedLayer, names: tuple[str, ...]) -> torch.Tensor:
+    """A_uᵀ (in, Σr), contiguous for the down projection's matmul."""
+    return torch.cat([layer.lora_A[n] for n in names]).t().contiguous()
+
+
+def _concatenate_B(layer: RoutedLayer, names: tuple[str, ...], weights: tuple[float, ...] | None) -> torch.Tensor:
+    """Bt_u (Σr, out): each adapter's Bᵀ times s (times w, one per name, where `weights` is given)."""
     factors = [layer.scaling[n] for n in names]
     if weights is not None:
         factors = [s * w for s, w in zip(factors, weights)]
-    Bt = torch.cat([layer.lora_B[n].t() * f for n, f in zip(names, factors)])  # (Σr, out)
-    return At, Bt
+    return torch.cat([layer.lora_B[n].t() * f for n, f in zip(names, factors)])
 
 
 def _stack(layer: RoutedLayer, key: tuple) -> AdapterStack:
