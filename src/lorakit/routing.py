@@ -27,9 +27,10 @@ instead runs every adapter the batch uses on every row and zeroes what a row doe
     y   += ((x · A_uᵀ) ⊙ W) · Bt_u                       two plain matmuls, nothing copied per row
 
 `_dense_is_cheaper` picks between the two by their arithmetic (R per token against k·r per row).
-Where every row that applies adapters applies the same mix (a server's clients all asking for one blend),
-its weights are folded into Bt_u once, kept with the stacked weights, and W only masks the base-only rows
-(none: W is skipped): the mix then costs a step what one adapter of rank R costs.
+Where every row applies the same mix (a server's clients all asking for one blend), its weights are
+folded into Bt_u once, kept with the stacked weights, and W is skipped: the mix then costs a step what
+one adapter of rank R costs. (Not where some rows are the base alone: a weight large enough to overflow
+Bt_u would turn their zero weights into NaN, and W costs the same whether it masks or weighs.)
 
 An Embedding base, or an adapter with dropout in training mode, takes the plain loop over adapters
 (`_add_one_by_one`) instead. A layer where some row applies a DoRA or lora_bias adapter groups the rows
@@ -207,8 +208,7 @@ class _Mixes:
     mixes: list[dict[str, float]]  # per row
     names: tuple[str, ...]  # every adapter some row applies, in order of first use
     k: int  # the most adapters one row applies
-    folded: tuple[float, ...] | None  # the weights per name of the one mix every adapted row applies, if so
-    masks: list[dict[str, float]]  # per row, the weights left to apply: all 1 where `folded` holds them
+    folded: tuple[float, ...] | None  # the weights per name of the one mix every row applies, if so
 
 
 @dataclass
@@ -278,6 +278,8 @@ class RowRouting:
         if _dense_is_cheaper(x.numel() // layer.in_features, len(self.mixes), route.shared.k, stack.A.shape[1],
                              sum(route.ranks)):
             At, Bt = self.stacks.concatenated(layer, stack, route.names, route.shared.folded)
+            if route.shared.folded is not None:  # the one mix of every row: its weights are in Bt
+                return _add_dense(x, result, At, Bt, None)
             if route.weights is None or route.weights.device != x.device or route.weights.dtype != At.dtype:
                 route.weights, route.all_ones = self._column_weights(route, At.dtype, x.device)
             return _add_dense(x, result, At, Bt, None if route.all_ones else route.weights)
@@ -302,12 +304,11 @@ class RowRouting:
 
     def _column_weights(self, route: _LayerRoute, dtype: torch.dtype,
                         device: torch.device) -> tuple[torch.Tensor, bool]:
-        """`_column_weights` of the rows' part of their mixes that `Bt_u` does not hold (`_Mixes.masks`),
-        shared by the layers whose adapters have the same names and ranks."""
+        """`_column_weights`, shared by the layers whose adapters have the same names and ranks."""
         key = (id(route.shared), route.ranks, dtype, device)  # one `_Mixes` per adapter set, see `_held`
         found = self._weights.get(key)
         if found is None:
-            found = self._weights[key] = _column_weights(route.shared.masks, route.names, route.ranks, dtype, device)
+            found = self._weights[key] = _column_weights(route.mixes, route.names, route.ranks, dtype, device)
         return found
 
 
@@ -316,12 +317,12 @@ def _restrict(mixes: list[dict[str, float]], held: set[str]) -> _Mixes:
     mixes = [{n: w for n, w in mix.items() if n in held} for mix in mixes]
     names = tuple(dict.fromkeys(n for m in mixes for n in m))
     k = max((len(m) for m in mixes), default=0)
-    distinct = {frozenset(m.items()) for m in mixes if m}
-    if len(distinct) != 1:
-        return _Mixes(mixes, names, k, None, mixes)
-    common = dict(distinct.pop())  # the only mix there is: its names are `names`
+    distinct = {frozenset(m.items()) for m in mixes}
+    if len(distinct) != 1 or not names:
+        return _Mixes(mixes, names, k, None)
+    common = mixes[0]  # every row's mix (in any order): its names are `names`
     folded = None if all(w == 1 for w in common.values()) else tuple(common[n] for n in names)
-    return _Mixes(mixes, names, k, folded, [dict.fromkeys(m, 1.0) for m in mixes])
+    return _Mixes(mixes, names, k, folded)
 
 
 def _mix(row: int, spec: RowSpec) -> dict[str, float]:
