@@ -313,7 +313,8 @@ class RowRouting:
 
 
 def _restrict(mixes: list[dict[str, float]], held: set[str]) -> _Mixes:
-    """The rows' mixes as a layer holding the adapters `held` applies them."""
+    """The rows' mixes as a layer holding the adapters `held` applies them; `folded` where every row
+    applies one mix (the same names at the same weights, in any order) and some weight is not 1."""
     mixes = [{n: w for n, w in mix.items() if n in held} for mix in mixes]
     names = tuple(dict.fromkeys(n for m in mixes for n in m))
     k = max((len(m) for m in mixes), default=0)
