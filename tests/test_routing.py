@@ -202,6 +202,24 @@ def test_restrict_folds_only_one_mix_on_every_row(rows, folded):
     assert mixes.folded == folded
 
 
+def test_a_routing_first_used_under_inference_mode_still_trains(ids):
+    """What a routing keeps (its rows' weights and gather indices) is made as ordinary tensors, so the same
+    routing serves a forward with gradients after one under `torch.inference_mode`."""
+    model = build("llama")
+    for name in "ab":
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter=name)
+    randomize_adapters(model)
+    routing = RowRouting([{"a": 0.5, "b": 2.0}, None, "b"])
+    with torch.inference_mode(), lorakit.per_row_adapters(model, routing):
+        before = logits(model, ids)
+    with lorakit.per_row_adapters(model, routing):
+        out = logits(model, ids)
+    out.pow(2).sum().backward()
+    assert torch.allclose(out.detach(), before, atol=1e-6)
+    layer = next(layer for _, layer in lorakit.lora_layers(model))
+    assert layer.lora_B["b"].grad is not None and layer.lora_B["b"].grad.abs().sum() > 0
+
+
 def test_a_routing_kept_across_an_adapter_replaced_by_another_kind_follows_the_new_one(ids):
     """Same name, now DoRA: what the routing knew about the layer's adapters is stale and rebuilt."""
     model = build("llama")

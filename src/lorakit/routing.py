@@ -351,6 +351,7 @@ def _dense_is_cheaper(tokens: int, rows: int, k: int, padded_rank: int, used_ran
     return tokens * used_rank <= rows * k * padded_rank * (tokens / rows + 3)
 
 
+@torch.inference_mode(False)  # kept by the routing: also usable once grad is on again
 def _column_weights(mixes: list[dict[str, float]], names: tuple[str, ...], ranks: tuple[int, ...], dtype: torch.dtype,
                     device: torch.device) -> tuple[torch.Tensor, bool]:
     """(batch, 1, Σr): row b's weight for each column of the adapters `names` concatenated (ranks `ranks`;
@@ -373,6 +374,7 @@ def _add_dense(x: torch.Tensor, result: torch.Tensor, At: torch.Tensor, Bt: torc
     return flat.addmm_(h, Bt).view_as(result)  # in place: inference makes no copy
 
 
+@torch.inference_mode(False)  # kept by the routing: also usable once grad is on again
 def _gather_index(mixes: list[dict[str, float]], stack: AdapterStack, scaling: dict[str, float],
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(index, scale), both (batch, k): each row's slots in `stack` and w · s for each; k = the most
