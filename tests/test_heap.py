@@ -50,8 +50,10 @@ def test_a_freed_big_block_is_reused_only_under_keep(calls, reused):
     out = _child(*calls)
     assert out["results"] == [True] * len(calls)
     later = out["faults"][1:]
-    if reused:  # the freed pages; a few faults for bookkeeping
-        assert max(later[-3:]) < FRESH // 8, out
+    if reused:  # the freed pages (a few faults for bookkeeping) in a step once glibc settles; not in every
+        # step: beside the suite's other workers the kernel may take back idle kept pages (a CI run saw faults
+        # [2171, 2176, 2176, 2176, 1632, 0]), while without the policy no step ever reuses them
+        assert min(later[-3:]) < FRESH // 8, out
     else:
         assert min(later) >= FRESH, out
 
