@@ -152,9 +152,13 @@ def _linear_shapes(base: str | Path | None) -> list[tuple[int, int]]:
     return [(hidden, hidden), (inner, hidden), (hidden, inner)]
 
 
+def onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    """A weight (out, in) in oneDNN's blocked layout for `onednn_linear` (an opaque tensor, the same bytes)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x·Wᵀ (+ bias) through oneDNN, for a weight (out, in) as it is or packed by oneDNN
-    (`torch.ops.mkldnn._reorder_linear_weight`)."""
+    """x·Wᵀ (+ bias) through oneDNN, for a weight (out, in) as it is or packed (`onednn_pack`)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 

@@ -91,7 +91,7 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = weight.dtype
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.packed = base.onednn_pack(weight)
         self.fp32 = weight.float() if fp32_rows else None
         self.fp32_rows = fp32_rows
         self.version = 0  # how often `set_weight` changed the weight (what caches of it key on)
@@ -108,7 +108,7 @@ class PackedLinear(nn.Module):
     def set_weight(self, weight: torch.Tensor) -> None:
         """W <- weight (out, in), rounded once to this layer's dtype (a merge into it), packed again."""
         weight = weight.to(self.dtype)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.packed = base.onednn_pack(weight)
         if self.fp32 is not None:
             self.fp32 = weight.float()
         self.version += 1
@@ -156,7 +156,7 @@ class PackedCopyLinear(nn.Linear):
         state = (weight.data_ptr(), weight._version)  # another storage (`.data = ...`) or written in place
         if self._packed is None or self._packed[0] is not weight or self._packed[1] != state:
             self._packed = None  # the old copy goes before the new one is made
-            self._packed = (weight, state, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+            self._packed = (weight, state, base.onednn_pack(weight.detach()))
         return base.onednn_linear(x, self._packed[2], self.bias)
 
     def extra_repr(self) -> str:
