@@ -93,18 +93,22 @@ def test_tied_heads_stay_and_packing_can_be_turned_off(monkeypatch, no_fp32_rout
         pack_for_inference(build("llama").to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("vendor, flags, expected", [("AuthenticAMD", {"avx2", "avx512f"}, True),
-                                                     ("AuthenticAMD", {"avx2"}, False),
-                                                     ("GenuineIntel", {"avx512f", "amx_bf16"}, False)])
-def test_fp32_is_packed_where_fp32_products_go_to_onednn(monkeypatch, vendor, flags, expected):
+@pytest.mark.parametrize("vendor, flags, expected, serving", [("AuthenticAMD", {"avx2", "fma", "avx512f"}, True, True),
+                                                              ("AuthenticAMD", {"avx2", "fma"}, True, False),
+                                                              ("AuthenticAMD", {"sse4_2"}, False, False),
+                                                              ("GenuineIntel", {"avx512f", "amx_bf16"}, False, False)])
+def test_fp32_is_packed_where_fp32_products_go_to_onednn(monkeypatch, vendor, flags, expected, serving):
     monkeypatch.delenv(products.ENV, raising=False)
     monkeypatch.delenv(packed.ENV, raising=False)
     monkeypatch.setattr(products, "cpu_info", lambda: (vendor, frozenset(flags)))
-    assert (pack_for_inference(build("llama")) > 0) == (expected and products.available())
+    assert (pack_for_inference(build("llama")) > 0) == (expected and products.available())  # generate, eval
+    assert (pack_for_inference(build("llama"), serving=True) > 0) == (serving and products.available())  # serve
     monkeypatch.setenv(products.ENV, "0")  # LORAKIT_ONEDNN_FP32 decides outright, as for training
     assert pack_for_inference(build("llama")) == 0
+    assert pack_for_inference(build("llama"), serving=True) == 0
     monkeypatch.setenv(products.ENV, "1")
     assert pack_for_inference(build("llama")) == (15 if products.available() else 0)
+    assert pack_for_inference(build("llama"), serving=True) == (15 if products.available() else 0)
     monkeypatch.setenv(packed.ENV, "0")  # and LORAKIT_PACKED_WEIGHTS=0 turns all packing off
     assert pack_for_inference(build("llama")) == 0
 

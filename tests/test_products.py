@@ -61,9 +61,9 @@ def test_outside_the_context_and_for_other_dtypes_the_products_are_torchs_own():
 def test_the_environment_variable_decides_outright(monkeypatch, value, expected):
     monkeypatch.setenv(products.ENV, value)
     assert products.setting() is expected
-    for inference in (False, True):
-        cpu = products.cpu_prefers_onednn(inference)
-        assert products.choose(inference=inference) is (cpu if expected is None else expected)
+    for serving in (False, True):
+        cpu = products.cpu_prefers_onednn(serving)
+        assert products.choose(serving) is (cpu if expected is None else expected)
 
 
 @pytest.mark.parametrize("value", ["yes", "2", "true"])
@@ -73,17 +73,17 @@ def test_a_bad_environment_variable_is_refused_in_one_line(monkeypatch, value):
         products.setting()
 
 
-@pytest.mark.parametrize("vendor, flags, training, inference", [
+@pytest.mark.parametrize("vendor, flags, expected, serving", [
     ("AuthenticAMD", "fpu sse2 avx2 fma avx512f avx512_bf16", True, True),  # Zen 4/5: MKL at half oneDNN's speed
-    ("AuthenticAMD", "fpu sse2 avx2 fma", True, False),  # AVX2 only: training gained, the server's MKL as fast
+    ("AuthenticAMD", "fpu sse2 avx2 fma", True, False),  # AVX2 only: the server's transposed MKL product as fast
     ("AuthenticAMD", "fpu sse2 sse4_2", False, False),  # no AVX2: not measured
     ("GenuineIntel", "fpu sse2 avx2 fma avx512f amx_bf16", False, False),  # MKL's own vendor
     ("GenuineIntel", "fpu sse2 avx2 fma", False, False),
     ("", "", False, False),
 ])
-def test_the_cpu_decides_by_vendor_and_flags(vendor, flags, training, inference):
-    assert products.prefers_onednn(vendor, flags.split()) is training
-    assert products.prefers_onednn(vendor, flags.split(), inference=True) is inference
+def test_the_cpu_decides_by_vendor_and_flags(vendor, flags, expected, serving):
+    assert products.prefers_onednn(vendor, flags.split()) is expected
+    assert products.prefers_onednn(vendor, flags.split(), serving=True) is serving
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

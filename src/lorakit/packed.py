@@ -19,8 +19,8 @@ one row on a Zen 5 host), and the same command must give the same text. Not wher
 oneDNN (below): there the copy's product ran in the slow BLAS, and the embedded base's bf16 `generate`
 ran at 240 tokens/s with the copies, 310 without (fp32: 315).
 
-fp32, on CPUs where `lorakit.products` sends fp32 inference products to oneDNN (AMD with AVX-512, or
-`LORAKIT_ONEDNN_FP32=1`; not AVX2-only AMD CPUs, where only training does). There torch's BLAS (MKL) was
+fp32, on CPUs where `lorakit.products` sends fp32 products to oneDNN (AMD with AVX-512 or AVX2, or
+`LORAKIT_ONEDNN_FP32=1`; for `serve`, AMD with AVX-512 only: `products.choose`). There torch's BLAS (MKL) was
 slow at a decode step's few rows too: on a Zen 5 guest, x·Wᵀ at 8 rows took 1527 us in MKL and 417 us with
 a packed weight for 896 -> 4864, 560 against 129 for the embedded base's 8192 x 256 output head; a whole
 decode step of the embedded base at 8 rows ran 1.4-1.7x faster with every weight packed (BENCHMARKS.md).
@@ -68,15 +68,14 @@ def check_settings() -> str:
     return setting
 
 
-def supported(device: torch.device, dtype: torch.dtype) -> bool:
+def supported(device: torch.device, dtype: torch.dtype, serving: bool = False) -> bool:
     """Whether `pack_for_inference` packs here, unless LORAKIT_PACKED_WEIGHTS=0: bf16 on a CPU whose bf16
     products oneDNN runs on AMX / AVX-512-BF16 (the hardware check behind `auto`, not its override); fp32
-    where fp32 inference products go to oneDNN (`lorakit.products.choose(inference=True)`: the CPU, or
-    LORAKIT_ONEDNN_FP32)."""
+    where fp32 products go to oneDNN (`lorakit.products.choose(serving)`: the CPU, or LORAKIT_ONEDNN_FP32)."""
     if check_settings() == "0" or device.type != "cpu":
         return False
     if dtype == torch.float32:
-        return products.choose(inference=True)
+        return products.choose(serving)
     return dtype == torch.bfloat16 and base.cpu_flags_have_fast_bf16() and base.onednn_bf16()
 
 
@@ -164,12 +163,13 @@ class PackedCopyLinear(nn.Linear):
         return super().extra_repr() + ", packed copy"
 
 
-def pack_for_inference(model: nn.Module) -> int:
+def pack_for_inference(model: nn.Module, serving: bool = False) -> int:
     """Replace every frozen bf16 or fp32 `nn.Linear` of `model` (a LoRA layer's base included) by a
     `PackedLinear` (an fp32 one whose weight another module shares by a `PackedCopyLinear`), on hosts where
-    `supported`; returns how many. Call it once the model is loaded, for inference only."""
+    `supported` (for `serve` if `serving`); returns how many. Call it once the model is loaded, for
+    inference only."""
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if first is None or not supported(first.device, first.dtype):
+    if first is None or not supported(first.device, first.dtype, serving):
         return 0
     dtype = first.dtype
     del first
@@ -203,7 +203,7 @@ def pack_for_inference(model: nn.Module) -> int:
 def fp32_rows(weight: torch.Tensor) -> int:
     """Up to how many rows a product with `weight` takes the fp32 copy: `FP32_ROWS` for a bf16 weight of at
     most `SMALL_WEIGHT` elements where fp32 products run through torch's BLAS, else 0: always packed (an
-    fp32 weight, a bigger one, or where that BLAS is the slow one, `lorakit.products.choose(inference=True)`)."""
-    if weight.dtype == torch.float32 or weight.numel() > SMALL_WEIGHT or products.choose(inference=True):
+    fp32 weight, a bigger one, or where that BLAS is the slow one, `lorakit.products.choose`)."""
+    if weight.dtype == torch.float32 or weight.numel() > SMALL_WEIGHT or products.choose():
         return 0
     return FP32_ROWS

@@ -5,8 +5,8 @@ its code by the CPU's vendor: on an AMD EPYC (Zen 5, AVX-512) guest with torch 2
 ran at about half the speed of oneDNN's (which torch also ships, and uses for bf16) on every training
 shape of the Qwen2-0.5B model: 2048x896 by 4864x896, forward 145 ms against 60, the input gradient 100
 against 47 (BENCHMARKS.md). With both capped at AVX2 (an AVX2-only AMD host imitated on that Zen 5), a
-whole 0.5B training step still ran 1.08x faster through oneDNN, at 0.45 GB less peak memory (MKL's own
-packing buffers); the embedded base's steps were alike. On Intel nothing changes (MKL is Intel's own;
+whole 0.5B training step still ran 1.08x faster through oneDNN, at 0.45 GB less peak memory; the embedded
+base's steps were alike. On Intel nothing changes (MKL is Intel's own;
 not measured against oneDNN).
 
 The products that carry a LoRA training step (a LoRA layer's frozen base forward and its input
@@ -15,9 +15,10 @@ gradient, `lorakit.fused.FusedLoraLinear` and DoRA's fused path; the output head
 for fp32 CPU tensors outside autocast; anything else is the plain torch op. `lorakit train` decides at startup
 (`choose`: by the CPU's vendor and flags, or `LORAKIT_ONEDNN_FP32=0|1`) and keeps the choice in its
 checkpoint, so a run resumed on another machine multiplies as the interrupted one did. The two differ by
-fp32 rounding only (summation order: ~1e-6 relative). Inference (`lorakit.packed`, fp32 weights packed for
-oneDNN) asks `choose(inference=True)`, which the CPU answers for AMD with AVX-512 only: on the imitated
-AVX2 host, the server's own few-row MKL product (`lorakit.serve.decoder.transposed_faster`) was as fast.
+fp32 rounding only (summation order: ~1e-6 relative). `generate` and `eval` pack fp32 weights for oneDNN
+where `choose()` (`lorakit.packed`); `serve` where `choose(serving=True)`, which the CPU answers for AMD with
+AVX-512 only: on the imitated AVX2 host, the server's own few-row MKL product
+(`lorakit.serve.decoder.transposed_faster`) was as fast as packed weights.
 """
 
 from __future__ import annotations
@@ -81,28 +82,29 @@ def setting() -> bool | None:
     return None if not value else value == "1"
 
 
-def cpu_prefers_onednn(inference: bool = False) -> bool:
+def cpu_prefers_onednn(serving: bool = False) -> bool:
     """Whether this CPU runs fp32 products faster through oneDNN than through MKL (`prefers_onednn`)."""
-    return prefers_onednn(*cpu_info(), inference=inference)
+    return prefers_onednn(*cpu_info(), serving=serving)
 
 
-def prefers_onednn(vendor: str, flags: Collection[str], inference: bool = False) -> bool:
+def prefers_onednn(vendor: str, flags: Collection[str], serving: bool = False) -> bool:
     """AMD with AVX-512: MKL ran every 0.5B training product at about half oneDNN's speed on a Zen 5, and
-    2-4x slower at a decode step's few rows (BENCHMARKS.md). AMD with AVX2 and FMA only: for training
-    (a 0.5B step 1.08x faster through oneDNN with both capped at AVX2 on the Zen 5; not yet measured on a
-    real AVX2-only host), not for `inference` (the server's transposed MKL product was as fast there).
+    2-4x slower at a decode step's few rows (BENCHMARKS.md). AMD with AVX2 and FMA only (imitated on the
+    Zen 5 with both libraries capped at AVX2; not yet measured on a real AVX2-only host): a 0.5B training
+    step 1.08x faster through oneDNN, `generate` 1.2-1.4x with packed weights; but not for `serving`,
+    whose transposed MKL product (`lorakit.serve.decoder.transposed_faster`) was as fast as packed weights.
     Intel: MKL is Intel's own (not measured against oneDNN): kept."""
     if vendor != "AuthenticAMD":
         return False
-    return "avx512f" in flags or (not inference and "avx2" in flags and "fma" in flags)
+    return "avx512f" in flags or (not serving and "avx2" in flags and "fma" in flags)
 
 
-def choose(inference: bool = False) -> bool:
-    """Whether fp32 products run through oneDNN here, in training or, with `inference`, in the packed
-    weights of `generate`, `eval` and `serve`: `setting()` if given, else `cpu_prefers_onednn(inference)`;
+def choose(serving: bool = False) -> bool:
+    """Whether fp32 products run through oneDNN here: in training and in the packed weights of `generate`
+    and `eval`, or with `serving`, in those of `serve`. `setting()` if given, else `cpu_prefers_onednn`;
     False without oneDNN. Decided by the CPU, not timed: timing flips between runs where the two are close,
     and the same command on the same machine must train the same adapter."""
     forced = setting()
     if not available():
         return False
-    return forced if forced is not None else cpu_prefers_onednn(inference)
+    return forced if forced is not None else cpu_prefers_onednn(serving)

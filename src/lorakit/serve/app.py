@@ -64,7 +64,7 @@ def build(config: ServeConfig, start: bool = True):
         servable(lora_config, path)
         key = install_adapter(model, lora_config, tensors, registry.new_key(name), source=path)
         registry.adapters[name] = ServedAdapter(name, key, Path(path).resolve().name, lora_config.r)
-    pack_for_inference(model)  # where oneDNN's products are the faster ones: weights packed once (lorakit.packed)
+    pack_for_inference(model, serving=True)  # where oneDNN's products are faster: packed once (lorakit.packed)
     engine = Engine(model, _end_ids(model, tokenizer), max_batch=config.max_batch, max_waiting=config.max_waiting,
                     dtype=dtype)
     if start:
