@@ -42,7 +42,7 @@ def _run(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def no_fp32_route(monkeypatch):
     """Packed products only (the fp32 route for small weights is tested on its own)."""
-    monkeypatch.setattr(packed, "fp32_rows", lambda weight: 0)
+    monkeypatch.setattr(packed, "fp32_rows", lambda weight, serving=False: 0)
 
 
 @needs_onednn_bf16
@@ -111,6 +111,22 @@ def test_fp32_is_packed_where_fp32_products_go_to_onednn(monkeypatch, vendor, fl
     assert pack_for_inference(build("llama"), serving=True) == (15 if products.available() else 0)
     monkeypatch.setenv(packed.ENV, "0")  # and LORAKIT_PACKED_WEIGHTS=0 turns all packing off
     assert pack_for_inference(build("llama")) == 0
+
+
+@pytest.mark.parametrize("flags, packs", [({"avx2", "fma", "avx512f"}, True), ({"avx2", "fma"}, False)])
+def test_the_server_packs_fp32_weights_only_where_serving_prefers_onednn(monkeypatch, flags, packs):
+    """`lorakit serve` asks for serving: on an AVX2-only AMD CPU it keeps plain Linear weights (its engine's
+    transposed MKL product) where `generate` and `eval` pack them."""
+    from lorakit.serve.app import build as build_server
+    from lorakit.serve.config import ServeConfig
+
+    monkeypatch.delenv(products.ENV, raising=False)
+    monkeypatch.delenv(packed.ENV, raising=False)
+    monkeypatch.setattr(products, "cpu_info", lambda: ("AuthenticAMD", frozenset(flags)))
+    _, engine, _ = build_server(ServeConfig(dtype="fp32"), start=False)
+    kinds = {type(m) for m in engine.model.modules()}
+    assert (PackedLinear in kinds) == (packs and products.available())
+    assert (nn.Linear in kinds) != (packs and products.available())
 
 
 def test_bf16_is_not_packed_off_the_hardware(monkeypatch):

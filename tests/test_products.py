@@ -77,6 +77,7 @@ def test_a_bad_environment_variable_is_refused_in_one_line(monkeypatch, value):
     ("AuthenticAMD", "fpu sse2 avx2 fma avx512f avx512_bf16", True, True),  # Zen 4/5: MKL at half oneDNN's speed
     ("AuthenticAMD", "fpu sse2 avx2 fma", True, False),  # AVX2 only: the server's transposed MKL product as fast
     ("AuthenticAMD", "fpu sse2 sse4_2", False, False),  # no AVX2: not measured
+    ("AuthenticAMD", "fpu sse2 avx2", False, False),  # AVX2 without FMA: not measured
     ("GenuineIntel", "fpu sse2 avx2 fma avx512f amx_bf16", False, False),  # MKL's own vendor
     ("GenuineIntel", "fpu sse2 avx2 fma", False, False),
     ("", "", False, False),

@@ -32,7 +32,8 @@ which keeps the shared weight as its parameter and multiplies by a packed copy (
 packed again whenever the weight is replaced or written. Only fp32 heads are packed so; bf16 tied heads
 stay as they are (not measured where bf16 is packed for speed).
 
-`serve` packs like `generate` and `eval`, and runs its engine on the process's main thread: from any other
+`serve` packs like `generate` and `eval` (except fp32 on AVX2-only AMD CPUs, where it keeps plain weights for
+its transposed MKL product), and runs its engine on the process's main thread: from any other
 thread, each oneDNN product paid for waking OpenMP's sleeping workers (8-row products 2-5x slower, packed
 weights slower than plain ones; `lorakit.serve.app`). A packed weight has no gradient path of its own, so
 a forward that needs an input gradient takes the dense weight (`PackedLinear.weight`), and training never
@@ -193,17 +194,17 @@ def pack_for_inference(model: nn.Module, serving: bool = False) -> int:
     count = len(targets)
     while targets:  # each original Linear (its dense weight) goes as soon as its packed one is in place
         parent, child_name, child = targets.pop()
-        packed = PackedLinear(child, fp32_rows(child.weight)) if shared[id(child.weight)] == 1 \
+        packed = PackedLinear(child, fp32_rows(child.weight, serving)) if shared[id(child.weight)] == 1 \
             else PackedCopyLinear(child)
         setattr(parent, child_name, packed)
         del parent, child, packed
     return count
 
 
-def fp32_rows(weight: torch.Tensor) -> int:
+def fp32_rows(weight: torch.Tensor, serving: bool = False) -> int:
     """Up to how many rows a product with `weight` takes the fp32 copy: `FP32_ROWS` for a bf16 weight of at
     most `SMALL_WEIGHT` elements where fp32 products run through torch's BLAS, else 0: always packed (an
-    fp32 weight, a bigger one, or where that BLAS is the slow one, `lorakit.products.choose`)."""
-    if weight.dtype == torch.float32 or weight.numel() > SMALL_WEIGHT or products.choose():
+    fp32 weight, a bigger one, or where that BLAS is the slow one, `lorakit.products.choose(serving)`)."""
+    if weight.dtype == torch.float32 or weight.numel() > SMALL_WEIGHT or products.choose(serving):
         return 0
     return FP32_ROWS

@@ -5,8 +5,8 @@ its code by the CPU's vendor: on an AMD EPYC (Zen 5, AVX-512) guest with torch 2
 ran at about half the speed of oneDNN's (which torch also ships, and uses for bf16) on every training
 shape of the Qwen2-0.5B model: 2048x896 by 4864x896, forward 145 ms against 60, the input gradient 100
 against 47 (BENCHMARKS.md). With both capped at AVX2 (an AVX2-only AMD host imitated on that Zen 5), a
-whole 0.5B training step still ran 1.08x faster through oneDNN, at 0.45 GB less peak memory; the embedded
-base's steps were alike. On Intel nothing changes (MKL is Intel's own;
+whole 0.5B training step still ran 1.08x faster through oneDNN, at 0.45-0.6 GB less peak memory; the embedded
+base's steps were alike. Intel CPUs, and AMD ones without AVX2 and FMA, stay with MKL (Intel's own;
 not measured against oneDNN).
 
 The products that carry a LoRA training step (a LoRA layer's frozen base forward and its input
