@@ -39,6 +39,27 @@ def test_layer_matches_explicit_formula(family, module, use_rslora, ids):
     assert torch.allclose(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family,module", [("mlp", "up"), ("gpt2", "c_attn"), ("mlp", "embed")])
+@pytest.mark.parametrize("weight", [1.0, 0.7, -1.5])
+def test_merge_rounds_as_the_formula_written_in_fp32_steps(family, module, weight):
+    """A merge adds fl(fl(fl(B·A)·s)·w) to the fp32 weight, step by step: exactly those bits (a streamed merge and
+    an in-memory one must agree bit for bit, and a merged file must not change with the code's layout of it)."""
+    model = build(family)
+    lorakit.inject(model, lorakit.LoraConfig(r=3, lora_alpha=5, target_modules=[module]))
+    randomize_adapters(model, scale=0.3)
+    _, layer = next(lorakit.lora_layers(model))
+    B, A = layer.lora_B["default"].detach(), layer.lora_A["default"].detach()
+    delta = (B @ A) * layer.scaling["default"] * weight  # (out, in)
+    assert torch.equal(layer.delta_weight("default", weight), delta if layer.kind == "linear" else delta.t())
+    W = layer.base.weight.detach().clone()
+    lorakit.set_adapters(model, {"default": weight})
+    layer.merge()
+    assert torch.equal(layer.base.weight, W + (delta if layer.kind == "linear" else delta.t()))
+    layer.unmerge()
+    expected = W + (delta if layer.kind == "linear" else delta.t()) - (delta if layer.kind == "linear" else delta.t())
+    assert torch.equal(layer.base.weight, expected)
+
+
 def test_several_adapters_sum_with_their_weights(ids):
     model = build("mlp")
     lorakit.inject(model, lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["up"]), adapter="a")

@@ -305,12 +305,14 @@ class LoraLayer(nn.Module):
 
     def delta_weight(self, name: str, weight: float = 1.0) -> torch.Tensor:
         """w·s·B·A in fp32, laid out like base.weight ((out, in); (in, out) for Conv1D and Embedding)."""
-        delta = self._delta(name) * weight
+        delta = self._delta(name, weight)
         return delta if self.kind == "linear" else delta.t()
 
-    def _delta(self, name: str) -> torch.Tensor:
-        """s·B·A in fp32, (out, in)."""
-        return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling[name]
+    def _delta(self, name: str, weight: float = 1.0) -> torch.Tensor:
+        """w·s·B·A in fp32, (out, in): a new tensor, scaled in place (the same bits as `(B @ A) * s * w`, with
+        no full-size temporaries: a streamed merge of a 7B base makes one per adapted weight)."""
+        delta = (self.lora_B[name].float() @ self.lora_A[name].float()).mul_(self.scaling[name])
+        return delta if weight == 1 else delta.mul_(weight)  # x·1 is x exactly
 
     @torch.no_grad()
     def folded_weight(self, adapters: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -330,7 +332,7 @@ class LoraLayer(nn.Module):
                                     "the base weight, which could not be unmerged; merge it at another weight")
                 W = dora.merged_weight(W, self._delta(name), scales[name], weight)
             else:
-                W += self._delta(name) * weight
+                W += self._delta(name, weight)
         return (W if self.kind == "linear" else W.t()), scales
 
     def check_mergeable(self) -> None:
@@ -379,7 +381,7 @@ class LoraLayer(nn.Module):
             if W is not None and name in self.merged_scales:
                 W = dora.unmerged_weight(W, self._delta(name), self.merged_scales.pop(name), weight)
             elif W is not None:
-                W -= self._delta(name) * weight
+                W -= self._delta(name, weight)
             if name in self.lora_bias:
                 self._shift_bias(-self.lora_bias[name] * (self.scaling[name] * weight))
         if W is not None:
