@@ -14,9 +14,11 @@ included, `ru_maxrss`) is that command's own; timed steps are medians after a wa
   loop (same model, same dtype, same batches). Targets: >= 1.3x PEFT's speed, <= 0.5x its memory.
 - qlora (r=16 on q_proj,v_proj, batch 1x128): `lorakit train --quantize nf4` vs PEFT on transformers +
   bitsandbytes 4-bit (NF4, double quant) on the CPU, on the 7B shape cut to 2 layers; the whole 7B shape
-  with lorakit alone (unless --peft-qlora-7b). Target: peak RSS <= 6 GB at 7B.
+  with lorakit alone (unless --peft-qlora-7b). Both checkpoint activations (lorakit's default with
+  --quantize; PEFT's gradient_checkpointing_enable, as the QLoRA recipe does). Target: peak RSS <= 6 GB at 7B.
 - merge: `lorakit merge --dtype bf16` vs PEFT's merge_and_unload + save_pretrained, on the 0.5B shape
-  (r=16 all-linear); on the 7B shape (r=16 on q,v) lorakit alone unless --peft-merge-7b. Target: 7B <= 4 GB.
+  (r=16 all-linear); on the 7B shape (r=16 on q,v) lorakit alone unless --peft-merge-7b. Timed as the
+  whole process (interpreter start, imports, merge, write), for both. Target: 7B <= 4 GB.
 - fit13b: one QLoRA step on the 13B shape fits in 24 GB.
 """
 
@@ -192,6 +194,8 @@ def child_peft_train(args: dict) -> dict:
     load_seconds = time.perf_counter() - start
     targets = args["targets"] if args["targets"] == "all-linear" else args["targets"].split(",")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM"))
+    if args.get("checkpointing"):  # as lorakit's QLoRA default: each layer recomputed in the backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(args["base"])
     examples, _ = load_examples(Path(args["data"]), tokenizer, args["seq"], "all")
@@ -210,12 +214,12 @@ def child_peft_train(args: dict) -> dict:
 
 
 def child_lorakit_merge(args: dict) -> dict:
+    """`lorakit merge` as a user runs it (timed as the whole process, by run_child)."""
     from lorakit.cli import main
 
-    start = time.perf_counter()
     code = main(["merge", "--base", args["base"], "--adapter", args["adapter"], "--out", args["out"],
                  "--dtype", args["dtype"], "--overwrite"])
-    return {"code": code, "seconds": time.perf_counter() - start}
+    return {"code": code}
 
 
 def child_peft_merge(args: dict) -> dict:
@@ -224,11 +228,10 @@ def child_peft_merge(args: dict) -> dict:
 
     from lorakit.base import DTYPES
 
-    start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args["base"], dtype=DTYPES[args["dtype"]])
     model = PeftModel.from_pretrained(model, args["adapter"]).merge_and_unload()
     model.save_pretrained(args["out"])
-    return {"code": 0, "seconds": time.perf_counter() - start}
+    return {"code": 0}
 
 
 CHILDREN = {f.__name__.removeprefix("child_"): f for f in (child_lorakit_train, child_peft_train,
@@ -253,13 +256,15 @@ def run_child(kind: str, args: dict, lock: str | None) -> dict:
     """One measured run in a fresh process; returns its result plus its whole-process peak RSS."""
     with _locked(lock):
         load_before = os.getloadavg()[0]
+        start = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(args)], capture_output=True,
                               text=True)
+        wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"code": proc.returncode, "error": " | ".join(tail), "peak_mb": None, "load": load_before}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["load"] = load_before
+    result["load"], result["wall_seconds"] = load_before, wall
     return result
 
 
@@ -293,7 +298,10 @@ def workload_qlora(a) -> list[dict]:
                       steps=a.steps, dtype=a.dtype)
         ours = run_child("lorakit_train", {**common, "out": str(CACHE / "runs" / f"qlora-{shape}"),
                                            "extra": ["--quantize", "nf4"]}, a.lock)
-        theirs = run_child("peft_train", {**common, "bnb": True}, a.lock) if peft and not a.skip_peft else {}
+        # lorakit checkpoints activations by default with --quantize; PEFT does it here too (the QLoRA recipe's
+        # prepare_model_for_kbit_training turns it on), so that both recompute each layer in the backward
+        theirs = run_child("peft_train", {**common, "bnb": True, "checkpointing": True}, a.lock) \
+            if peft and not a.skip_peft else {}
         rows.append(_row(f"QLoRA {shape} r16 q,v 1x128 ({a.dtype})", ours, theirs,
                          target_mb=6000 if shape == "llama-2-7b" else None))
     return rows
@@ -334,8 +342,9 @@ def workload_fit13b(a) -> list[dict]:
 def _row(name: str, ours: dict, theirs: dict, target_mb: float | None = None) -> dict:
     row = {"workload": name, "lorakit": ours, "peft": theirs, "target_mb": target_mb}
     ours_s, theirs_s = (_median_after_warmup(r.get("step_seconds", [])) if r else None for r in (ours, theirs))
-    ours_s = ours_s or ours.get("seconds")
-    theirs_s = theirs_s or (theirs.get("seconds") if theirs else None)
+    # a merge is timed as its whole process (interpreter, imports, the merge, the write): the same for both
+    ours_s = ours_s or ours.get("wall_seconds")
+    theirs_s = theirs_s or (theirs.get("wall_seconds") if theirs else None)
     row["lorakit_s"], row["peft_s"] = ours_s, theirs_s
     row["speedup"] = theirs_s / ours_s if ours_s and theirs_s else None
     peaks = ours.get("peak_mb"), theirs.get("peak_mb") if theirs else None
