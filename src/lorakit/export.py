@@ -155,15 +155,15 @@ def _reader(checkpoint: Checkpoint, name: str, layer: LoraLayer | None, dtype: t
         W = weight if layer.kind == "linear" else weight.t()  # (out, in)
         unmerged = W.clone() if any(a in layer.lora_magnitude for a in layer.merged) else None
         for adapter, scale in layer.merged.items():  # LoraLayer.merge's maps, in its order, into an fp32 base
-            if adapter in layer.lora_magnitude:  # DoRA: its norm from the unmerged W, as LoraLayer.merge
-                delta = layer.delta_weight(adapter)
-                delta = delta if layer.kind == "linear" else delta.t()  # (out, in): s·B·A
+            is_dora = adapter in layer.lora_magnitude  # DoRA weighs the update itself (dora.merged_weight)
+            delta = layer.delta_weight(adapter, 1.0 if is_dora else scale)  # (s·B·A)·w, as LoraLayer.merge rounds it
+            delta = delta if layer.kind == "linear" else delta.t()  # (out, in)
+            if is_dora:  # its norm from the unmerged W, as LoraLayer.merge
                 n = dora.divisor(torch.linalg.vector_norm(unmerged + delta, dim=1))  # (out,)
                 f = layer.lora_magnitude[adapter].detach().float() / n
                 W = dora.merged_weight(W, delta, f, scale)
             else:
-                delta = layer.delta_weight(adapter, scale)  # (s·B·A)·w, rounded as LoraLayer.merge rounds it
-                W += delta if layer.kind == "linear" else delta.t()
+                W += delta
         return (W if layer.kind == "linear" else W.t()).to(dtype)
 
     return produce
